@@ -1,0 +1,75 @@
+"""SASRec backbone: item + position embeddings, L causal post-LN blocks.
+
+``encode`` returns the encoder output ``H_enc`` and, per layer, the keys and
+values of the prefix -- the shared prefix KV cache that every reasoning
+stream of PLR attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from .transformer import TransformerBlock
+
+
+@dataclass
+class PrefixEncoding:
+    hidden: torch.Tensor  # H_enc [B,N,d]
+    keys: List[torch.Tensor]  # per layer [B,H,N,Dh]
+    values: List[torch.Tensor]  # per layer [B,H,N,Dh]
+    key_mask: torch.Tensor  # [B,N] bool, True = a real item
+
+
+def causal_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """``[B,N]`` valid keys -> ``[B,N,N]``: causal over valid keys.
+
+    The diagonal is always open so a padding query attends to itself and
+    stays finite; no real position ever attends to a padding one.
+    """
+    n = key_mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=key_mask.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=key_mask.device)
+    return (causal & key_mask[:, None, :]) | eye
+
+
+class SASRecBackbone(nn.Module):
+    def __init__(self, num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
+                 dropout, attn_dropout, layer_norm_eps):
+        super().__init__()
+        self.num_items = num_items
+        self.max_len = max_len
+        self.num_heads = num_heads
+        # Row 0 is the padding item; the table is tied with the output layer.
+        self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.input_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+
+    def input_embedding(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """X_0 = dropout(LN(E[items] + P)), positions over the left-padded array."""
+        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
+        x = self.item_embedding(item_seq) + self.position_embedding(positions)[None]
+        return self.input_dropout(self.input_norm(x))
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
+        """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
+        keys, values = [], []
+        for layer in self.layers:
+            x, k, v = layer.forward_full(x, mask)
+            keys.append(k)
+            values.append(v)
+        return x, keys, values
+
+    def encode(self, item_seq: torch.Tensor) -> PrefixEncoding:
+        """``item_seq [B,N]`` left-padded ids -> H_enc and the prefix KV cache."""
+        key_mask = item_seq != 0
+        hidden, keys, values = self.run_layers(self.input_embedding(item_seq), causal_mask(key_mask))
+        return PrefixEncoding(hidden, keys, values, key_mask)

@@ -1,0 +1,157 @@
+"""Parallel Latent Reasoning (PLR, Tang et al.) on a SASRec backbone.
+
+Equation numbers are the PLR paper's:
+
+* Eq. 3   h_{0,m} = h_0 + tau_m                      learnable trigger tokens
+* Eq. 4-5 h_{t,m} = f(h_{t-1,m} + r_t | prefix KV, (1..t, m))
+                                                    stream-isolated reasoning
+* Eq. 6   z_m = mean_t h_{t,m}                       step pooling
+* Eq. 7   L_KL = mean_{i != j} KL(p_i || p_j)        diversity of the K = T*M states
+* Eq. 8   L_RCL                                      two dropout views, InfoNCE
+* Eq. 9   g = softmax(W_g h_0 + b_g)                 mixture of reasoning streams
+* Eq. 10  z_final = h_0 + z_rea                      dual-process inference
+* Eq. 11  L = L_NIP + w_rcl L_RCL - lambda L_KL      training objective
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import plr_kernels
+
+from ..losses import reasoning_contrastive_loss
+from ..validation import check_positive_int, check_probability, check_target
+from .base import PADDING, ModelOutput, SequentialRecommender
+
+KL_OBJECTIVES = ("diversity", "consistency")
+
+
+class PLRModel(SequentialRecommender):
+    """SASRec encoder + M parallel latent reasoning streams of T steps.
+
+    Args (beyond the backbone's ``max_len, hidden_size, num_layers, num_heads,
+    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``):
+        num_streams: M, reasoning streams (>= 1).
+        num_steps: T, latent steps per stream (>= 1).
+        kl_weight: lambda of Eq. 11.
+        kl_objective: ``"diversity"`` subtracts lambda*L_KL (the paper's text;
+            ReaRec-ERL), ``"consistency"`` adds it.
+        kl_detach_target: stop the gradient through log p_j in Eq. 7 (ReaRec-ERL).
+        rcl_weight: w_rcl of Eq. 11; 0 disables the second dropout view.
+        reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
+    """
+
+    def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
+                 num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
+                 attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
+                 num_streams: int = 2, num_steps: int = 2, temperature: float = 0.07,
+                 kl_weight: float = 0.1, kl_objective: str = "diversity", kl_detach_target: bool = False,
+                 rcl_weight: float = 1.0, reasoning_dropout: float = 0.2, kernels: str = "auto"):
+        super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
+                         attn_dropout, layer_norm_eps, temperature, kernels)
+        self._config = dict(
+            num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
+            num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
+            layer_norm_eps=layer_norm_eps, num_streams=num_streams, num_steps=num_steps,
+            temperature=temperature, kl_weight=kl_weight, kl_objective=kl_objective,
+            kl_detach_target=kl_detach_target, rcl_weight=rcl_weight,
+            reasoning_dropout=reasoning_dropout, kernels=kernels,
+        )
+        self.num_streams = check_positive_int("num_streams", num_streams)
+        self.num_steps = check_positive_int("num_steps", num_steps)
+        for name, value in (("kl_weight", kl_weight), ("rcl_weight", rcl_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+        if kl_objective not in KL_OBJECTIVES:
+            raise ValueError(f"kl_objective: expected one of {list(KL_OBJECTIVES)}, got {kl_objective!r}")
+        self.kl_weight = float(kl_weight)
+        self.kl_sign = -1.0 if kl_objective == "diversity" else 1.0
+        self.kl_detach_target = bool(kl_detach_target)
+        self.rcl_weight = float(rcl_weight)
+
+        # Eq. 3: one learnable trigger token tau_m per stream.
+        self.trigger_tokens = nn.Parameter(torch.empty(num_streams, hidden_size))
+        # r_t: reasoning position embedding of step t (shared by all streams).
+        self.reasoning_position = nn.Embedding(num_steps, hidden_size)
+        self.reasoning_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.reasoning_dropout = nn.Dropout(check_probability("reasoning_dropout", reasoning_dropout))
+        # Eq. 9: the MoRS gate W_g, b_g.
+        self.gate = nn.Linear(hidden_size, num_streams)
+        self._init_weights()
+        nn.init.normal_(self.trigger_tokens, mean=0.0, std=0.02)
+
+    # -- reasoning -----------------------------------------------------------------
+
+    def reasoning_input(self, h_prev: torch.Tensor, step: int) -> torch.Tensor:
+        """The input token of step ``step`` (0-based) of every stream: ``h_{t-1,m} + r_t``,
+        then LayerNorm and dropout as in ReaRec. ``h_prev [B,M,d]``."""
+        return self.reasoning_dropout(self.reasoning_norm(h_prev + self.reasoning_position.weight[step]))
+
+    def reason(self, prefix) -> torch.Tensor:
+        """Eq. 3-5 with the shared prefix KV cache -> states ``h_{t,m}`` ``[B,T,M,d]``.
+
+        Step t feeds one token per stream through all L layers; at every layer
+        it attends to the valid prefix keys and to its own stream's tokens
+        1..t (``plr_kernels.stream_attention``), never to another stream.
+        """
+        h0 = prefix.hidden[:, -1]
+        h_prev = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
+        caches = [None] * len(self.backbone.layers)
+        states = []
+        for step in range(self.num_steps):
+            x = self.reasoning_input(h_prev, step)
+            for layer_index, layer in enumerate(self.backbone.layers):
+                x, caches[layer_index] = layer.forward_step(
+                    x, prefix.keys[layer_index], prefix.values[layer_index], prefix.key_mask,
+                    caches[layer_index], self.kernels,
+                )
+            h_prev = x  # Eq. 5: the final-layer output is h_{t,m}
+            states.append(x)
+        return torch.stack(states, dim=1)
+
+    def forward(self, item_seq: torch.Tensor) -> ModelOutput:
+        """``item_seq [B, L]`` left-padded ids (L <= max_len) -> ModelOutput."""
+        item_seq = self.prepare(item_seq)
+        prefix = self.backbone.encode(item_seq)
+        h0 = prefix.hidden[:, -1]
+        states = self.reason(prefix)
+        z_streams = states.mean(dim=1)  # Eq. 6: z_m = mean_t h_{t,m}   [B,M,d]
+        gate = torch.softmax(self.gate(h0), dim=-1)  # Eq. 9             [B,M]
+        z_rea = (gate[..., None] * z_streams).sum(dim=1)
+        z_final = h0 + z_rea  # Eq. 10: dual-process inference
+        return ModelOutput(h0=h0, z_final=z_final, states=states, gate=gate, z_rea=z_rea)
+
+    # -- training ------------------------------------------------------------------
+
+    def compute_loss(self, item_seq: torch.Tensor, target: torch.Tensor
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Eq. 11 for a batch of (history, next item) samples.
+
+        ``item_seq [B, L]``, ``target [B]`` ids in ``[1, num_items]`` ->
+        ``(loss, {"nip", "kl", "rcl"})`` (the parts detached). Training scores
+        with ``z_rea`` only; the padding item is in no softmax.
+        """
+        out = self(item_seq)
+        target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
+        nip = plr_kernels.linear_cross_entropy(
+            out.z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
+            backend=self.kernels,
+        )
+        loss = nip
+        kl = torch.zeros((), dtype=nip.dtype, device=nip.device)
+        if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
+            # Eq. 7 over the K = T*M states of each user, averaged over users.
+            kl = plr_kernels.multi_pair_kl(
+                out.states.flatten(1, 2), self.item_emb, temperature=self.temperature,
+                exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.kernels,
+            ).mean()
+            loss = loss + self.kl_sign * self.kl_weight * kl
+        rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
+        if self.rcl_weight > 0 and self.training:
+            # Eq. 8: a second pass draws independent dropout masks.
+            rcl = reasoning_contrastive_loss(out.states, self(item_seq).states)
+            loss = loss + self.rcl_weight * rcl
+        return loss, {"nip": nip.detach(), "kl": kl.detach(), "rcl": rcl.detach()}

@@ -1,0 +1,110 @@
+"""Post-LayerNorm transformer blocks of SASRec (RecBole / ReaRec layout).
+
+Each block serves two callers:
+
+* ``forward_full`` runs a whole sequence under an arbitrary boolean mask and
+  returns the keys/values it computed -- for the prefix these are the
+  **shared prefix KV cache** of PLR;
+* ``forward_step`` runs the M new reasoning tokens of one step (one per
+  stream) against that cache and the streams' own cached keys/values, through
+  ``plr_kernels.stream_attention`` (stream-isolated causal attention, Eq. 4-5).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import plr_kernels
+
+StreamCache = Optional[Tuple[torch.Tensor, torch.Tensor]]  # k, v [B,H,M,S,Dh]
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention + dropout + residual + LayerNorm (post-LN)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, attn_dropout: float, hidden_dropout: float, eps: float):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size: expected a multiple of num_heads={num_heads}, got {hidden_size}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = attn_dropout
+        self.out_dropout = nn.Dropout(hidden_dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., L, H*Dh] -> [..., H, L, Dh]"""
+        *lead, length, _ = x.shape
+        return x.view(*lead, length, self.num_heads, self.head_dim).transpose(-2, -3)
+
+    def _merge(self, ctx: torch.Tensor) -> torch.Tensor:
+        """[..., H, L, Dh] -> [..., L, H*Dh]"""
+        ctx = ctx.transpose(-2, -3)
+        return ctx.reshape(*ctx.shape[:-2], self.num_heads * self.head_dim)
+
+    def _output(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.out_dropout(self.dense(self._merge(ctx))))
+
+    def forward_full(self, x: torch.Tensor, mask: torch.Tensor):
+        """``x [B,L,d]``, ``mask [B,L,L]`` bool (True = may attend) -> ``(y, k, v)``."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self._output(x, ctx), k, v
+
+    def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
+        """``x [B,M,d]``: one new token per stream -> ``(y [B,M,d], new cache)``."""
+        # [B,M,d] -> [B,H,M,1,Dh]: each stream's new token is its latest key.
+        q = self._heads(self.query(x))
+        k_new = self._heads(self.key(x))[..., None, :]
+        v_new = self._heads(self.value(x))[..., None, :]
+        if cache is None:
+            k_stream, v_stream = k_new, v_new
+        else:
+            k_stream = torch.cat([cache[0], k_new], dim=3)
+            v_stream = torch.cat([cache[1], v_new], dim=3)
+        ctx = plr_kernels.stream_attention(
+            q, k_prefix, v_prefix, k_stream, v_stream,
+            prefix_mask=prefix_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend=backend,
+        )
+        return self._output(x, ctx), (k_stream, v_stream)
+
+
+class FeedForward(nn.Module):
+    """dense -> GELU -> dense -> dropout -> residual + LayerNorm."""
+
+    def __init__(self, hidden_size: int, inner_size: int, hidden_dropout: float, eps: float):
+        super().__init__()
+        self.dense_in = nn.Linear(hidden_size, inner_size)
+        self.dense_out = nn.Linear(inner_size, hidden_size)
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.dense_out(F.gelu(self.dense_in(x)))))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, inner_size, hidden_dropout, attn_dropout, eps):
+        super().__init__()
+        self.attention = MultiHeadAttention(hidden_size, num_heads, attn_dropout, hidden_dropout, eps)
+        self.feed_forward = FeedForward(hidden_size, inner_size, hidden_dropout, eps)
+
+    def forward_full(self, x, mask):
+        y, k, v = self.attention.forward_full(x, mask)
+        return self.feed_forward(y), k, v
+
+    def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
+        y, cache = self.attention.forward_step(x, k_prefix, v_prefix, prefix_mask, cache, backend)
+        return self.feed_forward(y), cache

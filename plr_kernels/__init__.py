@@ -1,0 +1,27 @@
+"""plr_kernels: fused kernels for Parallel Latent Reasoning, usable on their own.
+
+Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``;
+``plr_kernels.reference`` holds the pure-PyTorch truth of each op with the
+same signature. See DESIGN.md section 8.
+"""
+
+from . import reference
+from ._dispatch import BACKENDS, BackendUnavailableError
+from ._extension import extension_error
+from .linear_cross_entropy import linear_cross_entropy
+from .multi_pair_kl import multi_pair_kl
+from .stream_attention import stream_attention
+from .target_rank import target_rank
+from .topk import topk
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "extension_error",
+    "linear_cross_entropy",
+    "multi_pair_kl",
+    "reference",
+    "stream_attention",
+    "target_rank",
+    "topk",
+]

@@ -1,0 +1,96 @@
+"""Argument checks shared by the public ops.
+
+Every error names the argument, what was expected and what was received, so
+a user calling ``plr_kernels`` from their own model sees at once what to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64,)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    device: Optional[torch.device] = None,
+) -> None:
+    """Raise TypeError/ValueError unless ``t`` is a tensor of the given form.
+
+    ``shape`` entries that are ``None`` are free.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}: expected dtype in ({want}), got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        ok = len(shape) == t.dim() and all(s is None or s == n for s, n in zip(shape, t.shape))
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0].dtype
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first:
+            raise TypeError(f"{name}: expected dtype {first} (as {names[0]}), got {t.dtype}")
+
+
+def check_index_range(name: str, idx: torch.Tensor, low: int, high: int) -> None:
+    """All entries of ``idx`` must lie in ``[low, high)``."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name}: expected ids in [{low}, {high - 1}], got {bad}")
+
+
+def check_optional_index(name: str, value, size: int) -> None:
+    """``value`` is None or an int in ``[0, size)``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected None or an int, got {type(value).__name__}")
+    if not 0 <= value < size:
+        raise ValueError(f"{name}: expected None or an id in [0, {size - 1}], got {value}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def check_exclude_items(exclude_items, batch: int, num_items: int, device) -> None:
+    """``exclude_items [B,L]`` int64; negative entries are padding (ignored)."""
+    if exclude_items is None:
+        return
+    check_tensor("exclude_items", exclude_items, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    if exclude_items.shape[0] != batch:
+        raise ValueError(f"exclude_items: expected {batch} rows (as z), got {exclude_items.shape[0]}")
+    if exclude_items.numel() and int(exclude_items.max()) >= num_items:
+        raise ValueError(
+            f"exclude_items: expected ids below num_items={num_items} (negative = none), "
+            f"got {int(exclude_items.max())}"
+        )

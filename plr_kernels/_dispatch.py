@@ -1,0 +1,73 @@
+"""Backend selection, per op: ``auto | triton | cuda | cpu | torch``.
+
+``auto`` picks Triton for CUDA tensors when a Triton kernel exists for the op,
+then the compiled CUDA kernel, else the reference; for CPU tensors the compiled
+C++ kernel when ``plr_kernels._C`` is built and has the op, else the reference.
+A backend asked for by name that cannot run is an error, never a silent
+fallback (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for by name cannot run this op on these tensors."""
+
+
+def _compiled_kernel(op: str, device_type: str):
+    """The ``torch.ops.plr_kernels.<op>`` callable if ``_C`` has it for the device."""
+    if _extension.extension() is None or not _extension.has_kernel(op, device_type):
+        return None
+    return getattr(torch.ops.plr_kernels, op)
+
+
+def available(op: str, impls: Dict[str, Callable], device: torch.device) -> Dict[str, Callable]:
+    """Backends that can run ``op`` on ``device`` now, by name."""
+    found = {"torch": impls["torch"]}
+    if device.type == "cpu" and "cpu" in impls and _compiled_kernel(op, "CPU") is not None:
+        found["cpu"] = impls["cpu"]
+    if device.type == "cuda":
+        if "cuda" in impls and _compiled_kernel(op, "CUDA") is not None:
+            found["cuda"] = impls["cuda"]
+        if "triton" in impls:
+            found["triton"] = impls["triton"]
+    return found
+
+
+def resolve(op: str, backend: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
+    """The implementation of ``op`` to run for ``backend`` on ``device``.
+
+    ``impls`` maps backend names to callables; the ``torch`` entry is required.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    found = available(op, impls, device)
+    if backend == "auto":
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        return next(found[name] for name in order if name in found)
+    if backend in found:
+        return found[backend]
+    raise BackendUnavailableError(_why_unavailable(op, backend, device, impls))
+
+
+def _why_unavailable(op: str, backend: str, device: torch.device, impls) -> str:
+    head = f"backend={backend!r} cannot run {op} on {device.type} tensors: "
+    if backend not in impls:
+        return head + f"plr_kernels has no {backend} implementation of {op} (it has: {sorted(impls)})"
+    if backend in ("cpu", "cuda"):
+        want = "cpu" if backend == "cpu" else "cuda"
+        if device.type != want:
+            return head + f"the {backend} kernel needs {want} tensors"
+        err = _extension.extension_error()
+        if err:
+            return head + f"the compiled extension plr_kernels._C is unavailable ({err})"
+        return head + f"plr_kernels._C was built without a {backend} kernel for {op}"
+    return head + "the triton kernels need CUDA tensors"

@@ -1,0 +1,57 @@
+"""Next-item cross-entropy over the full item table, L_NIP of PLR Eq. 11.
+
+``CE(z, y) = lse_v(z.e_v / tau) - z.e_y / tau`` and ``dCE/dz = (mu_z - e_y) / tau``
+(DESIGN 4.2): the fused kernels stream the item table and never store the
+``[B x V]`` logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, _dispatch, reference
+from .multi_pair_kl import check_vocab_args
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reference(z, item_emb, target, temperature, exclude_index, reduction):
+    return reference.linear_cross_entropy(
+        z, item_emb, target, temperature=temperature, exclude_index=exclude_index, reduction=reduction
+    )
+
+
+IMPLS = {"torch": _reference}
+
+
+def linear_cross_entropy(
+    z: torch.Tensor,
+    item_emb: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    exclude_index: Optional[int] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax cross-entropy of ``z E^T / tau`` against ``target``.
+
+    Args:
+        z: ``[B, d]`` (PLR trains with ``z_rea``).
+        item_emb: ``[V, d]``.
+        target: ``[B]`` int64 ids in ``[0, V)``, never ``exclude_index``.
+        temperature: tau.
+        exclude_index: an item left out of the softmax (the padding id 0).
+        reduction: ``mean`` / ``sum`` -> scalar, ``none`` -> ``[B]``.
+        backend: ``auto | torch`` for now.
+    """
+    check_vocab_args("z", z, 2, item_emb, temperature, exclude_index)
+    _checks.check_tensor("target", target, ndim=1, dtypes=_checks.INDEX_DTYPES, shape=(z.shape[0],), device=z.device)
+    _checks.check_index_range("target", target, 0, item_emb.shape[0])
+    if exclude_index is not None and bool((target == exclude_index).any()):
+        raise ValueError(f"target: expected no entry equal to exclude_index={exclude_index}, got one")
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
+    impl = _dispatch.resolve("linear_cross_entropy", backend, z.device, IMPLS)
+    return impl(z, item_emb, target, float(temperature), exclude_index, reduction)

@@ -1,0 +1,236 @@
+"""Pure-PyTorch reference of every ``plr_kernels`` op.
+
+These functions are the truth the fused kernels are tested against and the
+``backend="torch"`` implementation. They favour clarity over speed: they
+materialise the ``[rows x items]`` logits and the dense attention weights that
+the kernels avoid. Signatures match the public API (DESIGN.md section 8); the
+public wrappers in ``plr_kernels`` validate arguments before calling in here.
+
+Notation (PLR paper): ``h_k`` a reasoning state, ``E`` the item table,
+``l_k(v) = h_k . e_v / tau`` the logits, ``p_k = softmax(l_k)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "stream_attention",
+    "multi_pair_kl",
+    "linear_cross_entropy",
+    "target_rank",
+    "topk",
+    "dropout_keep_mask",
+]
+
+
+def _upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """Softmax statistics are kept in fp32 for 16-bit inputs (DESIGN 4)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# --------------------------------------------------------------------------
+# 4.1 Stream-isolated causal attention over a shared prefix KV cache
+# --------------------------------------------------------------------------
+
+
+def dropout_keep_mask(shape, p: float, seed: Optional[int], device) -> torch.Tensor:
+    """Bernoulli(1 - p) keep-mask of ``shape``; seeded when ``seed`` is given."""
+    if seed is None:
+        return torch.rand(shape, device=device) >= p
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def stream_attention(
+    q: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    k_stream: torch.Tensor,
+    v_stream: torch.Tensor,
+    *,
+    prefix_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """One reasoning step of one layer (PLR Eq. 4-5), all M streams at once.
+
+    Shapes: ``q [B,H,M,D]``; ``k_prefix, v_prefix [B,H,N,D]`` (shared by all
+    streams); ``k_stream, v_stream [B,H,M,S,D]`` (stream m's own reasoning
+    tokens 1..S, the current one included); ``prefix_mask [B,N]`` bool, True =
+    valid key. Returns ``o [B,H,M,D]`` (and the fp32 ``lse [B,H,M]`` of the
+    pre-dropout softmax when ``return_lse``).
+
+    The query of stream m sees every valid prefix key and keys 1..S of its own
+    stream, never another stream's. Attention dropout drops probabilities with
+    ``dropout_p`` and rescales by ``1/(1-p)``; the keep-mask ``[B,H,M,N+S]``
+    (prefix keys first) is drawn from ``seed`` or taken from ``dropout_mask``.
+    A fully padded prefix is fine: the stream's own keys are always valid.
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # Scores against the shared prefix [B,H,M,N] and the own stream [B,H,M,S].
+    s_prefix = torch.einsum("bhmd,bhnd->bhmn", q, k_prefix) * scale
+    if prefix_mask is not None:
+        s_prefix = s_prefix.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
+    s_stream = torch.einsum("bhmd,bhmsd->bhms", q, k_stream) * scale
+    scores = _upcast_half(torch.cat([s_prefix, s_stream], dim=-1))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    if dropout_mask is not None or dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = dropout_keep_mask(probs.shape, dropout_p, seed, probs.device)
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    probs = probs.to(q.dtype)
+    n = k_prefix.shape[2]
+    o = torch.einsum("bhmn,bhnd->bhmd", probs[..., :n], v_prefix) + torch.einsum(
+        "bhms,bhmsd->bhmd", probs[..., n:], v_stream
+    )
+    if return_lse:
+        return o, lse.float()
+    return o
+
+
+# --------------------------------------------------------------------------
+# 4.2 The vocabulary pass: multi-pair KL and next-item cross-entropy
+# --------------------------------------------------------------------------
+
+
+def _item_log_probs(h, item_emb, temperature, exclude_index):
+    """log p(v) = log softmax_v(h . e_v / tau), the excluded item at -inf."""
+    logits = torch.matmul(h, item_emb.transpose(0, 1)) / temperature
+    if exclude_index is not None:
+        logits = logits.clone()
+        logits[..., exclude_index] = float("-inf")
+    return torch.log_softmax(_upcast_half(logits), dim=-1)
+
+
+def multi_pair_kl(
+    h: torch.Tensor,
+    item_emb: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    exclude_index: Optional[int] = None,
+    detach_target: bool = False,
+) -> torch.Tensor:
+    """Mean KL over the K(K-1) ordered pairs of a user's K states (PLR Eq. 7).
+
+    ``h [B,K,d]``, ``item_emb [V,d]`` -> ``[B]``:
+    ``1/(K(K-1)) * sum_{i != j} KL(p_i || p_j)`` with ``p_k = softmax(h_k E^T / tau)``
+    over the items other than ``exclude_index``. ``detach_target`` stops the
+    gradient through ``log p_j`` (the target side), as ReaRec-ERL does.
+
+    Uses ``sum_{i,j} p_i.(log p_i - log p_j) = K sum_i p_i.log p_i - sum_i p_i.sum_j log p_j``
+    (the i == j terms are zero), so memory is O(B K V), not O(B K^2 V).
+    """
+    k = h.shape[1]
+    logp = _item_log_probs(h, item_emb, temperature, exclude_index)  # [B,K,V]
+    p = logp.exp()
+    # 0 * log 0 := 0 at the excluded item.
+    logp_self = torch.nan_to_num(logp, neginf=0.0)
+    logp_target = logp_self.detach() if detach_target else logp_self
+    self_term = (p * logp_self).sum(dim=(-1, -2))  # sum_i p_i . log p_i
+    cross_term = (p * logp_target.sum(dim=1, keepdim=True)).sum(dim=(-1, -2))
+    return ((k * self_term - cross_term) / (k * (k - 1))).to(h.dtype)
+
+
+def linear_cross_entropy(
+    z: torch.Tensor,
+    item_emb: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    exclude_index: Optional[int] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Full-softmax next-item cross-entropy ``lse(z E^T / tau) - z.e_y / tau``.
+
+    ``z [B,d]``, ``item_emb [V,d]``, ``target [B]`` int64 -> scalar (``mean``,
+    ``sum``) or ``[B]`` (``none``). ``exclude_index`` (the padding item) is
+    left out of the softmax. This is L_NIP of PLR Eq. 11.
+    """
+    logp = _item_log_probs(z, item_emb, temperature, exclude_index)
+    loss = -logp.gather(-1, target[:, None]).squeeze(-1)
+    if reduction == "none":
+        return loss.to(z.dtype)
+    if reduction == "sum":
+        return loss.sum().to(z.dtype)
+    return loss.mean().to(z.dtype)
+
+
+# --------------------------------------------------------------------------
+# 4.3 Full-ranking evaluation and top-K
+# --------------------------------------------------------------------------
+
+
+def _scores_with_exclusions(z, item_emb, exclude_index, exclude_items):
+    """``s = z E^T`` and the bool mask ``[B,V]`` of excluded items."""
+    scores = torch.matmul(z, item_emb.transpose(0, 1))
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    if exclude_index is not None:
+        excluded[:, exclude_index] = True
+    if exclude_items is not None:
+        # Count hits rather than scatter flags: a negative (ignored) entry is
+        # clamped to id 0 and must not overwrite a real exclusion of item 0.
+        hits = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+        hits.scatter_add_(1, exclude_items.clamp(min=0), (exclude_items >= 0).to(torch.int32))
+        excluded |= hits > 0
+    return scores, excluded
+
+
+@torch.no_grad()
+def target_rank(
+    z: torch.Tensor,
+    item_emb: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    exclude_index: Optional[int] = None,
+    exclude_items: Optional[torch.Tensor] = None,
+    ties: str = "optimistic",
+) -> torch.Tensor:
+    """Exact 1-based rank of each target among all candidate items.
+
+    ``z [B,d]``, ``item_emb [V,d]``, ``target [B]`` int64 -> int64 ``[B]``.
+    Scores ``s = z E^T``; candidates are the items other than the target,
+    ``exclude_index`` and the non-negative ids in ``exclude_items [B,L]``
+    (the target itself is never excluded). ``ties="optimistic"`` counts
+    candidates with ``s > s_target``; ``"pessimistic"`` counts ``s >= s_target``.
+    """
+    scores, excluded = _scores_with_exclusions(z, item_emb, exclude_index, exclude_items)
+    rows = torch.arange(z.shape[0], device=z.device)
+    excluded[rows, target] = True  # the target is not its own competitor
+    s_target = scores[rows, target][:, None]
+    beats = scores >= s_target if ties == "pessimistic" else scores > s_target
+    return 1 + (beats & ~excluded).sum(dim=1).to(torch.int64)
+
+
+@torch.no_grad()
+def topk(
+    z: torch.Tensor,
+    item_emb: torch.Tensor,
+    k: int,
+    *,
+    exclude_index: Optional[int] = None,
+    exclude_items: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best-scoring items per row: ``(values [B,k], indices [B,k])``.
+
+    ``s = z E^T`` without temperature; excluded items (``exclude_index`` and
+    the non-negative ids of ``exclude_items [B,L]``) never appear. Ties are
+    broken towards the smaller item id, so the result is deterministic. A row
+    with fewer than ``k`` candidates ends in entries ``(-inf, -1)``.
+    """
+    scores, excluded = _scores_with_exclusions(z, item_emb, exclude_index, exclude_items)
+    scores = scores.masked_fill(excluded, float("-inf"))
+    values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+    values, indices = values[:, :k], indices[:, :k]
+    indices = indices.masked_fill(excluded.gather(1, indices), -1)
+    return values.contiguous(), indices.contiguous()

@@ -1,0 +1,50 @@
+"""Top-K retrieval for serving: ``topk_v z.e_v`` over the item table (DESIGN 4.3)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _dispatch, reference
+from .target_rank import check_rank_args
+
+
+def _reference(z, item_emb, k, exclude_index, exclude_items):
+    return reference.topk(z, item_emb, k, exclude_index=exclude_index, exclude_items=exclude_items)
+
+
+IMPLS = {"torch": _reference}
+
+
+def topk(
+    z: torch.Tensor,
+    item_emb: torch.Tensor,
+    k: int,
+    *,
+    exclude_index: Optional[int] = None,
+    exclude_items: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best items of each row by score ``z E^T``.
+
+    Args:
+        z: ``[B, d]``; item_emb: ``[V, d]`` (same dtype and device).
+        k: number of items, ``1 <= k <= V`` minus the excluded index.
+        exclude_index: an item never returned (the padding id 0).
+        exclude_items: ``[B, L]`` int64 ids never returned for their row
+            (e.g. the history); negative entries are ignored.
+        backend: ``auto | torch`` for now.
+
+    Returns:
+        ``(values [B, k], indices [B, k])``, best first; equal scores are
+        ordered by smaller item id. A row left with fewer than ``k``
+        candidates by ``exclude_items`` ends in ``(-inf, -1)`` entries.
+    """
+    check_rank_args(z, item_emb, exclude_index, exclude_items)
+    most = item_emb.shape[0] - (exclude_index is not None)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
+        raise ValueError(f"k: expected an int in [1, {most}] (the number of candidate items), got {k!r}")
+    impl = _dispatch.resolve("topk", backend, z.device, IMPLS)
+    with torch.no_grad():
+        return impl(z, item_emb, k, exclude_index, exclude_items)

@@ -1,0 +1,17 @@
+"""Test-wide setup.
+
+Triton kernels run on the CPU through the interpreter; the variable must be
+set before anything imports triton (DESIGN.md section 6).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,251 @@
+"""PLRModel as DESIGN.md section 3 describes it (PLR Eq. 3-11)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plr import PLRModel, SASRecModel
+from plr.backbone import causal_mask
+from plr.losses import reasoning_contrastive_loss
+
+NUM_ITEMS = 40
+
+
+def small_plr(**overrides):
+    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, num_streams=3,
+                num_steps=3, kernels="torch")
+    args.update(overrides)
+    return PLRModel(NUM_ITEMS, **args)
+
+
+def histories(batch=5, length=9):
+    seq = torch.randint(1, NUM_ITEMS + 1, (batch, length))
+    for row in range(batch):  # left padding of varied length, one full row
+        seq[row, : row % length] = 0
+    return seq
+
+
+# -- reasoning over the shared prefix KV cache ---------------------------------------
+
+
+def stream_isolated_mask(key_mask, num_streams, steps):
+    """[B, N + steps*M, N + steps*M]: prefix causal; token (s, m) sees the valid
+    prefix and tokens (s' <= s, m) of its own stream, itself included."""
+    b, n = key_mask.shape
+    m = num_streams
+    total = n + steps * m
+    mask = torch.zeros(b, total, total, dtype=torch.bool)
+    mask[:, :n, :n] = causal_mask(key_mask)
+    for s in range(steps):
+        for stream in range(m):
+            row = n + s * m + stream
+            mask[:, row, :n] = key_mask
+            for earlier in range(s + 1):
+                mask[:, row, n + earlier * m + stream] = True
+    return mask
+
+
+def reason_by_recompute(model, item_seq):
+    """Brute force: at every step rerun the whole extended sequence (prefix + all
+    reasoning tokens so far) through every layer under the explicit mask."""
+    bb = model.backbone
+    key_mask = item_seq != 0
+    n, m = item_seq.shape[1], model.num_streams
+    x_prefix = bb.input_embedding(item_seq)
+    h0 = bb.run_layers(x_prefix, causal_mask(key_mask))[0][:, -1]
+    h_prev = h0[:, None] + model.trigger_tokens[None]
+    inputs, states = [], []
+    for t in range(model.num_steps):
+        inputs.append(model.reasoning_input(h_prev, t))
+        x = torch.cat([x_prefix] + inputs, dim=1)
+        out = bb.run_layers(x, stream_isolated_mask(key_mask, m, t + 1))[0]
+        h_prev = out[:, n + t * m: n + (t + 1) * m]
+        states.append(h_prev)
+    return torch.stack(states, dim=1)
+
+
+@pytest.mark.parametrize("streams,steps", [(1, 1), (3, 3), (4, 2)])
+def test_cached_reasoning_equals_recomputing_the_extended_sequence(streams, steps):
+    model = small_plr(num_streams=streams, num_steps=steps).double().eval()
+    seq = histories()
+    with torch.no_grad():
+        cached = model(seq).states
+        brute = reason_by_recompute(model, seq)
+    assert cached.shape == (5, steps, streams, 12)
+    torch.testing.assert_close(cached, brute, rtol=0, atol=1e-10)
+
+
+def test_streams_are_isolated():
+    model = small_plr().double().eval()
+    seq = histories()
+    with torch.no_grad():
+        before = model(seq).states.clone()
+        model.trigger_tokens[1] += torch.randn(12, dtype=torch.float64)
+        after = model(seq).states
+    for stream in (0, 2):
+        torch.testing.assert_close(after[:, :, stream], before[:, :, stream], rtol=0, atol=1e-12)
+    assert (after[:, :, 1] - before[:, :, 1]).abs().max() > 1e-3
+
+
+def test_single_stream_is_rearec_reasoning():
+    """M=1 with a zero trigger is ReaRec's reasoning: append h_{t-1} + r_t to the
+    sequence and run the ordinary causal SASRec encoder over it."""
+    model = small_plr(num_streams=1, num_steps=3).double().eval()
+    with torch.no_grad():
+        model.trigger_tokens.zero_()
+    seq = histories()
+    bb = model.backbone
+    with torch.no_grad():
+        x = bb.input_embedding(seq)
+        key_mask = seq != 0
+        h_prev = bb.run_layers(x, causal_mask(key_mask))[0][:, -1:]
+        want = []
+        for t in range(3):
+            x = torch.cat([x, model.reasoning_input(h_prev, t)], dim=1)
+            key_mask = torch.cat([key_mask, torch.ones(5, 1, dtype=torch.bool)], dim=1)
+            h_prev = bb.run_layers(x, causal_mask(key_mask))[0][:, -1:]
+            want.append(h_prev[:, 0])
+        out = model(seq)
+    torch.testing.assert_close(out.states[:, :, 0], torch.stack(want, 1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.gate, torch.ones(5, 1, dtype=torch.float64))
+
+
+# -- aggregation, scoring, losses ------------------------------------------------------
+
+
+def test_aggregation_follows_eq_6_9_10():
+    model = small_plr().double().eval()
+    seq = histories()
+    with torch.no_grad():
+        out = model(seq)
+        gate = torch.softmax(model.gate(out.h0), dim=-1)
+    torch.testing.assert_close(out.gate, gate)
+    z_rea = (gate[:, :, None] * out.states.mean(1)).sum(1)
+    torch.testing.assert_close(out.z_rea, z_rea)
+    torch.testing.assert_close(out.z_final, out.h0 + z_rea)
+
+
+def test_training_scores_with_z_rea_and_inference_with_z_final():
+    model = small_plr(dropout=0.0, reasoning_dropout=0.0, kl_weight=0.0, rcl_weight=0.0).double().train()
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    loss, parts = model.compute_loss(seq, target)
+    out = model(seq)
+    logits = out.z_rea @ model.item_emb[1:].T / model.temperature
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target - 1))
+    logits_final = out.z_final @ model.item_emb[1:].T / model.temperature
+    assert (loss - F.cross_entropy(logits_final, target - 1)).abs() > 1e-6
+    values, ids = model.recommend(seq, k=5)
+    want_values, want_ids = torch.topk(out.z_final.detach() @ model.item_emb[1:].detach().T, 5)
+    assert torch.equal(ids, want_ids + 1)
+    torch.testing.assert_close(values, want_values)
+    assert model.training  # recommend restores the mode
+
+
+def test_loss_is_eq_11_with_kl_subtracted():
+    model = small_plr(kl_weight=0.3, rcl_weight=0.5).double().train()
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    torch.manual_seed(1)
+    loss, parts = model.compute_loss(seq, target)
+    assert parts["kl"] > 0 and parts["rcl"] > 0
+    torch.testing.assert_close(loss.detach(), parts["nip"] + 0.5 * parts["rcl"] - 0.3 * parts["kl"])
+    model_add = small_plr(kl_weight=0.3, rcl_weight=0.0, kl_objective="consistency").double().eval()
+    loss_add, parts_add = model_add.compute_loss(seq, target)
+    torch.testing.assert_close(loss_add.detach(), parts_add["nip"] + 0.3 * parts_add["kl"])
+    assert parts_add["rcl"] == 0  # no second view outside training
+
+
+def test_gradients_reach_triggers_rpe_gate_and_item_table():
+    model = small_plr(num_streams=2, num_steps=2).double().train()
+    loss, _ = model.compute_loss(histories(), torch.randint(1, NUM_ITEMS + 1, (5,)))
+    loss.backward()
+    for name, grad in [("trigger_tokens", model.trigger_tokens.grad),
+                       ("reasoning_position", model.reasoning_position.weight.grad),
+                       ("gate", model.gate.weight.grad),
+                       ("item_embedding", model.item_emb.grad)]:
+        assert grad is not None, name
+        assert (grad.abs().sum(-1) > 0).all() if name != "item_embedding" else grad[1:].abs().sum() > 0, name
+    assert model.item_emb.grad[0].abs().sum() == 0  # the padding row never learns
+
+
+def test_reasoning_contrastive_loss_by_hand():
+    a, b = torch.randn(4, 2, 3, 5, dtype=torch.float64), torch.randn(4, 2, 3, 5, dtype=torch.float64)
+    total = 0.0
+    for t in range(2):
+        for m in range(3):
+            sim = F.cosine_similarity(a[:, None, t, m], b[None, :, t, m], dim=-1)
+            for r in range(4):
+                total += -torch.log_softmax(sim[r], 0)[r] - torch.log_softmax(sim[:, r], 0)[r]
+    want = total / (2 * 2 * 3 * 4)
+    torch.testing.assert_close(reasoning_contrastive_loss(a, b), want)
+
+
+# -- baseline, checkpoints, recommend --------------------------------------------------
+
+
+def test_sasrec_scores_with_h0():
+    model = SASRecModel(NUM_ITEMS, max_len=9, hidden_size=8, num_layers=1, num_heads=2, inner_size=9,
+                        dropout=0.0, kernels="torch").double()
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    loss, _ = model.compute_loss(seq, target)
+    out = model(seq)
+    torch.testing.assert_close(out.z_final, out.h0)
+    torch.testing.assert_close(loss, F.cross_entropy(out.h0 @ model.item_emb[1:].T / 0.07, target - 1))
+
+
+def test_short_histories_are_left_padded_to_max_len():
+    model = small_plr().double().eval()
+    seq = histories(3, 9)[:, 4:]
+    padded = F.pad(seq, (4, 0))
+    torch.testing.assert_close(model(seq).z_final, model(padded).z_final, rtol=0, atol=0)
+
+
+def test_recommend_excludes_padding_and_history(tmp_path):
+    model = small_plr().eval()
+    seq = histories()
+    _, ids = model.recommend(seq, k=NUM_ITEMS - 9, exclude_history=True)
+    for row in range(5):
+        picked = set(ids[row].tolist()) - {-1}
+        assert 0 not in picked and not picked & set(seq[row].tolist())
+    path = tmp_path / "m.pt"
+    model.save(str(path))
+    loaded = PLRModel.load(str(path)).eval()
+    torch.testing.assert_close(loaded(seq).z_final, model(seq).z_final, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="PLRModel"):
+        SASRecModel.load(str(path))
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq,match", [
+    (torch.tensor([[0, 1, NUM_ITEMS + 1]]), r"item_seq.*\[0, 40\].*41"),
+    (torch.tensor([[0, -3, 2]]), r"item_seq.*negative id -3"),
+    (torch.tensor([[0.0, 1.0, 2.0]]), r"item_seq.*dtype"),
+    (torch.tensor([1, 2, 3]), r"item_seq.*shape \[batch, length\]"),
+    (torch.tensor([[1, 2, 3], [0, 0, 0]]), r"item_seq.*all-padding row 1"),
+    (torch.tensor([[1, 0, 3]]), r"item_seq.*left-padded.*row 0"),
+    (torch.ones(1, 10, dtype=torch.long), r"item_seq.*max_len=9.*10"),
+    ([[1, 2]], r"item_seq.*torch.Tensor"),
+])
+def test_bad_histories_name_the_argument(seq, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        small_plr()(seq)
+
+
+def test_bad_targets_and_configs_name_the_argument():
+    model = small_plr()
+    seq = histories(2)
+    with pytest.raises(ValueError, match=r"target.*\[1, 40\].*got 0"):
+        model.compute_loss(seq, torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=r"target.*shape \[2\]"):
+        model.compute_loss(seq, torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"num_streams.*>= 1.*got 0"):
+        small_plr(num_streams=0)
+    with pytest.raises(ValueError, match=r"num_steps"):
+        small_plr(num_steps=-1)
+    with pytest.raises(ValueError, match=r"kernels.*'gpu'"):
+        small_plr(kernels="gpu")
+    with pytest.raises(ValueError, match=r"kl_objective"):
+        small_plr(kl_objective="up")
+    with pytest.raises(ValueError, match=r"hidden_size.*num_heads=3"):
+        small_plr(hidden_size=13)
