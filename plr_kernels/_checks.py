@@ -14,6 +14,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64,)
 
 
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(
     name: str,
     t,
@@ -34,8 +38,8 @@ def check_tensor(
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
-            want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"{name}: expected dtype in ({want}), got {str(t.dtype).replace('torch.', '')}")
+            want = ", ".join(_short(d) for d in dtypes)
+            raise TypeError(f"{name}: expected dtype in ({want}), got {_short(t.dtype)}")
     if shape is not None:
         ok = len(shape) == t.dim() and all(s is None or s == n for s, n in zip(shape, t.shape))
         if not ok:
@@ -49,7 +53,7 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
     first = tensors[0].dtype
     for name, t in zip(names[1:], tensors[1:]):
         if t.dtype != first:
-            raise TypeError(f"{name}: expected dtype {first} (as {names[0]}), got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {_short(first)} (as {names[0]}), got {_short(t.dtype)}")
 
 
 def check_index_range(name: str, idx: torch.Tensor, low: int, high: int) -> None:
