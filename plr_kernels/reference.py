@@ -172,8 +172,9 @@ def linear_cross_entropy(
 
 
 def _scores_with_exclusions(z, item_emb, exclude_index, exclude_items):
-    """``s = z E^T`` and the bool mask ``[B,V]`` of excluded items."""
-    scores = torch.matmul(z, item_emb.transpose(0, 1))
+    """``s = z E^T`` (fp32 for 16-bit inputs, as the kernels accumulate) and
+    the bool mask ``[B,V]`` of excluded items."""
+    scores = torch.matmul(_upcast_half(z), _upcast_half(item_emb).transpose(0, 1))
     excluded = torch.zeros_like(scores, dtype=torch.bool)
     if exclude_index is not None:
         excluded[:, exclude_index] = True
