@@ -98,3 +98,11 @@ def check_exclude_items(exclude_items, batch: int, num_items: int, device) -> No
             f"exclude_items: expected ids below num_items={num_items} (negative = none), "
             f"got {int(exclude_items.max())}"
         )
+
+
+def check_targets(target, batch: int, num_items: int, exclude_index, device) -> None:
+    """``target [B]`` int64 item ids in ``[0, V)``, none equal to ``exclude_index``."""
+    check_tensor("target", target, ndim=1, dtypes=INDEX_DTYPES, shape=(batch,), device=device)
+    check_index_range("target", target, 0, num_items)
+    if exclude_index is not None and bool((target == exclude_index).any()):
+        raise ValueError(f"target: expected no entry equal to exclude_index={exclude_index}, got one")

@@ -48,10 +48,7 @@ def linear_cross_entropy(
         backend: ``auto | torch`` for now.
     """
     check_vocab_args("z", z, 2, item_emb, temperature, exclude_index)
-    _checks.check_tensor("target", target, ndim=1, dtypes=_checks.INDEX_DTYPES, shape=(z.shape[0],), device=z.device)
-    _checks.check_index_range("target", target, 0, item_emb.shape[0])
-    if exclude_index is not None and bool((target == exclude_index).any()):
-        raise ValueError(f"target: expected no entry equal to exclude_index={exclude_index}, got one")
+    _checks.check_targets(target, z.shape[0], item_emb.shape[0], exclude_index, z.device)
     _checks.check_choice("reduction", reduction, REDUCTIONS)
     impl = _dispatch.resolve("linear_cross_entropy", backend, z.device, IMPLS)
     return impl(z, item_emb, target, float(temperature), exclude_index, reduction)

@@ -75,10 +75,7 @@ def target_rank(
         ``[B]`` int64, 1 = best. No gradient.
     """
     check_rank_args(z, item_emb, exclude_index, exclude_items)
-    _checks.check_tensor("target", target, ndim=1, dtypes=_checks.INDEX_DTYPES, shape=(z.shape[0],), device=z.device)
-    _checks.check_index_range("target", target, 0, item_emb.shape[0])
-    if exclude_index is not None and bool((target == exclude_index).any()):
-        raise ValueError(f"target: expected no entry equal to exclude_index={exclude_index}, got one")
+    _checks.check_targets(target, z.shape[0], item_emb.shape[0], exclude_index, z.device)
     _checks.check_choice("ties", ties, TIES)
     impl = _dispatch.resolve("target_rank", backend, z.device, IMPLS)
     with torch.no_grad():
