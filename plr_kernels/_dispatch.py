@@ -9,6 +9,7 @@ fallback (DESIGN.md section 2).
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict
 
 import torch
@@ -34,12 +35,17 @@ def available(op: str, impls: Dict[str, Callable], device: torch.device) -> Dict
     found = {"torch": impls["torch"]}
     if device.type == "cpu" and "cpu" in impls and _compiled_kernel(op, "CPU") is not None:
         found["cpu"] = impls["cpu"]
-    if device.type == "cuda":
-        if "cuda" in impls and _compiled_kernel(op, "CUDA") is not None:
-            found["cuda"] = impls["cuda"]
-        if "triton" in impls:
-            found["triton"] = impls["triton"]
+    if device.type == "cuda" and "cuda" in impls and _compiled_kernel(op, "CUDA") is not None:
+        found["cuda"] = impls["cuda"]
+    if "triton" in impls and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
+        found["triton"] = impls["triton"]
     return found
+
+
+def triton_interpreting() -> bool:
+    """Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (tests only:
+    ``auto`` never picks the interpreter, it is orders of magnitude slower)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve(op: str, backend: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
@@ -70,4 +76,12 @@ def _why_unavailable(op: str, backend: str, device: torch.device, impls) -> str:
         if err:
             return head + f"the compiled extension plr_kernels._C is unavailable ({err})"
         return head + f"plr_kernels._C was built without a {backend} kernel for {op}"
-    return head + "the triton kernels need CUDA tensors"
+    if not triton_importable():
+        return head + "triton is not installed (pip install triton; it comes with CUDA builds of torch)"
+    return head + "the triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)"
+
+
+def triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
