@@ -1,96 +1,223 @@
-"""The ``plr`` command line.
+"""The ``plr`` command line (DESIGN.md section 8).
 
-``plr demo`` runs the whole pipeline on an embedded synthetic default: it
-trains SASRec and PLR for a few steps, ranks held-out next items over the full
-item table with ``plr_kernels.target_rank`` and prints top-K recommendations.
+    plr demo
+    plr train --model plr --data PATH [--config CFG.yaml] [--set key=value ...] [--out RUN_DIR] [--resume]
+    plr evaluate --checkpoint RUN_DIR/best.pt --data PATH [--split test|valid] [--exclude-history]
+    plr recommend --checkpoint RUN_DIR/best.pt --history "12 55 7" [--k 10]
+    plr compare RUN_A RUN_B [--metric ndcg@10]
+    plr data stats PATH
+    plr data download amazon2023 --category Video_Games --dest DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import List, Optional
 
-import torch
-
-import plr_kernels
-
-from . import PLRModel, SASRecModel, __version__
+from . import __version__
 
 
-def synthetic_histories(num_users: int, num_items: int, length: int, num_interests: int, seed: int):
-    """Users mix ``num_interests`` item clusters; each next item stays in the
-    current cluster with probability 0.8 and follows the cluster's item order
-    (item i -> i + 1), so both short-term order and several interests matter.
-    Returns ``[num_users, length + 1]`` ids in ``[1, num_items]``."""
-    gen = torch.Generator().manual_seed(seed)
-    cluster_size = num_items // num_interests
-    seqs = torch.empty(num_users, length + 1, dtype=torch.long)
-    own = torch.randint(0, num_interests, (num_users, 2), generator=gen)  # two interests per user
-    current = own[:, 0].clone()
-    pos = torch.randint(0, cluster_size, (num_users,), generator=gen)
-    for t in range(length + 1):
-        switch = torch.rand(num_users, generator=gen) > 0.8
-        current = torch.where(switch, torch.where(current == own[:, 0], own[:, 1], own[:, 0]), current)
-        jump = torch.rand(num_users, generator=gen) > 0.7
-        pos = torch.where(jump, torch.randint(0, cluster_size, (num_users,), generator=gen), (pos + 1) % cluster_size)
-        seqs[:, t] = 1 + current * cluster_size + pos
-    return seqs
+def _load_dataset(data_cfg: dict):
+    from .data import build_dataset, read_interactions
+
+    if not data_cfg.get("path"):
+        raise SystemExit("plr: --data PATH is required (or data.path in the config)")
+    inter = read_interactions(data_cfg["path"], fmt=data_cfg.get("format", "auto"))
+    return build_dataset(inter, max_len=data_cfg["max_len"], split=data_cfg["split"],
+                         min_rating=data_cfg.get("min_rating"), k_core=data_cfg.get("k_core"),
+                         split_time=data_cfg.get("split_time"))
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    seqs = synthetic_histories(args.users, args.items, args.max_len, 4, args.seed)
-    history, target = seqs[:, :-1], seqs[:, -1]
-    split = int(0.9 * args.users)
-    common = dict(max_len=args.max_len, hidden_size=args.hidden, num_layers=2, num_heads=2,
-                  inner_size=args.hidden * 2, dropout=0.1)
-    models = {"SASRec": SASRecModel(args.items, **common),
-              "PLR (M=2, T=2)": PLRModel(args.items, num_streams=2, num_steps=2, **common)}
-    print(f"plr {__version__} demo: {args.users} synthetic users, {args.items} items, "
-          f"compiled kernels: {plr_kernels.extension_error() or 'loaded'}")
-    print(f"{'model':<16}{'loss start':>12}{'loss end':>10}{'NDCG@10':>9}{'Recall@10':>11}{'seconds':>9}")
-    for name, model in models.items():
-        start = time.perf_counter()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        first = last = math.nan
-        model.train()
-        for step in range(args.steps):
-            idx = torch.randint(0, split, (args.batch,))
-            loss, _ = model.compute_loss(history[idx], target[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            first = loss.item() if step == 0 else first
-            last = loss.item()
-        model.eval()
-        with torch.no_grad():
-            z = model(history[split:]).z_final
-            ranks = plr_kernels.target_rank(z, model.item_emb, target[split:], exclude_index=0)
-        hit = ranks <= 10
-        ndcg = torch.where(hit, 1.0 / torch.log2(ranks.double() + 1), torch.zeros(())).mean().item()
-        print(f"{name:<16}{first:>12.4f}{last:>10.4f}{ndcg:>9.4f}{hit.double().mean().item():>11.4f}"
-              f"{time.perf_counter() - start:>9.1f}")
-    _, ids = models["PLR (M=2, T=2)"].recommend(history[split:split + 1], k=10)
-    print(f"PLR top-10 for held-out user {split}: {ids[0].tolist()} (true next item {int(target[split])})")
+def format_table(rows: List[dict], columns: List[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from . import config as config_mod
+    from .training import train_run
+
+    cfg = config_mod.resolve(args.model, args.config, args.set or [], args.data)
+    dataset = _load_dataset(cfg["data"])
+    out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}")
+    metrics = train_run(cfg, dataset, out, resume=args.resume)
+    print(format_table([{"split": s, **metrics[s]} for s in ("valid", "test")],
+                       ["split"] + list(metrics["test"])))
     return 0
+
+
+def _checkpoint(path: str):
+    from .models import SequentialRecommender
+
+    return SequentialRecommender.load_with_extra(path)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    model, extra = _checkpoint(args.checkpoint)
+    run_cfg = extra.get("run_config") or {}
+    data_cfg = dict(run_cfg.get("data") or {"max_len": model.max_len, "split": "loo"})
+    data_cfg["path"] = args.data
+    dataset = _load_dataset(data_cfg)
+    saved_ids = extra.get("item_raw_ids")
+    now_ids = [None if r is None else str(r) for r in dataset.item_raw_ids]
+    if saved_ids is not None and saved_ids != now_ids:
+        raise SystemExit(f"plr evaluate: the items of {args.data} differ from those the checkpoint was trained on")
+    eval_cfg = run_cfg.get("eval") or {}
+    result = evaluate(model, getattr(dataset, args.split), ks=eval_cfg.get("ks", [5, 10, 20, 50]),
+                      exclude_history=args.exclude_history, ties=args.ties, progress=True)
+    print(format_table([{"split": args.split, **result.metrics}], ["split"] + list(result.metrics)))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    import torch
+
+    model, extra = _checkpoint(args.checkpoint)
+    raw_ids = extra.get("item_raw_ids")
+    titles = extra.get("item_titles") or []
+    tokens = args.history.replace(",", " ").split()
+    if not tokens:
+        raise SystemExit("plr recommend: --history needs at least one item id")
+    if raw_ids is not None and not args.internal_ids:
+        index = {r: i for i, r in enumerate(raw_ids) if r is not None}
+        missing = [t for t in tokens if t not in index]
+        if missing:
+            raise SystemExit(f"plr recommend: --history has item ids unknown to the checkpoint: {missing[:5]}")
+        ids = [index[t] for t in tokens]
+    else:
+        ids = [int(t) for t in tokens]
+    seq = torch.tensor([ids[-model.max_len:]], dtype=torch.long)
+    scores, items = model.recommend(seq, k=args.k, exclude_history=args.exclude_history)
+    rows = []
+    for rank, (score, item) in enumerate(zip(scores[0].tolist(), items[0].tolist()), start=1):
+        rows.append({"rank": rank, "item": raw_ids[item] if raw_ids and not args.internal_ids else item,
+                     "score": score, "title": titles[item] if item < len(titles) else ""})
+    print(format_table(rows, ["rank", "item", "score", "title"]))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import numpy as np
+    from scipy import stats
+
+    from .evaluation import per_user_metric
+    from .training import load_ranks
+
+    a, b = load_ranks(Path(args.run_a) / "test_ranks.csv"), load_ranks(Path(args.run_b) / "test_ranks.csv")
+    users = sorted(set(a) & set(b))
+    if len(users) < 2:
+        raise SystemExit("plr compare: the runs share fewer than two test users")
+    ma = per_user_metric(np.array([a[u] for u in users]), args.metric)
+    mb = per_user_metric(np.array([b[u] for u in users]), args.metric)
+    t, p = stats.ttest_rel(mb, ma)
+    rel = (mb.mean() - ma.mean()) / ma.mean() * 100 if ma.mean() > 0 else float("nan")
+    print(format_table([{"run": args.run_a, args.metric: float(ma.mean())},
+                        {"run": args.run_b, args.metric: float(mb.mean())}], ["run", args.metric]))
+    print(f"paired t-test over {len(users)} users: B - A = {mb.mean() - ma.mean():+.4f} ({rel:+.1f}%), "
+          f"t = {t:.3f}, p = {p:.3g}")
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from .data import dataset_stats, format_stats
+
+    print(format_stats(dataset_stats(args.path)))
+    return 0
+
+
+def cmd_data_download(args) -> int:
+    from .data import download_amazon2023
+
+    if args.source != "amazon2023":
+        raise SystemExit(f"plr data download: expected source amazon2023, got {args.source!r}")
+    for path in download_amazon2023(args.category, args.dest, force=args.force):
+        print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_demo(args, Path(args.out) if args.out else Path(tmp))
+
+
+# -- parser --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plr", description="Parallel Latent Reasoning for sequential recommendation")
     parser.add_argument("--version", action="version", version=f"plr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="train SASRec and PLR on embedded synthetic data and compare them")
-    demo.add_argument("--users", type=int, default=2000)
-    demo.add_argument("--items", type=int, default=400)
-    demo.add_argument("--max-len", type=int, default=20)
+    demo.add_argument("--users", type=int, default=3000)
+    demo.add_argument("--items", type=int, default=500)
+    demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--hidden", type=int, default=32)
-    demo.add_argument("--steps", type=int, default=150)
-    demo.add_argument("--batch", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=run_demo)
+    demo.add_argument("--out", help="keep the two run directories here")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train a model on an interaction log")
+    train.add_argument("--model", required=True, help="sasrec | plr")
+    train.add_argument("--data", help="dataset file or folder (see plr data stats)")
+    train.add_argument("--config", help="YAML config merged over the model's shipped defaults")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    train.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue the training state in --out")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="full-ranking metrics of a checkpoint")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", choices=["test", "valid"], default="test")
+    ev.add_argument("--exclude-history", action="store_true", help="mask the history items (not the paper protocol)")
+    ev.add_argument("--ties", choices=["optimistic", "pessimistic"], default="optimistic")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rec = sub.add_parser("recommend", help="top-K items for a history")
+    rec.add_argument("--checkpoint", required=True)
+    rec.add_argument("--history", required=True, help='item ids, oldest first, e.g. "12 55 7"')
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--exclude-history", action="store_true")
+    rec.add_argument("--internal-ids", action="store_true", help="ids are the model's 1..num_items, not raw ids")
+    rec.set_defaults(func=cmd_recommend)
+
+    cmp_ = sub.add_parser("compare", help="paired t-test between the per-user test metrics of two runs")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
+    cmp_.add_argument("--metric", default="ndcg@10")
+    cmp_.set_defaults(func=cmd_compare)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    st = data.add_parser("stats", help="users, items, interactions, sparsity, lengths")
+    st.add_argument("path")
+    st.set_defaults(func=cmd_data_stats)
+    dl = data.add_parser("download", help="fetch a public benchmark")
+    dl.add_argument("source", help="amazon2023")
+    dl.add_argument("--category", required=True)
+    dl.add_argument("--dest", required=True)
+    dl.add_argument("--force", action="store_true")
+    dl.set_defaults(func=cmd_data_download)
     return parser
 
 

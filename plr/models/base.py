@@ -113,16 +113,24 @@ class SequentialRecommender(nn.Module):
     def config(self) -> Dict[str, Any]:
         return dict(self._config)
 
-    def save(self, path: str) -> None:
-        """Write config + weights to ``path`` atomically (temp file + rename)."""
+    def save(self, path: str, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Write config + weights (+ ``extra``: plain data such as the run's
+        config and item vocabulary) to ``path`` atomically (temp file + rename)."""
         payload = {"format": CHECKPOINT_FORMAT, "class": type(self).__name__,
-                   "config": self.config(), "state_dict": self.state_dict()}
+                   "config": self.config(), "state_dict": self.state_dict(), "extra": extra or {}}
         atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str, map_location: Any = "cpu") -> "SequentialRecommender":
         """Rebuild a model saved with ``save``; ``cls`` must match the saved class
         (or be ``SequentialRecommender`` to accept any)."""
+        return cls.load_with_extra(path, map_location)[0]
+
+    @classmethod
+    def load_with_extra(cls, path: str, map_location: Any = "cpu") -> Tuple["SequentialRecommender", Dict[str, Any]]:
+        """``load`` that also returns the ``extra`` dict given to ``save``."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no checkpoint at {path!r}")
         payload = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
@@ -133,7 +141,7 @@ class SequentialRecommender(nn.Module):
             raise TypeError(f"path: checkpoint holds a {payload['class']}, not a {cls.__name__}")
         model = saved(**payload["config"])
         model.load_state_dict(payload["state_dict"])
-        return model
+        return model, payload.get("extra", {})
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

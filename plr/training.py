@@ -1,0 +1,222 @@
+"""Training loop: Adam, early stopping on a validation metric, atomic and
+resumable checkpoints, a run directory with the resolved config, a log,
+``metrics.json`` and per-user test ranks.
+
+Resumption is exact: the order of the training samples of epoch ``e`` comes
+from a generator seeded with ``(seed, e)``, and ``last.pt`` holds the model,
+the optimiser, torch's RNG state (dropout) and the position inside the epoch,
+so a run killed at any point and resumed ends with the same weights and
+metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import config as config_mod
+from .evaluation import evaluate
+from .models import build_model
+from .models.base import SequentialRecommender, atomic_torch_save
+
+LAST = "last.pt"
+BEST = "best.pt"
+STATE_FORMAT = "plr-train-state-v1"
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dataset_extra(dataset, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """What a checkpoint needs to serve raw item ids and rebuild the dataset."""
+    return {"run_config": cfg, "dataset": dataset.name,
+            "item_raw_ids": [None if r is None else str(r) for r in dataset.item_raw_ids],
+            "item_titles": list(dataset.item_titles)}
+
+
+class Trainer:
+    """Trains ``cfg["model"]`` on ``dataset`` into ``run_dir``.
+
+    ``dataset`` is a ``plr.data.SequenceDataset``: ``train.gather(idx)`` gives
+    a batch of (history, next item) samples; ``valid`` / ``test`` are
+    full-ranking evaluation samples.
+    """
+
+    def __init__(self, cfg: Dict[str, Any], dataset, run_dir, *, log_to_console: bool = True):
+        self.cfg = config_mod.check(cfg)
+        self.train_cfg = config_mod.section(self.cfg, "train")
+        self.eval_cfg = config_mod.section(self.cfg, "eval")
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_to_console = log_to_console
+        torch.manual_seed(self.train_cfg.seed)
+        self.model: SequentialRecommender = build_model(self.cfg["model"], dataset.num_items, dataset.max_len)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_cfg.lr,
+                                          weight_decay=self.train_cfg.weight_decay)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
+                      "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0,
+                      "finished": False}
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        with open(self.run_dir / "train.log", "a") as f:
+            f.write(line + "\n")
+        if self.log_to_console:
+            tqdm.write(line)
+
+    def save_state(self) -> None:
+        atomic_torch_save({"format": STATE_FORMAT, "model": self.model.state_dict(),
+                           "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                           "state": self.state, "config": self.cfg}, self.run_dir / LAST)
+
+    def load_state(self) -> bool:
+        """Resume from ``run_dir/last.pt``; False if there is none."""
+        path = self.run_dir / LAST
+        if not path.is_file():
+            return False
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(f"run_dir: {path} is not a plr training state")
+        if saved["config"] != self.cfg:
+            raise ValueError(f"run_dir: {path} was written with another config; resume with the same "
+                             f"config (see {self.run_dir / 'config.yaml'}) or use a new --out")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        self.state = saved["state"]
+        return True
+
+    # -- training ------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.train_cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.dataset.train), generator=gen)
+
+    def steps_per_epoch(self) -> int:
+        steps = math.ceil(len(self.dataset.train) / self.train_cfg.batch_size)
+        cap = self.train_cfg.max_steps_per_epoch
+        return min(steps, cap) if cap else steps
+
+    def train_step(self, idx: torch.Tensor) -> Dict[str, float]:
+        item_seq, target = self.dataset.train.gather(idx)
+        device = self.model.item_emb.device
+        loss, parts = self.model.compute_loss(item_seq.to(device), target.to(device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+    def run_epoch(self, epoch: int) -> Dict[str, float]:
+        order = self.epoch_order(epoch)
+        bs, steps = self.train_cfg.batch_size, self.steps_per_epoch()
+        sums: Dict[str, float] = {}
+        bar = tqdm(range(self.state["step_in_epoch"], steps), desc=f"epoch {epoch}", leave=False,
+                   disable=not self.train_cfg.progress, initial=self.state["step_in_epoch"], total=steps)
+        started = time.perf_counter()
+        for step in bar:
+            parts = self.train_step(order[step * bs:(step + 1) * bs])
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            self.state["step_in_epoch"] = step + 1
+            self.state["global_step"] += 1
+            if (step + 1) % self.train_cfg.save_every_steps == 0 and step + 1 < steps:
+                self.state["train_seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save_state()
+        self.state["train_seconds"] += time.perf_counter() - started
+        done = max(1, len(bar))
+        return {k: v / done for k, v in sums.items()}
+
+    def fit(self, resume: bool = False) -> Dict[str, Any]:
+        """Train until ``epochs`` or early stopping, then test the best model."""
+        if resume and self.load_state():
+            self.log(f"resumed at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
+        elif (self.run_dir / LAST).exists():
+            raise FileExistsError(f"run_dir: {self.run_dir} already holds a training state; "
+                                  "pass --resume to continue it, or choose another --out")
+        metric = self.eval_cfg.metric
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model {self.cfg['model']['name']} ({n_params:,} parameters), {len(self.dataset.train):,} "
+                 f"training samples, {self.steps_per_epoch()} steps/epoch")
+        while not self.state["finished"] and self.state["epoch"] < self.train_cfg.epochs:
+            epoch = self.state["epoch"]
+            losses = self.run_epoch(epoch)
+            valid = evaluate(self.model, self.dataset.valid, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
+                             exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties).metrics
+            improved = valid[metric] > self.state["best_metric"]
+            if improved:
+                self.state.update(best_metric=valid[metric], best_epoch=epoch, bad_epochs=0, best_valid=valid)
+                self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
+            else:
+                self.state["bad_epochs"] += 1
+            self.state["history"].append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()}})
+            self.log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+                     + f" | valid {metric}={valid[metric]:.4f}" + (" *" if improved else ""))
+            self.state.update(epoch=epoch + 1, step_in_epoch=0)
+            if self.state["bad_epochs"] >= self.train_cfg.patience:
+                self.log(f"early stop: no better valid {metric} for {self.train_cfg.patience} epochs")
+                self.state["finished"] = True
+            self.save_state()
+        self.state["finished"] = True
+        self.save_state()
+        return self.test()
+
+    def test(self) -> Dict[str, Any]:
+        """Reload the best checkpoint, evaluate on the test samples, write metrics.json."""
+        best = SequentialRecommender.load(str(self.run_dir / BEST))
+        best.to(self.model.item_emb.device)
+        result = evaluate(best, self.dataset.test, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
+                          exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties)
+        save_ranks(self.run_dir / "test_ranks.csv", result.users, result.ranks)
+        metrics = {"valid": self.state.get("best_valid", {}), "test": result.metrics,
+                   "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"],
+                   "train_seconds": round(self.state["train_seconds"], 2), "model": self.cfg["model"]["name"],
+                   "dataset": self.dataset.name, "history": self.state["history"]}
+        write_json_atomic(metrics, self.run_dir / "metrics.json")
+        self.log("test " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+        return metrics
+
+
+def save_ranks(path: Path, users: np.ndarray, ranks: np.ndarray) -> None:
+    """Per-user ranks, for paired significance tests between runs."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    np.savetxt(tmp, np.stack([np.asarray(users), np.asarray(ranks)], axis=1).astype(np.int64),
+               fmt="%d", delimiter=",", header="user,rank", comments="")
+    os.replace(tmp, path)
+
+
+def load_ranks(path) -> Dict[int, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run: no per-user ranks at {path} (was the run finished?)")
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    return dict(zip(data[:, 0].tolist(), data[:, 1].tolist()))
+
+
+def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
+              log_to_console: bool = True) -> Dict[str, Any]:
+    """Save the resolved config into ``run_dir`` and train."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
+    return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume)
