@@ -27,7 +27,7 @@ class DataConfig:
     path: Optional[str] = None
     format: str = "auto"
     max_len: int = 50
-    split: str = "loo"  # "loo" (leave-one-out) | "time" (absolute time split)
+    split: str = "auto"  # "loo" (leave-one-out) | "time" (absolute time) | "auto": the file's own split if it has one (Amazon 2023), else "loo"
     split_time: Optional[List[float]] = None
     min_rating: Optional[float] = None
     k_core: Optional[int] = None
