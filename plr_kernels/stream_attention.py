@@ -8,7 +8,8 @@ streams; the reference expands nothing either but materialises the weights.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -23,6 +24,94 @@ def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dr
 
 
 IMPLS = {"torch": _reference}
+
+
+# -- Triton: kernels in plr_kernels/triton/stream_attention.py, wrapped as
+# torch.library custom ops (fake tensors for torch.compile, autograd through
+# the backward kernel). triton is imported on first use, not with plr_kernels.
+
+_FWD = "plr_kernels::stream_attention_triton_fwd"
+_BWD = "plr_kernels::stream_attention_triton_bwd"
+
+
+def _kernels():
+    from .triton import stream_attention as kernels
+
+    return kernels
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _seed_tensor(seed: Optional[int], dropout_p: float, device) -> Optional[torch.Tensor]:
+    """The dropout seed as a 1-element int64 tensor (a tensor, so that a new
+    seed per call neither recompiles under torch.compile nor syncs the GPU).
+    ``None`` draws it from torch's global generator (torch.manual_seed)."""
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    seed = int(seed) & (2**64 - 1)  # Philox keys on 64 bits; keep them, two's complement
+    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=device)
+
+
+def triton_dropout_mask(b: int, h: int, m: int, n: int, s: int, dropout_p: float, seed: int,
+                        device="cpu") -> torch.Tensor:
+    """Debug path: the bool keep-mask ``[B,H,M,N+S]`` (prefix keys first) that
+    ``stream_attention(..., dropout_p=p, seed=seed, backend="triton")`` uses,
+    for ``reference.stream_attention(..., dropout_mask=...)``."""
+    return _kernels().dropout_mask(b, h, m, n, s, dropout_p, _seed_tensor(seed, 1.0, torch.device(device)))
+
+
+if _dispatch.triton_importable():
+
+    @torch.library.custom_op(_FWD, mutates_args=())
+    def _triton_fwd(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_stream: torch.Tensor,
+                    v_stream: torch.Tensor, prefix_mask: Optional[torch.Tensor], scale: float, dropout_p: float,
+                    seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _kernels().forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+
+    @_triton_fwd.register_fake
+    def _(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.custom_op(_BWD, mutates_args=())
+    def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                    k_stream: torch.Tensor, v_stream: torch.Tensor, prefix_mask: Optional[torch.Tensor],
+                    o: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
+                    seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+        return _kernels().backward(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale,
+                                   dropout_p, seed)
+
+    @_triton_bwd.register_fake
+    def _(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale, dropout_p, seed):
+        return (q.new_empty(q.shape), q.new_empty(k_prefix.shape), q.new_empty(v_prefix.shape),
+                q.new_empty(k_stream.shape), q.new_empty(v_stream.shape))
+
+    def _triton_setup_context(ctx, inputs, output):
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed = inputs
+        ctx.save_for_backward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, *output, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+
+    def _triton_backward(ctx, do, _dlse):
+        # lse is an auxiliary output (the softmax statistics); it carries no gradient.
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, seed = ctx.saved_tensors
+        grads = torch.ops.plr_kernels.stream_attention_triton_bwd(
+            do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, ctx.scale, ctx.dropout_p, seed)
+        return (*grads, None, None, None, None)
+
+    _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+    def _triton(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        o, _ = torch.ops.plr_kernels.stream_attention_triton_fwd(
+            q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p,
+            _seed_tensor(seed, dropout_p, q.device))
+        return o
+
+    IMPLS["triton"] = _triton
 
 
 def check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
@@ -73,7 +162,8 @@ def stream_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout on the probabilities (training).
         seed: seed of the dropout mask (None: the global generator).
-        backend: ``auto | torch`` for now.
+        backend: ``auto | triton | torch`` (``triton``: CUDA tensors, or CPU
+            tensors under ``TRITON_INTERPRET=1``).
 
     Returns:
         ``o [B, H, M, D]``.

@@ -1,0 +1,138 @@
+"""Trainer, run directory, resumption after a kill, and the command line on top."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plr import config
+from plr.cli import main
+from plr.data import build_dataset, read_interactions
+from plr.demo import synthetic_histories, write_sequences
+from plr.evaluation import evaluate, metrics_from_ranks, popularity_ranks
+from plr.models import SequentialRecommender
+from plr.training import Trainer, train_run
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["model.hidden_size=16", "model.inner_size=32", "model.dropout=0.2", "data.max_len=12",
+        "data.format=sequences", "train.batch_size=64", "train.progress=false", "train.seed=7"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "synthetic.txt"
+    write_sequences(synthetic_histories(300, 60, num_interests=6, min_len=5, max_len=14, seed=1), path)
+    return path
+
+
+def tiny_cfg(model, path, *extra):
+    return config.resolve(model, None, TINY + list(extra), str(path))
+
+
+def dataset_for(cfg):
+    d = cfg["data"]
+    return build_dataset(read_interactions(d["path"], fmt=d["format"]), max_len=d["max_len"], split=d["split"])
+
+
+def test_run_directory_and_cli_round_trip(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", "plr", "--data", str(synthetic), "--out", str(out), "--set", "train.epochs=2",
+                 *sum((["--set", s] for s in TINY), [])])
+    assert code == 0
+    for name in ("config.yaml", "train.log", "metrics.json", "best.pt", "last.pt", "test_ranks.csv"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and set(metrics) >= {"valid", "test", "best_epoch", "train_seconds"}
+    assert set(metrics["test"]) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20",
+                                    "recall@50", "ndcg@50", "mrr"}
+    resolved = config.load_yaml(out / "config.yaml")
+    assert resolved["model"]["name"] == "plr" and resolved["train"]["epochs"] == 2
+    capsys.readouterr()
+    # `plr evaluate` on the best checkpoint reproduces the test metrics of the run.
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(synthetic)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{metrics['test']['ndcg@10']:.4f}" in printed
+    # `plr recommend` maps raw ids both ways and never returns the padding item.
+    assert main(["recommend", "--checkpoint", str(out / "best.pt"), "--history", "3 4 5", "--k", "5"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == 5 and all(1 <= int(r.split()[1]) <= 60 for r in rows)
+    with pytest.raises(SystemExit, match="unknown to the checkpoint"):
+        main(["recommend", "--checkpoint", str(out / "best.pt"), "--history", "3 99999"])
+    # A finished run directory is not overwritten by accident.
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_run(tiny_cfg("plr", synthetic, "train.epochs=2"), dataset_for(tiny_cfg("plr", synthetic)), out,
+                  log_to_console=False)
+
+
+def test_compare_prints_a_paired_t_test(synthetic, tmp_path, capsys):
+    ds = dataset_for(tiny_cfg("sasrec", synthetic))
+    for name in ("sasrec", "plr"):
+        train_run(tiny_cfg(name, synthetic, "train.epochs=1"), ds, tmp_path / name, log_to_console=False)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "sasrec"), str(tmp_path / "plr")]) == 0
+    out = capsys.readouterr().out
+    assert "paired t-test over" in out and "p = " in out
+
+
+def _kill_when_checkpointed(cmd, state_path, min_step, timeout=300):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state_path.is_file():
+                try:
+                    state = torch.load(state_path, weights_only=True)["state"]
+                except Exception:  # noqa: BLE001 - being replaced right now; atomic, so retry
+                    state = None
+                if state and state["global_step"] >= min_step and not state["finished"]:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return state
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode is None:
+        raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
+    raise AssertionError(f"training ended (rc={proc.returncode}) before it could be killed: "
+                         f"{proc.stderr.read().decode()[-2000:]}")
+
+
+def test_resume_after_kill_gives_the_same_result(synthetic, tmp_path):
+    extra = ["train.epochs=4", "train.save_every_steps=1", "train.patience=100"]
+    cfg = tiny_cfg("plr", synthetic, *extra)
+    ds = dataset_for(cfg)
+    steps_per_epoch = Trainer(cfg, ds, tmp_path / "probe", log_to_console=False).steps_per_epoch()
+    assert steps_per_epoch >= 4
+    full = train_run(cfg, ds, tmp_path / "full", log_to_console=False)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "plr.cli", "train", "--model", "plr", "--data", str(synthetic), "--out", str(out)]
+    cmd += sum((["--set", s] for s in TINY + extra), [])
+    killed_at = _kill_when_checkpointed(cmd, out / "last.pt", min_step=steps_per_epoch + 2)
+    assert 0 < killed_at["step_in_epoch"] < steps_per_epoch  # killed mid-epoch
+    resumed = train_run(cfg, ds, out, resume=True, log_to_console=False)
+
+    assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
+    a = SequentialRecommender.load(str(tmp_path / "full" / "best.pt")).state_dict()
+    b = SequentialRecommender.load(str(out / "best.pt")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not (DATA / "amazon2014-beauty_seqrecbench").is_dir(), reason="shared data not present")
+def test_short_training_on_real_data_beats_most_popular(tmp_path):
+    cfg = config.resolve("sasrec", None, [
+        "model.hidden_size=32", "model.inner_size=64", "model.dropout=0.2", "train.epochs=2", "train.batch_size=512",
+        "train.max_steps_per_epoch=120", "train.progress=false", "eval.batch_size=4096",
+    ], str(DATA / "amazon2014-beauty_seqrecbench"))
+    ds = dataset_for(cfg)
+    metrics = train_run(cfg, ds, tmp_path / "beauty", log_to_console=False)
+    pop = metrics_from_ranks(popularity_ranks(ds.item_popularity, ds.test), ks=[10])
+    assert metrics["test"]["ndcg@10"] > 2 * pop["ndcg@10"] + 0.005, (metrics["test"], pop)
