@@ -13,6 +13,7 @@ from .multi_pair_kl import multi_pair_kl
 from .stream_attention import stream_attention
 from .target_rank import target_rank
 from .topk import topk
+from .vocab_pass import reasoning_losses
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +21,7 @@ __all__ = [
     "extension_error",
     "linear_cross_entropy",
     "multi_pair_kl",
+    "reasoning_losses",
     "reference",
     "stream_attention",
     "target_rank",

@@ -25,6 +25,11 @@ def _reference(z, item_emb, target, temperature, exclude_index, reduction):
 
 IMPLS = {"torch": _reference}
 
+if _dispatch.triton_importable():
+    from .vocab_pass import linear_cross_entropy_triton
+
+    IMPLS["triton"] = linear_cross_entropy_triton  # plr_kernels/triton/vocab_pass.py
+
 
 def linear_cross_entropy(
     z: torch.Tensor,
@@ -45,7 +50,7 @@ def linear_cross_entropy(
         temperature: tau.
         exclude_index: an item left out of the softmax (the padding id 0).
         reduction: ``mean`` / ``sum`` -> scalar, ``none`` -> ``[B]``.
-        backend: ``auto | torch`` for now.
+        backend: ``auto | triton | torch``.
     """
     check_vocab_args("z", z, 2, item_emb, temperature, exclude_index)
     _checks.check_targets(target, z.shape[0], item_emb.shape[0], exclude_index, z.device)

@@ -24,6 +24,11 @@ def _reference(h, item_emb, temperature, exclude_index, detach_target):
 
 IMPLS = {"torch": _reference}
 
+if _dispatch.triton_importable():
+    from .vocab_pass import multi_pair_kl_triton
+
+    IMPLS["triton"] = multi_pair_kl_triton  # plr_kernels/triton/vocab_pass.py
+
 
 def check_vocab_args(name: str, x: torch.Tensor, ndim: int, item_emb, temperature, exclude_index):
     """Checks shared by the vocabulary-pass ops (KL and cross-entropy)."""
@@ -55,7 +60,7 @@ def multi_pair_kl(
         temperature: tau of ``p_k = softmax(h_k E^T / tau)``.
         exclude_index: an item left out of every softmax (the padding id 0).
         detach_target: stop the gradient through ``log p_j`` (ReaRec-ERL).
-        backend: ``auto | torch`` for now.
+        backend: ``auto | triton | torch``.
 
     Returns:
         ``[B]``, differentiable in ``h`` and ``item_emb``.

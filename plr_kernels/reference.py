@@ -126,20 +126,28 @@ def multi_pair_kl(
     ``h [B,K,d]``, ``item_emb [V,d]`` -> ``[B]``:
     ``1/(K(K-1)) * sum_{i != j} KL(p_i || p_j)`` with ``p_k = softmax(h_k E^T / tau)``
     over the items other than ``exclude_index``. ``detach_target`` stops the
-    gradient through ``log p_j`` (the target side), as ReaRec-ERL does.
+    gradient through ``log p_j`` (the target side, E included), as ReaRec-ERL does.
 
-    Uses ``sum_{i,j} p_i.(log p_i - log p_j) = K sum_i p_i.log p_i - sum_i p_i.sum_j log p_j``
-    (the i == j terms are zero), so memory is O(B K V), not O(B K^2 V).
+    With ``mu_i = sum_v p_i(v) e_v`` and ``log p_j(v) = h_j.e_v / tau - lse_j``:
+    ``sum_v p_i log p_i = h_i.mu_i / tau - lse_i`` and, for ``S = sum_j h_j``,
+    ``L = sum_j lse_j``, ``sum_{j != i} sum_v p_i log p_j = mu_i.(S - h_i) / tau - (L - lse_i)``.
+    So only the logits and p are ``[B,K,V]``; the brute-force test checks this
+    against the materialised pairwise KL, values and gradients, both conventions.
     """
     k = h.shape[1]
-    logp = _item_log_probs(h, item_emb, temperature, exclude_index)  # [B,K,V]
-    p = logp.exp()
-    # 0 * log 0 := 0 at the excluded item.
-    logp_self = torch.nan_to_num(logp, neginf=0.0)
-    logp_target = logp_self.detach() if detach_target else logp_self
-    self_term = (p * logp_self).sum(dim=(-1, -2))  # sum_i p_i . log p_i
-    cross_term = (p * logp_target.sum(dim=1, keepdim=True)).sum(dim=(-1, -2))
-    return ((k * self_term - cross_term) / (k * (k - 1))).to(h.dtype)
+    logits = torch.matmul(h, item_emb.transpose(0, 1)) / temperature
+    if exclude_index is not None:
+        logits = logits.index_fill(-1, torch.tensor([exclude_index], device=h.device), float("-inf"))
+    logits = _upcast_half(logits)
+    lse = torch.logsumexp(logits, dim=-1)  # [B,K]
+    p = torch.softmax(logits, dim=-1)
+    hf = _upcast_half(h)
+    mu = torch.matmul(p, _upcast_half(item_emb))  # [B,K,d]
+    self_term = (hf * mu).sum(-1) / temperature - lse  # sum_v p_i log p_i
+    if detach_target:
+        hf, lse, mu = hf.detach(), lse.detach(), torch.matmul(p, _upcast_half(item_emb).detach())
+    cross = (mu * (hf.sum(1, keepdim=True) - hf)).sum(-1) / temperature - (lse.sum(1, keepdim=True) - lse)
+    return (((k - 1) * self_term - cross).sum(1) / (k * (k - 1))).to(h.dtype)
 
 
 def linear_cross_entropy(

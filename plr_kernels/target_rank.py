@@ -33,7 +33,15 @@ def _reference(z, item_emb, target, exclude_index, exclude_items, ties):
     )
 
 
+def _triton(z, item_emb, target, exclude_index, exclude_items, ties):
+    from .triton.rank import target_rank as kernel  # plr_kernels/triton/rank.py
+
+    return kernel(z, item_emb, target, exclude_index, exclude_items, ties == "pessimistic")
+
+
 IMPLS = {"torch": _reference, "cpu": _compiled, "cuda": _compiled}
+if _dispatch.triton_importable():
+    IMPLS["triton"] = _triton
 
 
 def check_rank_args(z, item_emb, exclude_index, exclude_items):
@@ -69,7 +77,7 @@ def target_rank(
             itself is never excluded.
         ties: ``"optimistic"`` counts items scoring strictly higher than the
             target, ``"pessimistic"`` counts higher-or-equal ones.
-        backend: ``auto | cpu | cuda | torch`` (see ``plr_kernels``).
+        backend: ``auto | triton | cpu | cuda | torch`` (see ``plr_kernels``).
 
     Returns:
         ``[B]`` int64, 1 = best. No gradient.

@@ -14,7 +14,15 @@ def _reference(z, item_emb, k, exclude_index, exclude_items):
     return reference.topk(z, item_emb, k, exclude_index=exclude_index, exclude_items=exclude_items)
 
 
+def _triton(z, item_emb, k, exclude_index, exclude_items):
+    from .triton.rank import topk as kernel  # plr_kernels/triton/rank.py
+
+    return kernel(z, item_emb, k, exclude_index, exclude_items)
+
+
 IMPLS = {"torch": _reference}
+if _dispatch.triton_importable():
+    IMPLS["triton"] = _triton
 
 
 def topk(
@@ -34,7 +42,7 @@ def topk(
         exclude_index: an item never returned (the padding id 0).
         exclude_items: ``[B, L]`` int64 ids never returned for their row
             (e.g. the history); negative entries are ignored.
-        backend: ``auto | torch`` for now.
+        backend: ``auto | triton | torch``.
 
     Returns:
         ``(values [B, k], indices [B, k])``, best first; equal scores are

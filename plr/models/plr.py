@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import plr_kernels
+from plr_kernels.vocab_pass import reasoning_losses
 
 from ..losses import reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
@@ -136,19 +137,22 @@ class PLRModel(SequentialRecommender):
         """
         out = self(item_seq)
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
-        nip = plr_kernels.linear_cross_entropy(
-            out.z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
-            backend=self.kernels,
-        )
-        loss = nip
-        kl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
-            # Eq. 7 over the K = T*M states of each user, averaged over users.
-            kl = plr_kernels.multi_pair_kl(
-                out.states.flatten(1, 2), self.item_emb, temperature=self.temperature,
+            # Eq. 7 over the K = T*M states of each user and L_NIP of z_rea, from one
+            # pass over the item table (plr_kernels.vocab_pass.reasoning_losses).
+            kl, nip = reasoning_losses(
+                out.states.flatten(1, 2), out.z_rea, self.item_emb, target, temperature=self.temperature,
                 exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.kernels,
-            ).mean()
-            loss = loss + self.kl_sign * self.kl_weight * kl
+            )
+            kl, nip = kl.mean(), nip.mean()
+            loss = nip + self.kl_sign * self.kl_weight * kl
+        else:
+            nip = plr_kernels.linear_cross_entropy(
+                out.z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
+                backend=self.kernels,
+            )
+            loss = nip
+            kl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
             # Eq. 8: a second pass draws independent dropout masks.
