@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train SASRec and PLR on embedded synthetic data and compare them")
-    demo.add_argument("--users", type=int, default=3000)
+    demo.add_argument("--users", type=int, default=2000)
     demo.add_argument("--items", type=int, default=500)
-    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--epochs", type=int, default=5)
     demo.add_argument("--hidden", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", help="keep the two run directories here")
