@@ -52,6 +52,8 @@ def cmd_train(args) -> int:
     from . import config as config_mod
     from .training import train_run
 
+    if args.resume and not args.out:
+        raise SystemExit("plr train: --resume needs --out RUN_DIR (the run to continue)")
     cfg = config_mod.resolve(args.model, args.config, args.set or [], args.data)
     dataset = _load_dataset(cfg["data"])
     out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -151,6 +151,8 @@ class Trainer:
         """Train until ``epochs`` or early stopping, then test the best model."""
         if resume and self.load_state():
             self.log(f"resumed at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
+        elif resume:
+            self.log(f"--resume: no training state in {self.run_dir}, starting from scratch")
         elif (self.run_dir / LAST).exists():
             raise FileExistsError(f"run_dir: {self.run_dir} already holds a training state; "
                                   "pass --resume to continue it, or choose another --out")
