@@ -27,7 +27,9 @@ class DataConfig:
     path: Optional[str] = None
     format: str = "auto"
     max_len: int = 50
-    split: str = "auto"  # "loo" (leave-one-out) | "time" (absolute time) | "auto": the file's own split if it has one (Amazon 2023), else "loo"
+    # "loo" (leave-one-out) | "time" (absolute time) | "auto": the file's own
+    # split if it has one (Amazon 2023), else "loo"
+    split: str = "auto"
     split_time: Optional[List[float]] = None
     min_rating: Optional[float] = None
     k_core: Optional[int] = None
