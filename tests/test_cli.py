@@ -39,3 +39,14 @@ def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit) as exc:
         main(["bogus"])
     assert exc.value.code == 2
+
+
+def test_data_stats_prints_counts_and_lengths(tmp_path, capsys):
+    path = tmp_path / "seqs.txt"
+    path.write_text("1 10 11 12\n2 10 13\n3 11 12 13 14 15\n")
+    assert main(["data", "stats", str(path)]) == 0
+    out = capsys.readouterr().out.lower()
+    for word in ("users", "items", "interactions", "sparsity"):
+        assert word in out
+    assert re.search(r"users\D+3\b", out) and re.search(r"items\D+6\b", out)
+    assert re.search(r"interactions\D+10\b", out) and "max 5" in out
