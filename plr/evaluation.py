@@ -60,7 +60,7 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
     device = model.item_emb.device
     out = []
     try:
-        for start in tqdm(range(0, len(target), batch_size), desc=desc, disable=not progress, leave=False):
+        for start in tqdm(range(0, len(target), batch_size), desc=desc, disable=None if progress else True, leave=False):
             seq = item_seq[start:start + batch_size].to(device)
             z = model(seq).z_final
             out.append(plr_kernels.target_rank(

@@ -130,7 +130,7 @@ class Trainer:
         bs, steps = self.train_cfg.batch_size, self.steps_per_epoch()
         sums: Dict[str, float] = {}
         bar = tqdm(range(self.state["step_in_epoch"], steps), desc=f"epoch {epoch}", leave=False,
-                   disable=not self.train_cfg.progress, initial=self.state["step_in_epoch"], total=steps)
+                   disable=None if self.train_cfg.progress else True, initial=self.state["step_in_epoch"], total=steps)
         started = time.perf_counter()
         for step in bar:
             parts = self.train_step(order[step * bs:(step + 1) * bs])
