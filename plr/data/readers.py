@@ -292,11 +292,15 @@ def read_recbole(path) -> Interactions:
     inter = read_table(path, sep="\t", quoting=csv.QUOTE_NONE, name=path.stem, fmt="recbole")
     item_file = path.with_suffix(".item")
     if item_file.exists():
-        ids, titles = _read_typed_titles(item_file)
-        keys = ids_like(ids, inter.item)
-        inter.item_titles = dict(zip(keys, titles))
-        inter.item_catalog = np.asarray(keys)
+        _attach_titles(inter, *_read_typed_titles(item_file), like=inter.item)
     return inter
+
+
+def _attach_titles(inter: Interactions, ids, titles, like) -> None:
+    """Item titles and the item catalogue, ids typed like the interaction ids ``like``."""
+    keys = ids_like(ids, like)
+    inter.item_titles = dict(zip(keys, titles))
+    inter.item_catalog = np.asarray(keys)
 
 
 def _read_plain_titles(path, sep: str = "\t", encoding: str = "utf-8", skip_header: bool = True) -> tuple:
@@ -327,10 +331,7 @@ def read_seqrecbench(path) -> Interactions:
     inter = read_table(inter_file, sep="\t", quoting=csv.QUOTE_NONE, name=path.name, fmt="seqrecbench")
     items = path / "items.tsv"
     if items.exists():
-        ids, titles = _read_plain_titles(items)
-        keys = ids_like(ids, inter.item)
-        inter.item_titles = dict(zip(keys, titles))
-        inter.item_catalog = np.asarray(keys)
+        _attach_titles(inter, *_read_plain_titles(items), like=inter.item)
     return inter
 
 
@@ -362,9 +363,7 @@ def read_movielens(path) -> Interactions:
     movies = folder / "movies.dat"
     if movies.exists():
         ids, titles = _read_plain_titles(movies, sep="::", encoding="iso-8859-1", skip_header=False)
-        keys = ids_like(ids, inter.item if len(inter) else np.array([0]))
-        inter.item_titles = dict(zip(keys, titles))
-        inter.item_catalog = np.asarray(keys)
+        _attach_titles(inter, ids, titles, like=inter.item if len(inter) else np.array([0]))
     users = folder / "users.dat"
     if users.exists():
         ids = [line.split("::")[0] for line in split_lines(read_text(users, "iso-8859-1")) if line.strip()]
