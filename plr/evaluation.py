@@ -61,11 +61,11 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
     out = []
     try:
         for start in tqdm(range(0, len(target), batch_size), desc=desc, disable=None if progress else True, leave=False):
-            seq = item_seq[start:start + batch_size].to(device)
-            z = model(seq).z_final
+            seq = model.prepare(item_seq[start:start + batch_size].to(device))
+            z = model.forward_prepared(seq).z_final
             out.append(plr_kernels.target_rank(
                 z, model.item_emb, target[start:start + batch_size].to(device), exclude_index=PADDING,
-                exclude_items=model.prepare(seq) if exclude_history else None, ties=ties,
+                exclude_items=seq if exclude_history else None, ties=ties,
                 backend=model.kernels).cpu())
     finally:
         model.train(was_training)

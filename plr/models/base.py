@@ -31,7 +31,7 @@ class ModelOutput:
 
 
 class SequentialRecommender(nn.Module):
-    """Base class: subclasses implement ``forward`` and ``compute_loss``."""
+    """Base class: subclasses implement ``forward_prepared`` and ``compute_loss``."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -87,6 +87,15 @@ class SequentialRecommender(nn.Module):
         """Check histories and left-pad them to ``max_len``."""
         return check_item_seq(item_seq, self.num_items, self.max_len).to(self.item_emb.device)
 
+    def forward(self, item_seq: torch.Tensor) -> ModelOutput:
+        """``item_seq [B, L]`` left-padded ids (L <= max_len) -> ModelOutput."""
+        return self.forward_prepared(self.prepare(item_seq))
+
+    def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
+        """``forward`` on histories already checked and padded by ``prepare``
+        (no input checks, so no host syncs: for training and evaluation loops)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def recommend(self, item_seq: torch.Tensor, k: int = 10, exclude_history: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +109,7 @@ class SequentialRecommender(nn.Module):
         self.eval()
         try:
             item_seq = self.prepare(item_seq)
-            z = self(item_seq).z_final
+            z = self.forward_prepared(item_seq).z_final
             return plr_kernels.topk(
                 z, self.item_emb, k, exclude_index=PADDING,
                 exclude_items=item_seq if exclude_history else None, backend=self.kernels,

@@ -113,9 +113,7 @@ class PLRModel(SequentialRecommender):
             states.append(x)
         return torch.stack(states, dim=1)
 
-    def forward(self, item_seq: torch.Tensor) -> ModelOutput:
-        """``item_seq [B, L]`` left-padded ids (L <= max_len) -> ModelOutput."""
-        item_seq = self.prepare(item_seq)
+    def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         prefix = self.backbone.encode(item_seq)
         h0 = prefix.hidden[:, -1]
         states = self.reason(prefix)
@@ -135,7 +133,8 @@ class PLRModel(SequentialRecommender):
         ``(loss, {"nip", "kl", "rcl"})`` (the parts detached). Training scores
         with ``z_rea`` only; the padding item is in no softmax.
         """
-        out = self(item_seq)
+        item_seq = self.prepare(item_seq)
+        out = self.forward_prepared(item_seq)
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
         if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
             # Eq. 7 over the K = T*M states of each user and L_NIP of z_rea, from one
@@ -156,6 +155,6 @@ class PLRModel(SequentialRecommender):
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
             # Eq. 8: a second pass draws independent dropout masks.
-            rcl = reasoning_contrastive_loss(out.states, self(item_seq).states)
+            rcl = reasoning_contrastive_loss(out.states, self.forward_prepared(item_seq).states)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "kl": kl.detach(), "rcl": rcl.detach()}

@@ -22,8 +22,7 @@ class SASRecModel(SequentialRecommender):
         self._config = dict(num_items=num_items, **backbone_args)
         self._init_weights()
 
-    def forward(self, item_seq: torch.Tensor) -> ModelOutput:
-        item_seq = self.prepare(item_seq)
+    def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         h0 = self.backbone.encode(item_seq).hidden[:, -1]
         return ModelOutput(h0=h0, z_final=h0)
 
