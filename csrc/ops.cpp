@@ -22,6 +22,44 @@ TORCH_LIBRARY(plr_kernels, m) {
   m.def(
       "target_rank(Tensor z, Tensor item_emb, Tensor target, int exclude_index, "
       "Tensor? exclude_items, bool pessimistic) -> Tensor");
+
+  // Top-k items by score z.e_v (DESIGN 4.3): (values [B,k], ids [B,k] int64),
+  // best first, equal scores by smaller id; rows with fewer than k candidates
+  // end in (-inf, -1). Same exclusion rules as target_rank.
+  m.def(
+      "topk(Tensor z, Tensor item_emb, int k, int exclude_index, Tensor? exclude_items) "
+      "-> (Tensor, Tensor)");
+
+  // Stream-isolated attention over a shared prefix KV cache (DESIGN 4.1, PLR
+  // Eq. 4-5). q [B,H,M,D]; k_prefix/v_prefix [B,H,N,D]; k_stream/v_stream
+  // [B,H,M,S,D]; prefix_mask [B,N] bool (True = valid key). Returns
+  // (o [B,H,M,D], lse [B,H,M] in fp32, fp64 for fp64 inputs). seed: int64 [1]
+  // of the dropout RNG (None when dropout_p == 0).
+  m.def(
+      "stream_attention_fwd(Tensor q, Tensor k_prefix, Tensor v_prefix, Tensor k_stream, "
+      "Tensor v_stream, Tensor? prefix_mask, float scale, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  // -> (dq, dk_prefix, dv_prefix, dk_stream, dv_stream).
+  m.def(
+      "stream_attention_bwd(Tensor grad_o, Tensor q, Tensor k_prefix, Tensor v_prefix, "
+      "Tensor k_stream, Tensor v_stream, Tensor? prefix_mask, Tensor o, Tensor lse, float scale, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The vocabulary pass (DESIGN 4.2), streamed over tiles of the item table:
+  // x [R,d], item_emb [V,d], target [R] int64 (-1 = none) ->
+  // (lse [R], mu [R,d], t [R]) with l_r(v) = x_r.e_v / temperature,
+  // lse_r = logsumexp_v l_r(v), mu_r = sum_v p_r(v) e_v, t_r = l_r(target_r)
+  // (0 where target_r = -1); fp32 statistics (fp64 for fp64 inputs).
+  m.def(
+      "vocab_forward(Tensor x, Tensor item_emb, Tensor? target, float temperature, "
+      "int exclude_index) -> (Tensor, Tensor, Tensor)");
+  // Gradients (dx [R,d], dE [V,d]) for upstream gradients of (lse, mu, t);
+  // c_r = g_mu_r . mu_r. mu_direct=False drops the explicit dependence of mu on
+  // E (the stop-gradient KL, see plr_kernels/vocab_pass.py).
+  m.def(
+      "vocab_backward(Tensor x, Tensor item_emb, Tensor? target, Tensor lse, Tensor? g_lse, "
+      "Tensor? g_mu, Tensor? c, Tensor? g_t, float temperature, int exclude_index, "
+      "bool mu_direct) -> (Tensor, Tensor)");
 }
 
 // `import plr_kernels._C` only has to load the shared library (which runs the

@@ -54,7 +54,10 @@ def cmd_train(args) -> int:
 
     if args.resume and not args.out:
         raise SystemExit("plr train: --resume needs --out RUN_DIR (the run to continue)")
-    cfg = config_mod.resolve(args.model, args.config, args.set or [], args.data)
+    overrides = list(args.set or [])
+    if args.backbone:
+        overrides.insert(0, f"model.backbone={args.backbone}")
+    cfg = config_mod.resolve(args.model, args.config, overrides, args.data)
     dataset = _load_dataset(cfg["data"])
     out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}")
@@ -166,6 +169,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backbones import BACKBONES
+    from .models import MODELS
+
     parser = argparse.ArgumentParser(prog="plr", description="Parallel Latent Reasoning for sequential recommendation")
     parser.add_argument("--version", action="version", version=f"plr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train a model on an interaction log")
-    train.add_argument("--model", required=True, help="sasrec | plr")
+    train.add_argument("--model", required=True, help=" | ".join(MODELS))
+    train.add_argument("--backbone", help=f"sequence encoder: {' | '.join(BACKBONES)} (default: the config's)")
     train.add_argument("--data", help="dataset file or folder (see plr data stats)")
     train.add_argument("--config", help="YAML config merged over the model's shipped defaults")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")

@@ -10,7 +10,7 @@ fallback (DESIGN.md section 2).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -30,12 +30,15 @@ def _compiled_kernel(op: str, device_type: str):
     return getattr(torch.ops.plr_kernels, op)
 
 
-def available(op: str, impls: Dict[str, Callable], device: torch.device) -> Dict[str, Callable]:
-    """Backends that can run ``op`` on ``device`` now, by name."""
+def available(op: str, impls: Dict[str, Callable], device: torch.device,
+              kernel: Optional[str] = None) -> Dict[str, Callable]:
+    """Backends that can run ``op`` on ``device`` now, by name. ``kernel`` is
+    the ``torch.ops.plr_kernels`` op the compiled backends call (default ``op``)."""
+    kernel = kernel or op
     found = {"torch": impls["torch"]}
-    if device.type == "cpu" and "cpu" in impls and _compiled_kernel(op, "CPU") is not None:
+    if device.type == "cpu" and "cpu" in impls and _compiled_kernel(kernel, "CPU") is not None:
         found["cpu"] = impls["cpu"]
-    if device.type == "cuda" and "cuda" in impls and _compiled_kernel(op, "CUDA") is not None:
+    if device.type == "cuda" and "cuda" in impls and _compiled_kernel(kernel, "CUDA") is not None:
         found["cuda"] = impls["cuda"]
     if "triton" in impls and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
         found["triton"] = impls["triton"]
@@ -48,14 +51,17 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(op: str, backend: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
+def resolve(op: str, backend: str, device: torch.device, impls: Dict[str, Callable],
+            kernel: Optional[str] = None) -> Callable:
     """The implementation of ``op`` to run for ``backend`` on ``device``.
 
     ``impls`` maps backend names to callables; the ``torch`` entry is required.
+    ``kernel``: the compiled ``torch.ops.plr_kernels`` op behind the ``cpu`` /
+    ``cuda`` entries when its name is not ``op`` (e.g. ``vocab_forward``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
-    found = available(op, impls, device)
+    found = available(op, impls, device, kernel)
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         return next(found[name] for name in order if name in found)

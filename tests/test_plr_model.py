@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from plr import PLRModel, SASRecModel
-from plr.backbone import causal_mask
+from plr.backbones import causal_mask
 from plr.losses import reasoning_contrastive_loss
 
 NUM_ITEMS = 40

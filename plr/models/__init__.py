@@ -1,16 +1,38 @@
+"""The models of plr, by the name ``plr train --model NAME`` takes.
+
+Each is a :class:`SequentialRecommender` on a pluggable backbone
+(``plr.backbones``); classes are imported lazily from ``MODELS``.
+"""
+
+import importlib
+
 from .base import ModelOutput, SequentialRecommender
 from .plr import PLRModel
 from .sasrec import SASRecModel
 
-__all__ = ["MODELS", "ModelOutput", "PLRModel", "SASRecModel", "SequentialRecommender", "build_model"]
+__all__ = ["MODELS", "ModelOutput", "PLRModel", "SASRecModel", "SequentialRecommender", "build_model",
+           "model_class"]
 
-MODELS = {"sasrec": SASRecModel, "plr": PLRModel}
+# name -> (module, class)
+MODELS = {
+    "sasrec": ("plr.models.sasrec", "SASRecModel"),
+    "bert4rec": ("plr.models.bert4rec", "BERT4RecModel"),
+    "unisrec": ("plr.models.unisrec", "UniSRecModel"),
+    "erl": ("plr.models.rearec", "ReaRecERLModel"),
+    "prl": ("plr.models.rearec", "ReaRecPRLModel"),
+    "lares": ("plr.models.lares", "LARESModel"),
+    "plr": ("plr.models.plr", "PLRModel"),
+}
+
+
+def model_class(name: str) -> type:
+    if name not in MODELS:
+        raise ValueError(f"model.name: expected one of {sorted(MODELS)}, got {name!r}")
+    module, cls = MODELS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_model(model_cfg: dict, num_items: int, max_len: int) -> SequentialRecommender:
     """Instantiate ``model_cfg["name"]`` with the other keys as keyword arguments."""
     args = dict(model_cfg)
-    name = args.pop("name")
-    if name not in MODELS:
-        raise ValueError(f"model.name: expected one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name](num_items, max_len=max_len, **args)
+    return model_class(args.pop("name"))(num_items, max_len=max_len, **args)

@@ -1,4 +1,4 @@
-"""What every sequential recommender of plr shares: the SASRec backbone,
+"""What every sequential recommender of plr shares: a backbone (plr.backbones),
 input checks, scoring against the tied item table, top-K, checkpoints."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import plr_kernels
 
-from ..backbone import SASRecBackbone
+from ..backbones import backbone_class
 from ..validation import check_item_seq, check_positive_int, check_probability
 
 PADDING = 0
@@ -40,7 +40,8 @@ class SequentialRecommender(nn.Module):
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
-                 temperature: float = 0.07, kernels: str = "auto"):
+                 temperature: float = 0.07, kernels: str = "auto", backbone: str = "sasrec",
+                 backbone_args: Optional[Dict[str, Any]] = None):
         super().__init__()
         check_positive_int("num_items", num_items)
         check_positive_int("max_len", max_len)
@@ -58,8 +59,11 @@ class SequentialRecommender(nn.Module):
         self.max_len = max_len
         self.temperature = float(temperature)
         self.kernels = kernels
-        self.backbone = SASRecBackbone(num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
-                                       dropout, attn_dropout, layer_norm_eps)
+        if backbone_args is not None and not isinstance(backbone_args, dict):
+            raise TypeError(f"backbone_args: expected a dict or None, got {type(backbone_args).__name__}")
+        self.backbone_name = backbone
+        self.backbone = backbone_class(backbone)(num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
+                                                 dropout, attn_dropout, layer_norm_eps, **(backbone_args or {}))
 
     # -- configuration and weights -------------------------------------------------
 
@@ -73,13 +77,12 @@ class SequentialRecommender(nn.Module):
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.backbone.item_embedding.weight[PADDING].zero_()
+        self.backbone.reset_padding()
 
     @property
     def item_emb(self) -> torch.Tensor:
         """The tied item table ``E [num_items + 1, d]`` (row 0 = padding)."""
-        return self.backbone.item_embedding.weight
+        return self.backbone.item_table()
 
     # -- inference -----------------------------------------------------------------
 
@@ -143,7 +146,7 @@ class SequentialRecommender(nn.Module):
         payload = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
-        saved = _REGISTRY.get(payload["class"])
+        saved = _REGISTRY.get(payload["class"]) or _import_model_class(payload["class"])
         if saved is None:
             raise ValueError(f"path: checkpoint holds unknown model class {payload['class']!r}")
         if not issubclass(saved, cls):
@@ -151,6 +154,16 @@ class SequentialRecommender(nn.Module):
         model = saved(**payload["config"])
         model.load_state_dict(payload["state_dict"])
         return model, payload.get("extra", {})
+
+
+def _import_model_class(class_name: str) -> Optional[type]:
+    """Models are imported lazily (plr.models.MODELS): import the one named."""
+    from . import MODELS, model_class
+
+    for name, (_, cls) in MODELS.items():
+        if cls == class_name:
+            return model_class(name)
+    return None
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -1,4 +1,4 @@
-"""Parallel Latent Reasoning (PLR, Tang et al.) on a SASRec backbone.
+"""Parallel Latent Reasoning (PLR, Tang et al.) on any backbone of plr.backbones.
 
 Equation numbers are the PLR paper's:
 
@@ -31,7 +31,7 @@ KL_OBJECTIVES = ("diversity", "consistency")
 
 
 class PLRModel(SequentialRecommender):
-    """SASRec encoder + M parallel latent reasoning streams of T steps.
+    """A backbone encoder (SASRec by default) + M parallel latent reasoning streams of T steps.
 
     Args (beyond the backbone's ``max_len, hidden_size, num_layers, num_heads,
     inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``):
@@ -50,16 +50,17 @@ class PLRModel(SequentialRecommender):
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
                  num_streams: int = 2, num_steps: int = 2, temperature: float = 0.07,
                  kl_weight: float = 0.1, kl_objective: str = "diversity", kl_detach_target: bool = False,
-                 rcl_weight: float = 1.0, reasoning_dropout: float = 0.2, kernels: str = "auto"):
+                 rcl_weight: float = 1.0, reasoning_dropout: float = 0.2, kernels: str = "auto",
+                 backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
-                         attn_dropout, layer_norm_eps, temperature, kernels)
+                         attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
             layer_norm_eps=layer_norm_eps, num_streams=num_streams, num_steps=num_steps,
             temperature=temperature, kl_weight=kl_weight, kl_objective=kl_objective,
             kl_detach_target=kl_detach_target, rcl_weight=rcl_weight,
-            reasoning_dropout=reasoning_dropout, kernels=kernels,
+            reasoning_dropout=reasoning_dropout, kernels=kernels, backbone=backbone, backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
         self.num_steps = check_positive_int("num_steps", num_steps)

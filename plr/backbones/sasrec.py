@@ -13,7 +13,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .transformer import TransformerBlock
+from ..transformer import TransformerBlock
 
 
 @dataclass
@@ -52,6 +52,15 @@ class SASRecBackbone(nn.Module):
             TransformerBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
             for _ in range(num_layers)
         )
+
+    def item_table(self) -> torch.Tensor:
+        """``E [num_items + 1, d]``: input embedding and (tied) output layer."""
+        return self.item_embedding.weight
+
+    def reset_padding(self) -> None:
+        """Zero the padding row after initialisation."""
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
 
     def input_embedding(self, item_seq: torch.Tensor) -> torch.Tensor:
         """X_0 = dropout(LN(E[items] + P)), positions over the left-padded array."""
