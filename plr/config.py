@@ -47,6 +47,7 @@ class TrainConfig:
     save_every_steps: int = 200  # resumable checkpoint cadence inside an epoch
     grad_clip: Optional[float] = None
     progress: bool = True
+    device: str = "auto"  # "auto" (cuda when available, else cpu) | "cpu" | "cuda" | "cuda:N"
 
 
 @dataclass

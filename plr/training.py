@@ -48,6 +48,21 @@ def dataset_extra(dataset, cfg: Dict[str, Any]) -> Dict[str, Any]:
             "item_titles": list(dataset.item_titles)}
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: ``auto`` is CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {name!r} asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
 class Trainer:
     """Trains ``cfg["model"]`` on ``dataset`` into ``run_dir``.
 
@@ -66,6 +81,10 @@ class Trainer:
         self.log_to_console = log_to_console
         torch.manual_seed(self.train_cfg.seed)
         self.model: SequentialRecommender = build_model(self.cfg["model"], dataset.num_items, dataset.max_len)
+        # Backbones that read more than ids (item text, UniSRec) take it from the dataset.
+        if hasattr(self.model.backbone, "attach_dataset"):
+            self.model.backbone.attach_dataset(dataset)
+        self.model.to(resolve_device(self.train_cfg.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_cfg.lr,
                                           weight_decay=self.train_cfg.weight_decay)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
@@ -84,6 +103,7 @@ class Trainer:
     def save_state(self) -> None:
         atomic_torch_save({"format": STATE_FORMAT, "model": self.model.state_dict(),
                            "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                            "state": self.state, "config": self.cfg}, self.run_dir / LAST)
 
     def load_state(self) -> bool:
@@ -100,6 +120,8 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.state = saved["state"]
         return True
 

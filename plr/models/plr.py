@@ -26,6 +26,7 @@ from plr_kernels.vocab_pass import reasoning_losses
 from ..losses import reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
 from .base import PADDING, ModelOutput, SequentialRecommender
+from .reasoning import stream_reasoning
 
 KL_OBJECTIVES = ("diversity", "consistency")
 
@@ -93,26 +94,11 @@ class PLRModel(SequentialRecommender):
         return self.reasoning_dropout(self.reasoning_norm(h_prev + self.reasoning_position.weight[step]))
 
     def reason(self, prefix) -> torch.Tensor:
-        """Eq. 3-5 with the shared prefix KV cache -> states ``h_{t,m}`` ``[B,T,M,d]``.
-
-        Step t feeds one token per stream through all L layers; at every layer
-        it attends to the valid prefix keys and to its own stream's tokens
-        1..t (``plr_kernels.stream_attention``), never to another stream.
-        """
+        """Eq. 3-5 with the shared prefix KV cache -> states ``h_{t,m}`` ``[B,T,M,d]``."""
         h0 = prefix.hidden[:, -1]
-        h_prev = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
-        caches = [None] * len(self.backbone.layers)
-        states = []
-        for step in range(self.num_steps):
-            x = self.reasoning_input(h_prev, step)
-            for layer_index, layer in enumerate(self.backbone.layers):
-                x, caches[layer_index] = layer.forward_step(
-                    x, prefix.keys[layer_index], prefix.values[layer_index], prefix.key_mask,
-                    caches[layer_index], self.kernels,
-                )
-            h_prev = x  # Eq. 5: the final-layer output is h_{t,m}
-            states.append(x)
-        return torch.stack(states, dim=1)
+        h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m
+        return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps, self.reasoning_input,
+                                self.kernels)
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         prefix = self.backbone.encode(item_seq)

@@ -1,0 +1,42 @@
+"""Latent reasoning over a shared prefix KV cache, shared by PLR and ReaRec.
+
+Step t = 1..T feeds one new token per stream through **all** L layers of the
+backbone; at every layer the token attends to the valid prefix keys and to
+its own stream's tokens 1..t (``plr_kernels.stream_attention``), never to
+another stream (PLR Eq. 4-5). With one stream this is exactly ReaRec's
+append-and-re-encode reasoning, computed from the cache instead of
+re-encoding the extended sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
+                     step_input: Callable[[torch.Tensor, int], torch.Tensor], kernels: str) -> torch.Tensor:
+    """Run ``num_steps`` reasoning steps of every stream.
+
+    Args:
+        layers: the backbone's ``TransformerBlock`` list.
+        prefix: its ``PrefixEncoding`` (the per-layer prefix KV cache).
+        h_start: ``[B, M, d]`` the state each stream starts from (``h_{0,m}``).
+        step_input: ``(h_prev [B,M,d], step) -> [B,M,d]``, the input token of
+            step ``step`` (0-based) from the previous state.
+        kernels: ``plr_kernels`` backend of the attention.
+
+    Returns:
+        ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (Eq. 5).
+    """
+    caches = [None] * len(layers)
+    h_prev, states = h_start, []
+    for step in range(num_steps):
+        x = step_input(h_prev, step)
+        for i, layer in enumerate(layers):
+            x, caches[i] = layer.forward_step(x, prefix.keys[i], prefix.values[i], prefix.key_mask, caches[i],
+                                              kernels)
+        h_prev = x
+        states.append(x)
+    return torch.stack(states, dim=1)
