@@ -15,3 +15,14 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_device():
+    """Tests written for Triton create their tensors on the default device:
+    the CPU under the interpreter, the GPU where Triton compiles for real."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield
+    else:
+        yield

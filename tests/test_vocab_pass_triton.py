@@ -11,6 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.usefixtures("triton_device")
+
 import plr_kernels as K  # noqa: E402
 from plr_kernels import reference as ref  # noqa: E402
 from plr_kernels.vocab_pass import reasoning_losses  # noqa: E402

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._matmul import dot_f64
+
 _NEG_INF = tl.constexpr(float("-inf"))  # globals in @triton.jit code must be constexpr
 MAX_K = 1024  # the running top-k buffer [BLOCK_M, next_pow2(k)] lives in registers
 
@@ -33,7 +35,7 @@ def _score_tile(z, E, cols, doffs, V, D, stride_e, F64: tl.constexpr):
     e = tl.load(E + cols[:, None].to(tl.int64) * stride_e + doffs[None, :],
                 mask=(cols[:, None] < V) & (doffs[None, :] < D), other=0.0)
     if F64:
-        s = tl.dot(z, tl.trans(e), out_dtype=tl.float64, input_precision="ieee")
+        s = dot_f64(z, tl.trans(e))
     else:
         s = tl.dot(z.to(tl.float32), tl.trans(e.to(tl.float32)), input_precision="ieee")
     return s

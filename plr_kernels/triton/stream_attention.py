@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._matmul import dot as _dot
+
 __all__ = ["forward", "backward", "dropout_mask", "block_sizes"]
 
 
@@ -51,7 +53,7 @@ def _fwd_kernel(
     spm_b, spm_n,
     H, M, N, S, D,
     scale_hi, scale_lo, dropout_p, keep_hi, keep_lo,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -84,7 +86,7 @@ def _fwd_kernel(
         nd_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(KP + b * skp_b + h * skp_h + n_idx[:, None] * skp_n + offs_d[None, :] * skp_d,
                     mask=nd_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(acc_t)
+        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
         s = qk * scale_hi + qk * scale_lo
         valid = n_ok
         if HAS_MASK:
@@ -100,7 +102,7 @@ def _fwd_kernel(
             p = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
         v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
                     mask=nd_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(acc_t)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, F64).to(acc_t)
         m_i = m_new
 
     # The stream's own keys 1..S (Eq. 4-5: itself and its earlier tokens, no
@@ -141,7 +143,7 @@ def _bwd_kernel(
     spm_b, spm_n,
     H, M, N, S, D,
     scale_hi, scale_lo, dropout_p, keep_hi, keep_lo,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -176,7 +178,7 @@ def _bwd_kernel(
                     mask=nd_ok, other=0.0)
         v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
                     mask=nd_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(acc_t)
+        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
         s = qk * scale_hi + qk * scale_lo
         valid = n_ok
         if HAS_MASK:
@@ -184,7 +186,7 @@ def _bwd_kernel(
             valid = valid & (pm != 0)
         valid2 = m_ok[:, None] & valid[None, :]
         p = tl.where(valid2, tl.exp(tl.where(valid2, s, 0.0) - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(acc_t)
+        dp = _dot(do, tl.trans(v), PRECISION, F64).to(acc_t)
         if DROPOUT:
             keep = _keep(seed, row[:, None], n_idx[None, :], NS, dropout_p)
             pd = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
@@ -193,10 +195,10 @@ def _bwd_kernel(
             pd = p
         ds = p * (dp - delta[:, None])
         # Sums over the M streams of this (b, h): dV = P~^T dO, dK = dS^T Q * scale.
-        dv = tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION).to(acc_t)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION).to(acc_t)
+        dv = _dot(tl.trans(pd).to(do.dtype), do, PRECISION, F64).to(acc_t)
+        dk = _dot(tl.trans(ds).to(q.dtype), q, PRECISION, F64).to(acc_t)
         dk = dk * scale_hi + dk * scale_lo
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(acc_t)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, F64).to(acc_t)
         out = pid * N * D + n_idx[:, None] * D + offs_d[None, :]
         tl.store(DKP + out, dk.to(DKP.dtype.element_ty), mask=nd_ok)
         tl.store(DVP + out, dv.to(DVP.dtype.element_ty), mask=nd_ok)
@@ -301,6 +303,7 @@ def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropo
     keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p))
     args = (*q.stride(), *k_prefix.stride(), *v_prefix.stride(), *k_stream.stride(), *v_stream.stride())
     consts = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
+                  F64=q.dtype == torch.float64,
                   BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d)
     scalars = (h, m, n, s, d, scale_hi, scale_lo, float(dropout_p), keep_hi, keep_lo)
     return (b, h, m, n, s, d), pm, spm, args, scalars, consts

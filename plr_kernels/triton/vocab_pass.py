@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._matmul import dot_f64
+
 _NEG_INF = tl.constexpr(float("-inf"))  # globals in @triton.jit code must be constexpr
 
 
@@ -47,7 +49,7 @@ def _logits_tile(x, E, cols, doffs, V, D, stride_e, inv_tau, exclude,
     e = tl.load(E + cols[:, None].to(tl.int64) * stride_e + doffs[None, :],
                 mask=cmask[:, None] & (doffs[None, :] < D), other=0.0)
     if F64:
-        s = tl.dot(x, tl.trans(e), out_dtype=tl.float64, input_precision=PREC)
+        s = dot_f64(x, tl.trans(e))
     else:
         s = tl.dot(x, tl.trans(e), input_precision=PREC)
     s = s * inv_tau
@@ -86,7 +88,7 @@ def _vocab_fwd_kernel(X, E, TGT, LSE, MU, TLOGIT, R, V, D, stride_x, stride_e, s
         p = tl.exp(s - m_safe[:, None])
         s_i = s_i * alpha + tl.sum(p, axis=1)
         if F64:
-            pe = tl.dot(p, e, out_dtype=tl.float64, input_precision=PREC)
+            pe = dot_f64(p, e)
         else:
             pe = tl.dot(p.to(e.dtype), e, input_precision=PREC)
         acc = acc * alpha[:, None] + pe
@@ -113,7 +115,7 @@ def _grad_logits_tile(x, gmu, lse, glse, c, gt, tgt, rmask, E, cols, doffs, V, D
         w += glse[:, None]
     if HAS_GMU:
         if F64:
-            u = tl.dot(gmu, tl.trans(e), out_dtype=tl.float64, input_precision=PREC)
+            u = dot_f64(gmu, tl.trans(e))
         else:
             u = tl.dot(gmu, tl.trans(e.to(tl.float32)), input_precision=PREC)
         w += u - c[:, None]
@@ -164,7 +166,7 @@ def _vocab_bwd_dx_kernel(X, E, TGT, LSE, GLSE, GMU, C, GT, DX, R, V, D, stride_x
         g, p, e = _grad_logits_tile(x, gmu, lse, glse, c, gt, tgt, rmask, E, cols, doffs, V, D, stride_e,
                                     inv_tau, exclude, HAS_GLSE, HAS_GMU, HAS_TGT, F64, PREC)
         if F64:
-            dx += tl.dot(g, e, out_dtype=tl.float64, input_precision=PREC)
+            dx += dot_f64(g, e)
         else:
             dx += tl.dot(g, e.to(tl.float32), input_precision=PREC)
     dx = dx * inv_tau
@@ -191,9 +193,9 @@ def _vocab_bwd_de_kernel(X, E, TGT, LSE, GLSE, GMU, C, GT, DE, R, V, D, stride_x
         g, p, e = _grad_logits_tile(x, gmu, lse, glse, c, gt, tgt, rmask, E, cols, doffs, V, D, stride_e,
                                     inv_tau, exclude, HAS_GLSE, HAS_GMU, HAS_TGT, F64, PREC)
         if F64:
-            de += tl.dot(tl.trans(g), x, out_dtype=tl.float64, input_precision=PREC)
+            de += dot_f64(tl.trans(g), x)
             if MU_DIRECT:
-                de_direct += tl.dot(tl.trans(p), gmu, out_dtype=tl.float64, input_precision=PREC)
+                de_direct += dot_f64(tl.trans(p), gmu)
         else:
             de += tl.dot(tl.trans(g), x.to(tl.float32), input_precision=PREC)
             if MU_DIRECT:
