@@ -82,7 +82,8 @@ inline float philox_uniform(uint64_t seed, uint64_t offset) {
 struct Dropout {
   bool on = false;
   uint64_t seed = 0;
-  float p = 0.f;
+  float p = 0.f;        // compared with the uniforms in float32, as triton does
+  double keep_scale = 1.0;  // 1 / (1 - p) of the exact (double) dropout_p
   int64_t row_len = 0;  // N + S
   inline bool keep(int64_t row, int64_t j) const {
     return philox_uniform(seed, static_cast<uint64_t>(row * row_len + j)) >= p;
@@ -149,7 +150,7 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, con
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
   const acc_t scale = static_cast<acc_t>(in.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - static_cast<double>(in.drop.p)));
+  const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
 
   at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q(M * D), acc(M * D), m_i(M), l_i(M), p(M * kTile), sc(std::max(S, int64_t{1}));
@@ -246,7 +247,7 @@ void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, co
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
   const acc_t scale = static_cast<acc_t>(in.scale);
-  const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - static_cast<double>(in.drop.p)));
+  const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
 
   at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q(M * D), dout(M * D), dq(M * D), delta(M), obuf(D);
@@ -335,6 +336,7 @@ Inputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, do
     in.drop.on = true;
     in.drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
     in.drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
+    in.drop.keep_scale = 1.0 / (1.0 - dropout_p);
     in.drop.row_len = shape.N + shape.S;
   }
   return in;
