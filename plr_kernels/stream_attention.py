@@ -167,7 +167,8 @@ def cpu_dropout_mask(b: int, h: int, m: int, n: int, s: int, dropout_p: float, s
 
     Read off the compiled forward itself: with q = 0 every probability is
     1/(N+S), and with value rows the unit vectors e_j, o[..., j] =
-    keep_j / ((N+S)(1-p)), which is > 0 exactly where key j is kept.
+    keep_j / ((N+S)(1-p)), which is > 0 exactly where key j is kept. Builds
+    B*H*N*(N+S) values: meant for tests on small shapes.
     """
     if not _extension.has_kernel("stream_attention_fwd", "cpu"):
         raise _dispatch.BackendUnavailableError(

@@ -221,11 +221,14 @@ def test_dropout_mask_is_philox_of_the_documented_offset(seed):
 
 @pytest.mark.parametrize("seed", [1234, -3, 2**63 + 5])
 def test_dropout_mask_equals_triton(seed):
+    """Same seed, same mask on both backends (on the GPU where there is one)."""
     pytest.importorskip("triton")
-    if not _dispatch.triton_interpreting():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not _dispatch.triton_interpreting():
         pytest.skip("the Triton mask runs on CPU only under TRITON_INTERPRET=1")
     b, h, m, n, s, p = 2, 3, 3, 11, 4, 0.37
-    assert torch.equal(sa.cpu_dropout_mask(b, h, m, n, s, p, seed), sa.triton_dropout_mask(b, h, m, n, s, p, seed))
+    triton_keep = sa.triton_dropout_mask(b, h, m, n, s, p, seed, device=device).cpu()
+    assert torch.equal(sa.cpu_dropout_mask(b, h, m, n, s, p, seed), triton_keep)
 
 
 def test_dropout_matches_reference_with_the_mask_forward_and_backward():
