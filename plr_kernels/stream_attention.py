@@ -4,6 +4,12 @@ One reasoning step of one layer of PLR (Eq. 4-5): the query of stream m at
 step t attends to every valid prefix key and to its own stream's keys 1..t,
 never to another stream. The fused kernels read the prefix once for all M
 streams; the reference expands nothing either but materialises the weights.
+
+Backends: ``triton`` (CUDA; CPU under TRITON_INTERPRET=1), ``cpu`` (the C++
+kernel of csrc/stream_attention.cpp, forward and backward), ``cuda`` (the
+compiled CUDA forward, inference only) and ``torch`` (the reference). The
+compiled ops ``torch.ops.plr_kernels.stream_attention_fwd/_bwd`` get their
+autograd here; every backend draws the same dropout mask for the same seed.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _checks, _dispatch, reference
+from . import _checks, _dispatch, _extension, reference
 
 
 def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
@@ -114,6 +120,103 @@ if _dispatch.triton_importable():
     IMPLS["triton"] = _triton
 
 
+# -- Compiled kernels of plr_kernels._C: torch.ops.plr_kernels.stream_attention_fwd
+# / _bwd (schemas in csrc/ops.cpp, CPU kernels in csrc/stream_attention.cpp,
+# fakes in _extension.py). Autograd is registered on the C++ op from here, the
+# backward calling stream_attention_bwd; only when the loaded build has the op.
+
+_COMPILED_FWD = "plr_kernels::stream_attention_fwd"
+
+
+def _compiled_op_exists() -> bool:
+    if _extension.extension() is None:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(_COMPILED_FWD, "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _compiled_fwd(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, _ = torch.ops.plr_kernels.stream_attention_fwd(
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p,
+        _seed_tensor(seed, dropout_p, q.device))
+    return o
+
+
+def _cuda(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+    # The CUDA kernel (csrc/cuda/) is a forward for inference: there is no CUDA
+    # stream_attention_bwd, and attention dropout only matters in training.
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k_prefix, v_prefix, k_stream, v_stream))
+    if needs_grad or dropout_p > 0.0:
+        why = "a gradient is required" if needs_grad else f"dropout_p={dropout_p} > 0"
+        raise _dispatch.BackendUnavailableError(
+            f"backend='cuda' cannot run stream_attention here: {why}, but the CUDA kernel is "
+            "inference-only (no backward, no dropout); use backend='triton' (or 'auto') for "
+            "training, or call it under torch.no_grad() with dropout_p=0")
+    return _compiled_fwd(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+
+
+def cpu_dropout_mask(b: int, h: int, m: int, n: int, s: int, dropout_p: float, seed: int) -> torch.Tensor:
+    """Debug path: the bool keep-mask ``[B,H,M,N+S]`` (prefix keys first) that
+    ``stream_attention(..., dropout_p=p, seed=seed, backend="cpu")`` uses, for
+    ``reference.stream_attention(..., dropout_mask=...)``.
+
+    Read off the compiled forward itself: with q = 0 every probability is
+    1/(N+S), and with value rows the unit vectors e_j, o[..., j] =
+    keep_j / ((N+S)(1-p)), which is > 0 exactly where key j is kept. Builds
+    B*H*N*(N+S) values: meant for tests on small shapes.
+    """
+    if not _extension.has_kernel("stream_attention_fwd", "cpu"):
+        raise _dispatch.BackendUnavailableError(
+            f"cpu_dropout_mask needs the compiled CPU kernel: {_extension.extension_error() or 'not built'}")
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in (0, 1), got {dropout_p!r}")
+    width = n + s
+    eye = torch.eye(width, dtype=torch.float32)
+    o, _ = torch.ops.plr_kernels.stream_attention_fwd(
+        torch.zeros(b, h, m, width), torch.zeros(b, h, n, width), eye[:n].expand(b, h, n, width),
+        torch.zeros(b, h, m, s, width), eye[n:].expand(b, h, m, s, width), None, 1.0, float(dropout_p),
+        _seed_tensor(seed, dropout_p, torch.device("cpu")))
+    return o > 0
+
+
+if _compiled_op_exists():
+
+    def _compiled_setup_context(ctx, inputs, output):
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed = inputs
+        ctx.save_for_backward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, *output, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+
+    def _compiled_backward(ctx, do, _dlse):
+        # lse is an auxiliary output (the softmax statistics); it carries no gradient.
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, seed = ctx.saved_tensors
+        grads = torch.ops.plr_kernels.stream_attention_bwd(
+            do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, ctx.scale, ctx.dropout_p, seed)
+        return (*grads, None, None, None, None)
+
+    torch.library.register_autograd(_COMPILED_FWD, _compiled_backward, setup_context=_compiled_setup_context)
+
+# Listed even without a build: _dispatch checks that the loaded _C has the
+# kernel for the device, and its error then says why it is missing.
+IMPLS["cpu"] = _compiled_fwd
+IMPLS["cuda"] = _cuda
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(backend: str, device_type: str, device_index: Optional[int]) -> str:
+    """The IMPLS entry that runs for ``backend`` on the device. A trace-time
+    constant under torch.compile: which kernels _C holds cannot change while
+    the process runs, and the lookup (torch._C dispatcher queries) is not
+    traceable by dynamo."""
+    impl = _dispatch.resolve("stream_attention", backend, torch.device(device_type, device_index), IMPLS,
+                             kernel="stream_attention_fwd")
+    return next(name for name, fn in IMPLS.items() if fn is impl)
+
+
 def check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
     _checks.check_tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
     b, h, m, d = q.shape
@@ -162,12 +265,19 @@ def stream_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout on the probabilities (training).
         seed: seed of the dropout mask (None: the global generator).
-        backend: ``auto | triton | torch`` (``triton``: CUDA tensors, or CPU
-            tensors under ``TRITON_INTERPRET=1``).
+        backend: ``auto | triton | cuda | cpu | torch``. ``triton``: CUDA
+            tensors (or CPU tensors under ``TRITON_INTERPRET=1``), forward and
+            backward; ``cpu``: the compiled C++ kernel for CPU tensors, forward
+            and backward; ``cuda``: the compiled CUDA kernel, inference only
+            (raises when a gradient is needed or ``dropout_p > 0``: train with
+            ``triton``); ``torch``: the reference. ``auto`` picks ``triton``
+            for CUDA tensors, ``cpu`` for CPU tensors when ``plr_kernels._C``
+            is built, else ``torch``. The same ``seed`` gives the same dropout
+            mask on ``triton`` and ``cpu``.
 
     Returns:
         ``o [B, H, M, D]``.
     """
     check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
-    impl = _dispatch.resolve("stream_attention", backend, q.device, IMPLS)
+    impl = IMPLS[_backend_name(backend, q.device.type, q.device.index)]
     return impl(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, float(dropout_p), seed)

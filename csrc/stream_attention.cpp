@@ -1,0 +1,414 @@
+// CPU kernels of plr_kernels::stream_attention_fwd / stream_attention_bwd
+// (DESIGN 4.1; PLR Eq. 4-5): stream-isolated causal attention over a shared
+// prefix KV cache, one reasoning step of one layer.
+//
+// Per (user b, head h) -- the unit of OpenMP parallelism -- with the M stream
+// queries q_m, prefix keys/values k_n, v_n (n valid under prefix_mask) and the
+// stream's own keys/values ks_{m,j}, vs_{m,j} (j = 1..S):
+//
+//   s_{m,n} = scale * q_m . k_n          (prefix, shared by all streams)
+//   s_{m,N+j} = scale * q_m . ks_{m,j}   (own stream only, Eq. 4-5)
+//   lse_m = log sum_j exp(s_{m,j}),  P_{m,j} = exp(s_{m,j} - lse_m)
+//   o_m = sum_j P~_{m,j} v_j,        P~ = P * keep / (1 - p)  (dropout)
+//
+// Forward: all M queries are held while the prefix is streamed in tiles of
+// kTile keys, so each prefix key/value is read once for all M streams; online
+// softmax (running max m, running sum l, rescale by exp(m_old - m_new)) over
+// the tiles, then the S own-stream keys merged into the same (m, l): the
+// log-sum-exp merge lse = m + log l.
+//
+// Backward (FlashAttention style, recomputing P from lse):
+//   Delta_m = dO_m . O_m,  dP_{m,j} = dO_m . v_j (times keep / (1-p)),
+//   dS = P * (dP - Delta),  dq_m = scale * sum_j dS_{m,j} k_j,
+//   dk_j = scale * sum_m dS_{m,j} q_m,  dv_j = sum_m P~_{m,j} dO_m.
+// dk/dv of a prefix key sum over the M streams of its own (b, h) iteration:
+// no atomics, a fixed summation order, bit-identical runs.
+//
+// Dropout: keep_{m,j} = U(seed, offset) >= p with offset
+// ((b*H + h)*M + m)*(N+S) + j and U = triton's tl.rand (Philox4x32-10, first
+// output word, mapped to [0,1) in float32), so the CPU and Triton backends
+// draw the same mask for the same seed; the backward regenerates it.
+//
+// Accumulation in float (double for float64 inputs); inputs are widened once
+// per row. Inner loops run over D contiguous elements (vectorised at -O3).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "stream_attention.h"
+
+namespace plr_kernels {
+namespace {
+
+constexpr int64_t kTile = 64;  // prefix keys per online-softmax step of the forward
+
+// ---------------------------------------------------------------- dropout RNG
+
+inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// tl.rand(seed, offset) of triton/language/random.py for an int64 offset:
+// Philox4x32 with 10 rounds, counter (offset_lo, offset_hi, 0, 0), key
+// (seed_lo, seed_hi); the first word x, read as int32, folded to x >= 0
+// (x < 0 -> ~x) and scaled by 4.6566127342e-10 in float32.
+inline float philox_uniform(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t x = static_cast<int32_t>(c0);
+  if (x < 0) x = ~x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// The keep-mask of one (b, h, m) row: one Philox draw per key, compared with
+// p in float32 as the Triton kernel does.
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  float p = 0.f;        // compared with the uniforms in float32, as triton does
+  double keep_scale = 1.0;  // 1 / (1 - p) of the exact (double) dropout_p
+  int64_t row_len = 0;  // N + S
+  inline bool keep(int64_t row, int64_t j) const {
+    return philox_uniform(seed, static_cast<uint64_t>(row * row_len + j)) >= p;
+  }
+};
+
+// ------------------------------------------------------------- vector helpers
+
+// q . k over D: 8 independent partial sums (vectorisable without
+// reassociation), combined in a fixed order.
+template <typename acc_t>
+inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t D) {
+  acc_t lane[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= D; k += 8) {
+    for (int j = 0; j < 8; ++j) lane[j] += a[k + j] * b[k + j];
+  }
+  for (int j = 0; k < D; ++k, ++j) lane[j] += a[k] * b[k];
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+// y += a * x over D.
+template <typename acc_t>
+inline void axpy(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ x, int64_t D) {
+  for (int64_t k = 0; k < D; ++k) y[k] += a * x[k];
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* __restrict__ y, acc_t a, int64_t D) {
+  for (int64_t k = 0; k < D; ++k) y[k] *= a;
+}
+
+// `count` rows of D values as acc_t: the input itself when it already is
+// acc_t, else widened into `scratch`.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* as_acc(const scalar_t* src, int64_t count, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < count; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    return scratch;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* dst, const acc_t* src, int64_t count, acc_t factor) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i] * factor);
+}
+
+struct Inputs {
+  int64_t B, H, M, N, S, D;
+  const bool* mask;  // [B, N] or nullptr
+  double scale;
+  Dropout drop;
+};
+
+// ------------------------------------------------------------------- forward
+
+template <typename scalar_t>
+void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, const scalar_t* VP,
+                    const scalar_t* KS, const scalar_t* VS, scalar_t* O,
+                    std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
+  const acc_t scale = static_cast<acc_t>(in.scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
+
+  at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(M * D), acc(M * D), m_i(M), l_i(M), p(M * kTile), sc(std::max(S, int64_t{1}));
+    std::vector<acc_t> kbuf(kTile * D), vbuf(D), sbuf(S * D);
+    std::vector<char> valid(kTile);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const acc_t* qa = as_acc(Q + bh * M * D, M * D, q.data());
+      if (qa != q.data()) std::copy(qa, qa + M * D, q.begin());
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m_i.begin(), m_i.end(), neg_inf);
+      std::fill(l_i.begin(), l_i.end(), acc_t(0));
+
+      // Shared prefix, tile by tile: each key/value row is read once for all M streams.
+      for (int64_t n0 = 0; n0 < N; n0 += kTile) {
+        const int64_t nt = std::min(kTile, N - n0);
+        int64_t n_valid = 0;
+        for (int64_t t = 0; t < nt; ++t) {
+          valid[t] = in.mask == nullptr || in.mask[b * N + n0 + t];
+          n_valid += valid[t];
+        }
+        if (n_valid == 0) continue;  // a padded tile adds exp(-inf) = 0 to every sum
+        const acc_t* k = as_acc(KP + (bh * N + n0) * D, nt * D, kbuf.data());
+        for (int64_t m = 0; m < M; ++m) {
+          acc_t* pm = p.data() + m * kTile;
+          acc_t tile_max = neg_inf;
+          for (int64_t t = 0; t < nt; ++t) {
+            pm[t] = valid[t] ? scale * dot(q.data() + m * D, k + t * D, D) : neg_inf;
+            tile_max = std::max(tile_max, pm[t]);
+          }
+          // Online softmax: m_new >= a finite valid score, so exp never sees inf - inf.
+          const acc_t m_new = std::max(m_i[m], tile_max);
+          const acc_t alpha = m_i[m] == neg_inf ? acc_t(0) : std::exp(m_i[m] - m_new);
+          acc_t sum = 0;
+          const int64_t row = bh * M + m;
+          for (int64_t t = 0; t < nt; ++t) {
+            const acc_t e = valid[t] ? std::exp(pm[t] - m_new) : acc_t(0);
+            sum += e;  // l sums the probabilities before dropout (lse is dropout-free)
+            pm[t] = (in.drop.on && !in.drop.keep(row, n0 + t)) ? acc_t(0) : e;
+          }
+          l_i[m] = l_i[m] * alpha + sum;
+          m_i[m] = m_new;
+          if (alpha != acc_t(1)) scale_row(acc.data() + m * D, alpha, D);
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+          if (!valid[t]) continue;
+          const acc_t* v = as_acc(VP + (bh * N + n0 + t) * D, D, vbuf.data());
+          for (int64_t m = 0; m < M; ++m) {
+            const acc_t pv = p[m * kTile + t];
+            if (pv != acc_t(0)) axpy(acc.data() + m * D, pv, v, D);
+          }
+        }
+      }
+
+      // Each stream's own keys 1..S (always valid), merged into the same (m, l).
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t row = bh * M + m;
+        const acc_t* ks = as_acc(KS + row * S * D, S * D, sbuf.data());
+        acc_t s_max = neg_inf;
+        for (int64_t j = 0; j < S; ++j) {
+          sc[j] = scale * dot(q.data() + m * D, ks + j * D, D);
+          s_max = std::max(s_max, sc[j]);
+        }
+        const acc_t m_new = std::max(m_i[m], s_max);
+        const acc_t alpha = m_i[m] == neg_inf ? acc_t(0) : std::exp(m_i[m] - m_new);
+        acc_t* am = acc.data() + m * D;
+        if (alpha != acc_t(1)) scale_row(am, alpha, D);
+        const acc_t* vs = as_acc(VS + row * S * D, S * D, sbuf.data());
+        acc_t sum = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          const acc_t e = std::exp(sc[j] - m_new);
+          sum += e;
+          if (in.drop.on && !in.drop.keep(row, N + j)) continue;
+          axpy(am, e, vs + j * D, D);
+        }
+        l_i[m] = l_i[m] * alpha + sum;
+        m_i[m] = m_new;
+        // o = acc / l (times 1/(1-p) under dropout); lse = m + log l.
+        const acc_t inv = (in.drop.on ? keep_scale : acc_t(1)) / l_i[m];
+        store(O + row * D, am, D, inv);
+        LSE[row] = m_i[m] + std::log(l_i[m]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename scalar_t>
+void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, const scalar_t* KP,
+                     const scalar_t* VP, const scalar_t* KS, const scalar_t* VS, const scalar_t* O,
+                     const std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE,
+                     scalar_t* DQ, scalar_t* DKP, scalar_t* DVP, scalar_t* DKS, scalar_t* DVS) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
+  const acc_t scale = static_cast<acc_t>(in.scale);
+  const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
+
+  at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(M * D), dout(M * D), dq(M * D), delta(M), obuf(D);
+    std::vector<acc_t> kbuf(D), vbuf(D), dk(D), dv(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const acc_t* qa = as_acc(Q + bh * M * D, M * D, q.data());
+      if (qa != q.data()) std::copy(qa, qa + M * D, q.begin());
+      const acc_t* da = as_acc(DO + bh * M * D, M * D, dout.data());
+      if (da != dout.data()) std::copy(da, da + M * D, dout.begin());
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      // Delta_m = dO_m . O_m = sum_j P~_mj dP_mj (O as stored, dropout included).
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t* o = as_acc(O + (bh * M + m) * D, D, obuf.data());
+        delta[m] = dot(dout.data() + m * D, o, D);
+      }
+      const acc_t* lse = LSE + bh * M;
+
+      // Prefix keys, one at a time: its dk/dv sum over the M streams here.
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t* dk_out = DKP + (bh * N + n) * D;
+        scalar_t* dv_out = DVP + (bh * N + n) * D;
+        if (in.mask != nullptr && !in.mask[b * N + n]) {  // P = 0: no gradient
+          std::fill(dk_out, dk_out + D, scalar_t(0));
+          std::fill(dv_out, dv_out + D, scalar_t(0));
+          continue;
+        }
+        const acc_t* k = as_acc(KP + (bh * N + n) * D, D, kbuf.data());
+        const acc_t* v = as_acc(VP + (bh * N + n) * D, D, vbuf.data());
+        std::fill(dk.begin(), dk.end(), acc_t(0));
+        std::fill(dv.begin(), dv.end(), acc_t(0));
+        for (int64_t m = 0; m < M; ++m) {
+          const acc_t* qm = q.data() + m * D;
+          const acc_t* dom = dout.data() + m * D;
+          const acc_t p = std::exp(scale * dot(qm, k, D) - lse[m]);
+          acc_t dp = dot(dom, v, D), pd = p;
+          if (in.drop.on) {
+            const bool kept = in.drop.keep(bh * M + m, n);
+            pd = kept ? p * keep_scale : acc_t(0);
+            dp = kept ? dp * keep_scale : acc_t(0);
+          }
+          const acc_t ds = p * (dp - delta[m]);
+          if (pd != acc_t(0)) axpy(dv.data(), pd, dom, D);
+          if (ds != acc_t(0)) {
+            axpy(dk.data(), ds, qm, D);
+            axpy(dq.data() + m * D, ds, k, D);
+          }
+        }
+        store(dk_out, dk.data(), D, scale);
+        store(dv_out, dv.data(), D, acc_t(1));
+      }
+
+      // Own-stream keys: each belongs to one stream, so no sum over m.
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t row = bh * M + m;
+        const acc_t* qm = q.data() + m * D;
+        const acc_t* dom = dout.data() + m * D;
+        for (int64_t j = 0; j < S; ++j) {
+          const acc_t* k = as_acc(KS + (row * S + j) * D, D, kbuf.data());
+          const acc_t* v = as_acc(VS + (row * S + j) * D, D, vbuf.data());
+          const acc_t p = std::exp(scale * dot(qm, k, D) - lse[m]);
+          acc_t dp = dot(dom, v, D), pd = p;
+          if (in.drop.on) {
+            const bool kept = in.drop.keep(row, N + j);
+            pd = kept ? p * keep_scale : acc_t(0);
+            dp = kept ? dp * keep_scale : acc_t(0);
+          }
+          const acc_t ds = p * (dp - delta[m]);
+          store(DKS + (row * S + j) * D, qm, D, scale * ds);
+          store(DVS + (row * S + j) * D, dom, D, pd);
+          if (ds != acc_t(0)) axpy(dq.data() + m * D, ds, k, D);
+        }
+        store(DQ + row * D, dq.data() + m * D, D, scale);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ op entry
+
+Inputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, double scale,
+                   double dropout_p, const std::optional<at::Tensor>& seed) {
+  Inputs in{shape.B, shape.H, shape.M, shape.N, shape.S, shape.D,
+            mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale, Dropout{}};
+  if (dropout_p > 0.0) {
+    in.drop.on = true;
+    in.drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
+    in.drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
+    in.drop.keep_scale = 1.0 / (1.0 - dropout_p);
+    in.drop.row_len = shape.N + shape.S;
+  }
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_prefix, const at::Tensor& v_prefix,
+    const at::Tensor& k_stream, const at::Tensor& v_stream,
+    const std::optional<at::Tensor>& prefix_mask, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  const auto shape = check_stream_attention_inputs("stream_attention_fwd", q, k_prefix, v_prefix,
+                                                   k_stream, v_stream, prefix_mask, scale,
+                                                   dropout_p, seed);
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto o = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({shape.B, shape.H, shape.M}, q.options().dtype(lse_type));
+  if (shape.B * shape.H * shape.M == 0) return {o, lse};
+  const auto qc = q.contiguous(), kpc = k_prefix.contiguous(), vpc = v_prefix.contiguous();
+  const auto ksc = k_stream.contiguous(), vsc = v_stream.contiguous();
+  const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
+  const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(),
+                             vpc.const_data_ptr<scalar_t>(), ksc.const_data_ptr<scalar_t>(),
+                             vsc.const_data_ptr<scalar_t>(), o.mutable_data_ptr<scalar_t>(),
+                             lse.mutable_data_ptr<acc_t>());
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_attention_bwd_cpu(
+    const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k_prefix,
+    const at::Tensor& v_prefix, const at::Tensor& k_stream, const at::Tensor& v_stream,
+    const std::optional<at::Tensor>& prefix_mask, const at::Tensor& o, const at::Tensor& lse,
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const auto shape = check_stream_attention_inputs("stream_attention_bwd", q, k_prefix, v_prefix,
+                                                   k_stream, v_stream, prefix_mask, scale,
+                                                   dropout_p, seed);
+  check_stream_attention_bwd_inputs(grad_o, q, o, lse);
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dkp = at::empty(k_prefix.sizes(), q.options());
+  auto dvp = at::empty(k_prefix.sizes(), q.options());
+  auto dks = at::empty(k_stream.sizes(), q.options());
+  auto dvs = at::empty(k_stream.sizes(), q.options());
+  if (shape.B * shape.H == 0) return {dq, dkp, dvp, dks, dvs};
+  if (shape.M == 0) {  // no query: nothing attends, every gradient is zero
+    return {dq, dkp.zero_(), dvp.zero_(), dks, dvs};
+  }
+  const auto qc = q.contiguous(), kpc = k_prefix.contiguous(), vpc = v_prefix.contiguous();
+  const auto ksc = k_stream.contiguous(), vsc = v_stream.contiguous();
+  const auto doc = grad_o.contiguous(), oc = o.contiguous(), lsec = lse.contiguous();
+  const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
+  const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_kernel<scalar_t>(in, doc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
+                              kpc.const_data_ptr<scalar_t>(), vpc.const_data_ptr<scalar_t>(),
+                              ksc.const_data_ptr<scalar_t>(), vsc.const_data_ptr<scalar_t>(),
+                              oc.const_data_ptr<scalar_t>(), lsec.const_data_ptr<acc_t>(),
+                              dq.mutable_data_ptr<scalar_t>(), dkp.mutable_data_ptr<scalar_t>(),
+                              dvp.mutable_data_ptr<scalar_t>(), dks.mutable_data_ptr<scalar_t>(),
+                              dvs.mutable_data_ptr<scalar_t>());
+  });
+  return {dq, dkp, dvp, dks, dvs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(plr_kernels, CPU, m) {
+  m.impl("stream_attention_fwd", &stream_attention_fwd_cpu);
+  m.impl("stream_attention_bwd", &stream_attention_bwd_cpu);
+}
+
+}  // namespace plr_kernels
