@@ -97,7 +97,7 @@ class BERT4RecModel(SequentialRecommender):
         last_item_prob: probability that a sample hides only its last item.
     """
 
-    def __init__(self, num_items: int, mask_ratio: float = 0.2, last_item_prob: float = 0.0, **backbone_args):
+    def __init__(self, num_items: int, *, mask_ratio: float = 0.2, last_item_prob: float = 0.0, **backbone_args):
         backbone = backbone_args.pop("backbone", "bert4rec")
         if backbone != "bert4rec":
             raise ValueError(f"backbone: BERT4RecModel runs on the 'bert4rec' backbone only, got {backbone!r}")
