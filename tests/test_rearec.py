@@ -401,3 +401,17 @@ def test_triton_kernels_match_the_torch_reference(cls):
     assert all(v != 0 for v in parts_ref.values())  # the KL / contrastive terms are exercised
     for g, w in zip(_grads(fused, loss_fused), _grads(ref, loss_ref)):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,cls", [("erl", ReaRecERLModel), ("prl", ReaRecPRLModel)])
+def test_shipped_configs_follow_the_rearec_defaults_and_build_the_model(name, cls):
+    from plr import config
+
+    cfg = config.resolve(name, None, ["model.hidden_size=16", "model.inner_size=8"])
+    m = config.shipped_config(name)["model"]
+    assert (m["hidden_size"], m["num_layers"], m["num_heads"], m["inner_size"], m["dropout"]) == (256, 2, 2, 300, 0.5)
+    assert (m["temperature"], m["num_steps"], m["backbone"]) == (0.07, 2, "sasrec")
+    model = build_model(cfg["model"], 30, 10)
+    assert type(model) is cls
+    # every shipped key reaches the model unchanged
+    assert all(model.config()[k] == v for k, v in cfg["model"].items() if k != "name")

@@ -35,6 +35,14 @@ noise state at all (the public ERL reads an undefined noise attribute after
 warm-up), and PRL with ``noise_std == 0`` does not run the noisy pass and its
 contrastive term is exactly 0 (the public PRL leaves it undefined). Nothing
 depends on the epoch.
+
+Choices made where the paper / public code was not at hand to check (the
+equations above are written out instead of cited by number for that reason):
+h_0 is one of the pooled / supervised step outputs in both variants; PRL
+averages (not sums) its K + 1 per-step CEs; its noise is added after the
+reasoning LayerNorm, only to the extra noisy pass (the clean pass, scored by
+the CE, is noise-free); defaults ``kl_weight=0.05``, ``temperature_decay=1.2``,
+``noise_std=0.1``, ``rcl_weight=0.1``, ``rcl_temperature=1.0`` are ours.
 """
 
 from __future__ import annotations
