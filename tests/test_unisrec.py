@@ -36,6 +36,9 @@ def small(model="unisrec", **overrides):
     args.update(overrides)
     m = (PLRModel if model == "plr" else model_class("unisrec"))(NUM_ITEMS, **args)
     m.backbone.set_text_embeddings(torch.randn(NUM_ITEMS + 1, TEXT_DIM))
+    with torch.no_grad():  # trained-looking adapter: b_k != 0 (so x = 0 is not mapped to 0), a non-uniform gate
+        m.backbone.adapter.whitening_bias.normal_(0.0, 0.5)
+        m.backbone.adapter.gate_weight.normal_(0.0, 0.5)
     return m
 
 
