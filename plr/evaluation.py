@@ -57,7 +57,7 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
     scored with the model's inference vector (``z_final``, PLR Eq. 10)."""
     was_training = model.training
     model.eval()
-    device = model.item_emb.device
+    device = model.device
     out = []
     try:
         for start in tqdm(range(0, len(target), batch_size), desc=desc, disable=None if progress else True, leave=False):

@@ -138,7 +138,7 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> Dict[str, float]:
         item_seq, target = self.dataset.train.gather(idx)
-        device = self.model.item_emb.device
+        device = self.model.device
         loss, parts = self.model.compute_loss(item_seq.to(device), target.to(device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +208,7 @@ class Trainer:
     def test(self) -> Dict[str, Any]:
         """Reload the best checkpoint, evaluate on the test samples, write metrics.json."""
         best = SequentialRecommender.load(str(self.run_dir / BEST))
-        best.to(self.model.item_emb.device)
+        best.to(self.model.device)
         result = evaluate(best, self.dataset.test, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
                           exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties)
         save_ranks(self.run_dir / "test_ranks.csv", result.users, result.ranks)

@@ -80,6 +80,12 @@ class SequentialRecommender(nn.Module):
         self.backbone.reset_padding()
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights live (without computing ``item_emb``, which a text
+        backbone derives from item text on every call)."""
+        return next(self.parameters()).device
+
+    @property
     def item_emb(self) -> torch.Tensor:
         """The tied item table ``E [num_items + 1, d]`` (row 0 = padding)."""
         return self.backbone.item_table()
@@ -88,7 +94,7 @@ class SequentialRecommender(nn.Module):
 
     def prepare(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Check histories and left-pad them to ``max_len``."""
-        return check_item_seq(item_seq, self.num_items, self.max_len).to(self.item_emb.device)
+        return check_item_seq(item_seq, self.num_items, self.max_len).to(self.device)
 
     def forward(self, item_seq: torch.Tensor) -> ModelOutput:
         """``item_seq [B, L]`` left-padded ids (L <= max_len) -> ModelOutput."""

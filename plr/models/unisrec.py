@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..validation import check_item_seq
 from .base import ModelOutput
 from .sasrec import SASRecModel
 
@@ -42,11 +41,6 @@ class UniSRecModel(SASRecModel):
         super().__init__(num_items, backbone=backbone, **kwargs)
         self._config["normalize_sequence"] = normalize_sequence
         self.normalize_sequence = normalize_sequence
-
-    def prepare(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """Check and left-pad histories; the device is read from a buffer, not from
-        ``item_emb`` (which would run the adapter over every item)."""
-        return check_item_seq(item_seq, self.num_items, self.max_len).to(self.backbone.text_emb.device)
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         h0 = self.backbone.encode(item_seq).hidden[:, -1]
