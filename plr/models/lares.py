@@ -370,7 +370,7 @@ class LARESModel(SequentialRecommender):
             raise ValueError(f"spt_model: its architecture differs from this model's: {err}") from None
         reference = copy.deepcopy(spt_model).to(self.item_emb.device).eval()
         reference.requires_grad_(False)
-        self._reference = reference
+        object.__setattr__(self, "_reference", reference)  # not a submodule: outside state_dict and parameters
 
     def rpt_loss(self, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """GRPO: G rollouts of depth ``rpt_depth`` (stochastic through s_0 and dropout),
