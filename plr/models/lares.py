@@ -17,14 +17,31 @@ recurrent core), trained in two phases:
   None backpropagates through every step.
 * SPT (self-supervised pre-training): L = CE(z_k) + w_tla L_TLA + w_sla L_SLA
     L_TLA  trajectory-level alignment: InfoNCE between the final representations
-           of DIFFERENT sequences with the same target item (``tla_loss``);
-    L_SLA  step-level alignment: InfoNCE between z_k and z_t of one random
-           intermediate step t < k of the same sequence (``sla_loss``).
-* RPT (reinforcement post-training, GRPO): G rollouts per sequence,
-  reward r = Recall@10 or NDCG@10 of the target under z_k,
-  A_i = (r_i - mean_G r) / (std_G r + eps)                       (``group_advantages``)
-  L = -mean_i A_i sum_t log p(target | z_t) + beta KL(p_theta || p_SPT)   (``grpo_policy_loss``,
-  ``k3_kl`` / ``exact_kl``).
+           of DIFFERENT sequences with the same target item (``tla_loss``).
+           Positives: for every row of the batch one other training sequence
+           with the same target is drawn from the training data
+           (``attach_training_data`` / ``draw_partners``, DuoRec-style supervised
+           positives) and appended to the batch; then every pair (i != j) of
+           the enlarged batch with equal targets is a positive, every other row
+           a negative (multi-positive InfoNCE). Rows without any positive are
+           left out; a batch without any positive pair gives L_TLA = 0.
+           ``tla_positives: batch`` (or no attached data) uses in-batch pairs only.
+    L_SLA  step-level alignment: symmetric InfoNCE between z_k and z_t of one
+           intermediate step t < k (drawn uniformly per batch) of the same
+           sequence, the other rows of the batch as negatives (``sla_loss``);
+           0 when k = 1. Both on cosine similarity / ``cl_temperature``.
+* RPT (reinforcement post-training, GRPO): G rollouts per sequence of fixed
+  depth ``rpt_depth`` (default ``eval_depth``: the depth the policy is used at),
+  stochastic through the random s_0 and dropout (train mode);
+  reward r = Recall@10 or NDCG@10 of the target under z_k (full ranking),
+  A_i = (r_i - mean_G r) / (std_G r + eps), population std  (``group_advantages``)
+  L = -mean_i A_i sum_t log p(target | z_t) + beta KL(p_theta || p_SPT)   (``grpo_policy_loss``).
+  The KL is to the frozen SPT model (eval mode, same depth) at the final step:
+  ``k3`` (default) is Schulman's k3 estimator at the target item, as GRPO does
+  at the sampled token (cheap: no [rows x items] matrix); ``exact`` is the full
+  KL of the next-item distributions (materialises [G*B, items] logits).
+* inference: s_0 is one fixed truncated-normal draw (``init_seed``), so scores
+  are deterministic and ``plr evaluate`` reproduces a run's metrics.
 
 The phase logic (SPT then RPT, frozen reference) is in ``plr.lares_training``.
 """
@@ -179,7 +196,8 @@ class LARESModel(SequentialRecommender):
         phase: ``spt`` | ``rpt`` -- which loss ``compute_loss`` computes.
         tla_weight, sla_weight, cl_temperature: SPT weights and InfoNCE temperature.
         tla_positives: ``sampled`` (one partner with the same target drawn from the training
-            data attached by ``attach_training_data``, plus in-batch pairs) | ``batch`` (in-batch only).
+            data attached by ``attach_training_data``, plus in-batch pairs; in-batch only until
+            data is attached) | ``batch`` (in-batch only).
         group_size, reward, kl_weight, kl_kind, advantage_eps, rpt_depth: GRPO (G, reward metric,
             beta, ``k3`` (at the target, final step) | ``exact`` (full next-item distributions,
             materialises [G*B, V] logits), eps, rollout depth).
