@@ -431,6 +431,13 @@ def test_two_phase_runs_and_phase_errors(synthetic, tmp_path):
         main(cli_args(synthetic, tmp_path / "x", "--phase", "rpt"))
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         main(cli_args(synthetic, tmp_path / "y", "--phase", "rpt", "--init", str(tmp_path / "none.pt")))
+    # RPT with other model settings than the SPT checkpoint: a clear error, and the
+    # SPT run's config.yaml is the way to repeat them.
+    with pytest.raises(ValueError, match=r"hidden_size=16 vs 24.*--config SPT_RUN/config.yaml"):
+        main(cli_args(synthetic, tmp_path / "w", "--phase", "rpt", "--init", str(spt_run / "best.pt"),
+                      "--set", "model.hidden_size=24"))
+    assert main(["train", "--model", "lares", "--data", str(synthetic), "--out", str(tmp_path / "rpt3"),
+                 "--config", str(spt_run / "config.yaml"), "--phase", "rpt", "--init", str(spt_run / "best.pt")]) == 0
     with pytest.raises(ValueError, match="model.phase"):
         main(cli_args(synthetic, tmp_path / "z", "--set", "model.phase=sft"))
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()

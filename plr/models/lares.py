@@ -67,6 +67,10 @@ ADAPTERS = ("add", "concat", "gate")
 PHASES = ("spt", "rpt")
 REWARDS = ("recall@10", "ndcg@10")
 KL_KINDS = ("k3", "exact")
+# Settings an RPT model must share with the SPT model it starts from.
+ARCHITECTURE_KEYS = ("num_items", "max_len", "hidden_size", "num_pre_layers", "num_core_layers", "num_heads",
+                     "inner_size", "adapter", "final_norm", "layer_norm_eps", "temperature", "backbone",
+                     "backbone_args")
 
 
 # -- small pure functions (tests compare them with hand computations) -------------------
@@ -382,10 +386,13 @@ class LARESModel(SequentialRecommender):
         """Start RPT from ``spt_model``: copy its weights and keep a frozen copy as the KL reference."""
         if not isinstance(spt_model, LARESModel):
             raise TypeError(f"spt_model: expected a LARESModel checkpoint, got {type(spt_model).__name__}")
-        try:
-            self.load_state_dict(spt_model.state_dict())
-        except RuntimeError as err:
-            raise ValueError(f"spt_model: its architecture differs from this model's: {err}") from None
+        mine, theirs = self.config(), spt_model.config()
+        differ = {k: (theirs.get(k), mine.get(k)) for k in ARCHITECTURE_KEYS if theirs.get(k) != mine.get(k)}
+        if differ:
+            raise ValueError("spt_model: its architecture differs from this model's (checkpoint, config): "
+                             + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in differ.items())
+                             + "; give RPT the same model settings, e.g. --config SPT_RUN/config.yaml")
+        self.load_state_dict(spt_model.state_dict())
         reference = copy.deepcopy(spt_model).to(self.item_emb.device).eval()
         reference.requires_grad_(False)
         object.__setattr__(self, "_reference", reference)  # not a submodule: outside state_dict and parameters
