@@ -4,6 +4,10 @@ phase mechanics through the command line, checkpoints."""
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -458,3 +462,40 @@ def test_save_load_round_trip(tmp_path):
     loaded.eval()
     assert torch.equal(loaded(seq).z_final, model(seq).z_final)
     assert torch.equal(loaded.recommend(seq, k=5)[1], model.recommend(seq, k=5)[1])
+
+
+def test_both_phases_resume_after_a_kill_during_rpt(synthetic, tmp_path):
+    extra = ["--set", "train.epochs=2", "--set", "train.save_every_steps=1", "--set", "train.max_steps_per_epoch=4",
+             "--set", "train.patience=100"]
+    assert main(cli_args(synthetic, tmp_path / "full", *extra)) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "plr.cli", *cli_args(synthetic, out, *extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_path, killed = out / "rpt" / "last.pt", None
+    deadline = time.time() + 300
+    try:
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            if state_path.is_file():
+                try:
+                    state = torch.load(state_path, weights_only=True)["state"]
+                except Exception:  # noqa: BLE001 - being replaced (atomic rename): retry
+                    state = None
+                if state and state["global_step"] >= 2 and not state["finished"]:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    killed = state
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed is not None, f"not killed during RPT (rc={proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
+    assert not (out / "metrics.json").exists()
+    assert main(cli_args(synthetic, out, *extra, "--resume")) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["test"] == full["test"] and resumed["spt"] == full["spt"]
+    a = LARESModel.load(str(tmp_path / "full" / "best.pt")).state_dict()
+    b = LARESModel.load(str(out / "best.pt")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
