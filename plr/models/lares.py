@@ -254,7 +254,8 @@ class LARESModel(SequentialRecommender):
         self.tla_positives = tla_positives
         self.init_std, self.init_truncation = float(init_std), float(init_truncation)
         self.mean_depth, self.depth_std = float(mean_depth), float(depth_std)
-        self.tla_weight, self.sla_weight, self.cl_temperature = float(tla_weight), float(sla_weight), float(cl_temperature)
+        self.tla_weight, self.sla_weight = float(tla_weight), float(sla_weight)
+        self.cl_temperature = float(cl_temperature)
         self.kl_weight, self.advantage_eps = float(kl_weight), float(advantage_eps)
 
         self.core = nn.ModuleList(
