@@ -2,6 +2,7 @@
 
     plr demo
     plr train --model plr --data PATH [--config CFG.yaml] [--set key=value ...] [--out RUN_DIR] [--resume]
+    plr train --model lares --data PATH [--phase both|spt|rpt] [--init SPT_RUN/best.pt] ...
     plr evaluate --checkpoint RUN_DIR/best.pt --data PATH [--split test|valid] [--exclude-history]
     plr recommend --checkpoint RUN_DIR/best.pt --history "12 55 7" [--k 10]
     plr compare RUN_A RUN_B [--metric ndcg@10]
@@ -57,6 +58,14 @@ def cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.backbone:
         overrides.insert(0, f"model.backbone={args.backbone}")
+    if args.phase or args.init:
+        from .models import model_class
+
+        if getattr(model_class(args.model), "run_training", None) is None:
+            raise SystemExit(f"plr train: --phase/--init apply to models trained in phases (lares), "
+                             f"not to --model {args.model}")
+        overrides[:0] = ([f"model.phase={args.phase}"] if args.phase else []) + \
+            ([f"model.init_from={args.init}"] if args.init else [])
     cfg = config_mod.resolve(args.model, args.config, overrides, args.data)
     dataset = _load_dataset(cfg["data"])
     out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -193,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     train.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the training state in --out")
+    train.add_argument("--phase", choices=["both", "spt", "rpt"],
+                       help="lares only (= --set model.phase=...): both = SPT then RPT in one run "
+                            "(RUN/spt, RUN/rpt; default), spt = self-supervised pre-training only, "
+                            "rpt = GRPO post-training only, from --init")
+    train.add_argument("--init", metavar="CHECKPOINT",
+                       help="lares --phase rpt (= --set model.init_from=...): the SPT model to start "
+                            "from and to keep as the frozen KL reference, e.g. SPT_RUN/best.pt")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="full-ranking metrics of a checkpoint")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from .evaluation import evaluate
-from .models import build_model
+from .models import build_model, model_class
 from .models.base import SequentialRecommender, atomic_torch_save
 
 LAST = "last.pt"
@@ -239,7 +239,13 @@ def load_ranks(path) -> Dict[int, int]:
 
 def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
               log_to_console: bool = True) -> Dict[str, Any]:
-    """Save the resolved config into ``run_dir`` and train."""
+    """Save the resolved config into ``run_dir`` and train.
+
+    A model class with a ``run_training`` static method (several training phases,
+    e.g. LARES) runs its own phases with the same arguments instead."""
+    custom = getattr(model_class(config_mod.check(cfg)["model"]["name"]), "run_training", None)
+    if custom is not None:
+        return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")

@@ -1,0 +1,105 @@
+"""The two training phases of LARES (plr.models.lares): SPT, then RPT from the best SPT model.
+
+``model.phase`` chooses what one ``plr train --model lares`` runs:
+
+* ``both`` (default): SPT into ``RUN/spt/``, then RPT initialised from
+  ``RUN/spt/best.pt`` into ``RUN/rpt/``; ``RUN/best.pt``, ``RUN/metrics.json``
+  and ``RUN/test_ranks.csv`` are copies of the RPT phase's (metrics.json adds the
+  SPT phase's under ``"spt"``), so ``plr evaluate --checkpoint RUN/best.pt`` works;
+* ``spt``: SPT only, ``RUN`` is an ordinary run directory;
+* ``rpt``: RPT only, from ``model.init_from`` (a LARES checkpoint, e.g. the
+  ``best.pt`` of an SPT run; ``plr train --init PATH``).
+
+Every phase directory is an ordinary run directory of ``plr.training.Trainer``
+(config.yaml, train.log, last.pt, best.pt, metrics.json, test_ranks.csv) and is
+resumable with ``--resume``; in ``both`` mode a resumed run continues the phase
+where it stopped (a finished SPT phase is only re-tested).
+
+Model keys read here and removed before the model is built: ``phase``
+(replaced by ``spt`` / ``rpt``), ``spt_epochs`` / ``rpt_epochs`` (default
+``train.epochs``), ``rpt_lr`` (default ``train.lr``), ``init_from``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from . import config as config_mod
+from .models.base import SequentialRecommender
+from .training import BEST, Trainer, write_json_atomic
+
+RUN_PHASES = ("both", "spt", "rpt")
+PHASE_KEYS = ("spt_epochs", "rpt_epochs", "rpt_lr", "init_from")
+
+
+def phase_config(cfg: Dict[str, Any], phase: str) -> Dict[str, Any]:
+    """The config of one phase: the model section without the phase-control keys and
+    with ``phase`` = ``spt`` | ``rpt``; ``train.epochs`` / ``train.lr`` of that phase."""
+    out = copy.deepcopy(cfg)
+    model = out["model"]
+    control = {key: model.pop(key, None) for key in PHASE_KEYS}
+    model["phase"] = phase
+    epochs = control["spt_epochs"] if phase == "spt" else control["rpt_epochs"]
+    if epochs is not None:
+        out["train"]["epochs"] = epochs
+    if phase == "rpt" and control["rpt_lr"] is not None:
+        out["train"]["lr"] = control["rpt_lr"]
+    return config_mod.check(out)
+
+
+def run_phase(cfg: Dict[str, Any], dataset, run_dir: Path, *, init_from: Optional[str] = None,
+              resume: bool = False, log_to_console: bool = True) -> Dict[str, Any]:
+    """One phase into ``run_dir`` (an ordinary run directory)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, dataset, run_dir, log_to_console=log_to_console)
+    if cfg["model"]["phase"] == "spt":
+        trainer.model.attach_training_data(dataset.train)  # TLA partners with the same target
+    else:
+        # The weights start from the SPT model (a resumed run then loads last.pt over
+        # them); the frozen SPT model stays the KL reference in any case.
+        trainer.model.start_rpt(SequentialRecommender.load(str(init_from)))
+        trainer.log(f"RPT from {init_from}")
+    return trainer.fit(resume=resume)
+
+
+def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
+                log_to_console: bool = True) -> Dict[str, Any]:
+    """Run ``cfg["model"]["phase"]`` (``both`` | ``spt`` | ``rpt``) into ``run_dir``."""
+    cfg = config_mod.check(cfg)
+    run_dir = Path(run_dir)
+    phase = cfg["model"].get("phase", "both")
+    if phase not in RUN_PHASES:
+        raise ValueError(f"model.phase: expected one of {list(RUN_PHASES)}, got {phase!r}")
+    init_from = cfg["model"].get("init_from")
+    if phase == "rpt":
+        if not init_from:
+            raise ValueError("model.init_from: phase=rpt needs the SPT checkpoint (plr train --init RUN/best.pt), "
+                             f"got {init_from!r}")
+        if not os.path.isfile(init_from):
+            raise FileNotFoundError(f"model.init_from: no checkpoint at {init_from!r}")
+    elif phase == "spt" and init_from:
+        raise ValueError(f"model.init_from: only phase=rpt starts from a checkpoint, got phase={phase!r}")
+    if phase != "both":
+        return run_phase(phase_config(cfg, phase), dataset, run_dir, init_from=init_from, resume=resume,
+                         log_to_console=log_to_console)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, run_dir / "config.yaml")
+    spt = run_phase(phase_config(cfg, "spt"), dataset, run_dir / "spt", resume=resume,
+                    log_to_console=log_to_console)
+    rpt = run_phase(phase_config(cfg, "rpt"), dataset, run_dir / "rpt", init_from=str(run_dir / "spt" / BEST),
+                    resume=resume, log_to_console=log_to_console)
+    for name in (BEST, "test_ranks.csv"):
+        tmp = run_dir / f".tmp-{name}"
+        shutil.copyfile(run_dir / "rpt" / name, tmp)
+        os.replace(tmp, run_dir / name)
+    metrics = {**rpt, "phase": "both", "spt": {k: spt[k] for k in ("valid", "test", "best_epoch", "epochs")}}
+    write_json_atomic(metrics, run_dir / "metrics.json")
+    with open(run_dir / "train.log", "a") as f:
+        f.write(f"spt: test {spt['test']} (log in spt/train.log)\nrpt: test {rpt['test']} (log in rpt/train.log)\n")
+    return metrics
