@@ -23,9 +23,13 @@
 // and the summation order of every output is fixed by the tiling alone, so the
 // results are bit-identical from run to run and for any number of threads.
 //
-// Accumulation in float (double for fp64 inputs); bf16/fp16 item rows are
-// widened tile by tile into a small per-thread buffer.
+// Accumulation in float (double for fp64 inputs); item rows are copied (bf16 /
+// fp16 widened) tile by tile into a small per-thread buffer. The products of a
+// row block with a tile (logits, sum p e, G e, G^T x) are BLAS calls on these
+// buffers (torch's CPU matmul), single-threaded inside each OpenMP task; the online softmax and the
+// logit gradients are the loops below.
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -38,10 +42,8 @@
 namespace plr_kernels {
 namespace {
 
-constexpr int kLanes = 8;               // partial sums per dot product (vectorised lanes)
-constexpr int kGroup = 4;               // rows scored together against each item row
-constexpr int64_t kRowBlock = 16;       // rows sharing each tile of items
-constexpr int64_t kTileBytes = 64 << 10;  // a tile of (widened) item rows stays in L2
+constexpr int64_t kRowBlock = 64;          // rows sharing each tile of items
+constexpr int64_t kTileBytes = 128 << 10;  // a tile of (widened) item rows stays in L2
 constexpr int64_t kMinTile = 16, kMaxTile = 512;
 
 template <typename scalar_t>
@@ -52,61 +54,67 @@ int64_t tile_items(int64_t d, size_t acc_bytes) {
   return std::clamp<int64_t>(fit, kMinTile, kMaxTile);
 }
 
-// Dot products of NR rows of x (row stride d) with one row e: lane j sums the
-// products of the coordinates k = j mod kLanes, the lanes are combined in a
-// fixed order. Independent lanes let the compiler vectorise without
-// reassociating; per row the result does not depend on NR.
-template <int NR, typename T>
-inline void dot_rows(const T* __restrict__ x, const T* __restrict__ e, int64_t d,
-                     T* __restrict__ out) {
-  T acc[NR][kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= d; k += kLanes) {
-    for (int r = 0; r < NR; ++r) {
-      for (int j = 0; j < kLanes; ++j) acc[r][j] += x[r * d + k + j] * e[k + j];
-    }
-  }
-  for (int j = 0; k < d; ++k, ++j) {
-    for (int r = 0; r < NR; ++r) acc[r][j] += x[r * d + k] * e[k];
-  }
-  for (int r = 0; r < NR; ++r) {
-    const T* a = acc[r];
-    out[r] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-  }
-}
-
-// out[r * ld + v] = x_r . e_v for nr rows of x and nt item rows of et.
+// Per-thread scratch arrays carved out of one tensor allocated before the
+// parallel region (nothing inside it may throw): each thread's part and each
+// array start on a 64-byte boundary, since BLAS results may depend on the
+// alignment of the operands, and every operand lives in one of these.
 template <typename T>
-void block_dots(const T* x, int64_t nr, const T* et, int64_t nt, int64_t d, T* out, int64_t ld) {
-  for (int64_t v = 0; v < nt; ++v) {
-    const T* e = et + v * d;
-    int64_t r = 0;
-    for (; r + kGroup <= nr; r += kGroup) {
-      T s[kGroup];
-      dot_rows<kGroup>(x + r * d, e, d, s);
-      for (int i = 0; i < kGroup; ++i) out[(r + i) * ld + v] = s[i];
+class Scratch {
+ public:
+  Scratch(std::initializer_list<int64_t> sizes, int threads) : threads_(threads) {
+    for (int64_t n : sizes) {
+      offsets_.push_back(per_thread_);
+      per_thread_ += (n + kAlign - 1) / kAlign * kAlign;
     }
-    for (; r < nr; ++r) dot_rows<1>(x + r * d, e, d, out + r * ld + v);
+    data_ = at::empty({threads * per_thread_}, at::dtype(c10::CppTypeToScalarType<T>::value));
   }
-}
+  // Array i of the calling thread.
+  T* get(int i) const { return data_.data_ptr<T>() + omp_get_thread_num() * per_thread_ + offsets_[i]; }
+  int threads() const { return threads_; }
 
-// y += a * x over d contiguous entries (vectorised by the compiler).
+ private:
+  static constexpr int64_t kAlign = 64 / sizeof(T) < 1 ? 1 : 64 / sizeof(T);
+  int threads_;
+  int64_t per_thread_ = 0;
+  std::vector<int64_t> offsets_;
+  at::Tensor data_;  // the CPU allocator aligns to 64 bytes
+};
+
+// The products of a row block with an item tile go to torch's CPU matmul (MKL
+// or OpenBLAS where torch has them) on views of the scratch arrays. Inside our
+// OpenMP tasks it runs single-threaded, and its summation order depends on the
+// shapes and the (fixed) alignment only.
 template <typename T>
-inline void axpy(T a, const T* __restrict__ x, T* __restrict__ y, int64_t d) {
-  for (int64_t k = 0; k < d; ++k) y[k] += a * x[k];
+inline at::Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Item rows [v0, v0 + nt) in the accumulation type: E itself when the dtypes
-// agree, else widened into buf (exact for bf16 / fp16).
-template <typename acc_t, typename scalar_t>
-const acc_t* item_tile(const scalar_t* E, int64_t v0, int64_t nt, int64_t d, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return E + v0 * d;
-  } else {
-    const scalar_t* src = E + v0 * d;
-    for (int64_t i = 0; i < nt * d; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf.data();
-  }
+// Row-major L[r * ld + v] = x_r . e_v for nr rows x [nr,d] and nt items e [nt,d].
+template <typename T>
+inline void block_dots(const T* x, int64_t nr, const T* e, int64_t nt, int64_t d, T* L, int64_t ld) {
+  auto out = view(L, nr, nt, ld);
+  at::mm_out(out, view(x, nr, d, d), view(e, nt, d, d).t());
+}
+
+// Row-major Y [nr,d] += alpha * W [nr,nt] . E [nt,d] (W with row stride ld).
+template <typename T>
+inline void add_weighted_items(const T* w, int64_t nr, int64_t ld, const T* e, int64_t nt, int64_t d, T alpha,
+                               T* y) {
+  view(y, nr, d, d).addmm_(view(w, nr, nt, ld), view(e, nt, d, d), 1, alpha);
+}
+
+// Row-major D [nt,d] += alpha * W^T [nt,nr] . X [nr,d] (W [nr,nt] with row stride ld).
+template <typename T>
+inline void add_weighted_rows(const T* w, int64_t nr, int64_t ld, const T* x, int64_t nt, int64_t d, T alpha,
+                              T* D) {
+  view(D, nt, d, d).addmm_(view(w, nr, nt, ld).t(), view(x, nr, d, d), 1, alpha);
+}
+
+// Copies n rows of width d (widening bf16 / fp16 exactly) into a scratch buffer.
+template <typename acc_t, typename src_t>
+inline void load_rows(const src_t* src, int64_t n, int64_t d, acc_t* dst) {
+  for (int64_t i = 0; i < n * d; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
 // Logits of a row block against a tile, in place: l = x.e / tau, the excluded
@@ -131,18 +139,21 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
   const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
   const int64_t tile = tile_items(d, sizeof(acc_t));
   const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock;
-  const bool widen = !std::is_same_v<acc_t, scalar_t>;
 
-#pragma omp parallel
+  const Scratch<acc_t> scratch({kRowBlock * d, tile * d, kRowBlock * tile, kRowBlock * d}, at::get_num_threads());
+
+#pragma omp parallel num_threads(scratch.threads())
   {
-    std::vector<acc_t> ebuf(widen ? tile * d : 0);
-    std::vector<acc_t> logits(kRowBlock * tile);
+    acc_t* const xb = scratch.get(0);  // the row block
+    acc_t* const eb = scratch.get(1);  // the item tile
+    acc_t* const lg = scratch.get(2);  // logits, then exp(l - m), of block x tile
+    acc_t* const acc = scratch.get(3);  // running sum_v exp(l(v) - m) e_v
     acc_t m[kRowBlock], s[kRowBlock];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t r0 = blk * kRowBlock, nr = std::min(kRowBlock, R - r0);
-      acc_t* mub = mu + r0 * d;
-      std::fill(mub, mub + nr * d, acc_t(0));
+      load_rows(x + r0 * d, nr, d, xb);
+      std::fill(acc, acc + nr * d, acc_t(0));
       for (int64_t r = 0; r < nr; ++r) {
         m[r] = kNegInf;
         s[r] = 0;
@@ -150,11 +161,11 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
       }
       for (int64_t v0 = 0; v0 < V; v0 += tile) {
         const int64_t nt = std::min(tile, V - v0);
-        const acc_t* et = item_tile<acc_t>(E, v0, nt, d, ebuf);
-        block_dots(x + r0 * d, nr, et, nt, d, logits.data(), tile);
-        scale_and_exclude(logits.data(), nr, nt, tile, inv_tau, v0, exclude_index);
+        load_rows(E + v0 * d, nt, d, eb);
+        block_dots(xb, nr, eb, nt, d, lg, tile);
+        scale_and_exclude(lg, nr, nt, tile, inv_tau, v0, exclude_index);
         for (int64_t r = 0; r < nr; ++r) {
-          acc_t* l = logits.data() + r * tile;
+          acc_t* l = lg + r * tile;
           if (target != nullptr) {
             const int64_t y = target[r0 + r];
             if (y >= v0 && y < v0 + nt) t_logit[r0 + r] = l[y - v0];
@@ -162,27 +173,32 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
           acc_t tile_max = kNegInf;
           for (int64_t v = 0; v < nt; ++v) tile_max = std::max(tile_max, l[v]);
           const acc_t m_new = std::max(m[r], tile_max);
-          if (m_new == kNegInf) continue;  // no valid item so far: nothing to add
+          if (m_new == kNegInf) {  // no valid item so far: nothing to add
+            std::fill(l, l + nt, acc_t(0));
+            continue;
+          }
           // Rescale the running sums to the new max (exp(-inf) = 0 on the first tile).
           const acc_t alpha = std::exp(m[r] - m_new);
-          acc_t* mur = mub + r * d;
           if (alpha != acc_t(1)) {
             s[r] *= alpha;
-            for (int64_t k = 0; k < d; ++k) mur[k] *= alpha;
+            acc_t* ar = acc + r * d;
+            for (int64_t k = 0; k < d; ++k) ar[k] *= alpha;
           }
           for (int64_t v = 0; v < nt; ++v) {
-            const acc_t p = std::exp(l[v] - m_new);
-            s[r] += p;
-            if (p != acc_t(0)) axpy(p, et + v * d, mur, d);
+            l[v] = std::exp(l[v] - m_new);  // the unnormalised p, in place
+            s[r] += l[v];
           }
           m[r] = m_new;
         }
+        // a_r += sum_v exp(l_r(v) - m_r) e_v for the whole block at once.
+        add_weighted_items(lg, nr, tile, eb, nt, d, acc_t(1), acc);
       }
       for (int64_t r = 0; r < nr; ++r) {
         lse[r0 + r] = m[r] + std::log(s[r]);
         const acc_t inv_s = acc_t(1) / s[r];
-        acc_t* mur = mub + r * d;
-        for (int64_t k = 0; k < d; ++k) mur[k] *= inv_s;
+        const acc_t* ar = acc + r * d;
+        acc_t* mur = mu + (r0 + r) * d;
+        for (int64_t k = 0; k < d; ++k) mur[k] = ar[k] * inv_s;
       }
     }
   }
@@ -234,64 +250,65 @@ void vocab_backward_kernel(const RowGrads<acc_type<scalar_t>>& in, const scalar_
   const int64_t tile = tile_items(d, sizeof(acc_t));
   const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock;
   const int64_t n_tiles = (V + tile - 1) / tile;
-  const bool widen = !std::is_same_v<acc_t, scalar_t>;
   const bool direct = mu_direct && in.g_mu != nullptr;
 
-#pragma omp parallel
-  {
-    std::vector<acc_t> ebuf(widen ? tile * d : 0);
-    std::vector<acc_t> l(kRowBlock * tile), u(kRowBlock * tile, acc_t(0));
-    std::vector<acc_t> de(tile * d);
+  const Scratch<acc_t> scratch({kRowBlock * d, kRowBlock * d, tile * d, kRowBlock * tile, kRowBlock * tile,
+                                 std::max(kRowBlock, tile) * d},
+                                at::get_num_threads());
 
-    // The logit gradients G and probabilities p of one (row block, item tile).
-    auto tile_grads = [&](int64_t r0, int64_t nr, int64_t v0, int64_t nt, const acc_t* et) {
-      block_dots(in.x + r0 * d, nr, et, nt, d, l.data(), tile);
-      scale_and_exclude(l.data(), nr, nt, tile, inv_tau, v0, exclude_index);
-      if (in.g_mu != nullptr) block_dots(in.g_mu + r0 * d, nr, et, nt, d, u.data(), tile);
-      grad_logits(in, r0, nr, v0, nt, tile, l.data(), u.data());
+#pragma omp parallel num_threads(scratch.threads())
+  {
+    acc_t* const xb = scratch.get(0);   // the row block of x
+    acc_t* const gb = scratch.get(1);   // the row block of g_mu
+    acc_t* const eb = scratch.get(2);   // the item tile
+    acc_t* const l = scratch.get(3);    // logits, then G, of block x tile
+    acc_t* const u = scratch.get(4);    // g_mu.e, then p, of block x tile
+    acc_t* const acc = scratch.get(5);  // dx of the row block / dE of the tile
+
+    // Row block [r0, r0 + nr) into xb / gb.
+    auto load_block = [&](int64_t r0, int64_t nr) {
+      load_rows(in.x + r0 * d, nr, d, xb);
+      if (in.g_mu != nullptr) load_rows(in.g_mu + r0 * d, nr, d, gb);
+    };
+    // G (in l) and p (in u) of the loaded row block against the loaded tile.
+    auto tile_grads = [&](int64_t r0, int64_t nr, int64_t v0, int64_t nt) {
+      block_dots(xb, nr, eb, nt, d, l, tile);
+      scale_and_exclude(l, nr, nt, tile, inv_tau, v0, exclude_index);
+      if (in.g_mu != nullptr) block_dots(gb, nr, eb, nt, d, u, tile);
+      grad_logits(in, r0, nr, v0, nt, tile, l, u);
     };
 
     // dx_r = sum_v G_r(v) e_v / tau, parallel over row blocks.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t r0 = blk * kRowBlock, nr = std::min(kRowBlock, R - r0);
-      acc_t* dxb = dx + r0 * d;
-      std::fill(dxb, dxb + nr * d, acc_t(0));
+      load_block(r0, nr);
+      std::fill(acc, acc + nr * d, acc_t(0));
       for (int64_t v0 = 0; v0 < V; v0 += tile) {
         const int64_t nt = std::min(tile, V - v0);
-        const acc_t* et = item_tile<acc_t>(E, v0, nt, d, ebuf);
-        tile_grads(r0, nr, v0, nt, et);
-        for (int64_t r = 0; r < nr; ++r) {
-          const acc_t* g = l.data() + r * tile;
-          for (int64_t v = 0; v < nt; ++v) {
-            if (g[v] != acc_t(0)) axpy(g[v], et + v * d, dxb + r * d, d);
-          }
-        }
+        load_rows(E + v0 * d, nt, d, eb);
+        tile_grads(r0, nr, v0, nt);
+        add_weighted_items(l, nr, tile, eb, nt, d, acc_t(1), acc);
       }
-      for (int64_t i = 0; i < nr * d; ++i) dxb[i] *= inv_tau;
+      acc_t* out = dx + r0 * d;
+      for (int64_t i = 0; i < nr * d; ++i) out[i] = acc[i] * inv_tau;
     }
 
     // dE_v = sum_r G_r(v) x_r / tau (+ p_r(v) g_mu_r), parallel over item tiles.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       const int64_t v0 = ti * tile, nt = std::min(tile, V - v0);
-      const acc_t* et = item_tile<acc_t>(E, v0, nt, d, ebuf);
-      std::fill(de.begin(), de.begin() + nt * d, acc_t(0));
+      load_rows(E + v0 * d, nt, d, eb);
+      std::fill(acc, acc + nt * d, acc_t(0));
       for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
         const int64_t nr = std::min(kRowBlock, R - r0);
-        tile_grads(r0, nr, v0, nt, et);
-        for (int64_t v = 0; v < nt; ++v) {
-          acc_t* dev = de.data() + v * d;
-          for (int64_t r = 0; r < nr; ++r) {
-            const acc_t a = l[r * tile + v] * inv_tau;
-            if (a != acc_t(0)) axpy(a, in.x + (r0 + r) * d, dev, d);
-            const acc_t p = u[r * tile + v];
-            if (direct && p != acc_t(0)) axpy(p, in.g_mu + (r0 + r) * d, dev, d);
-          }
-        }
+        load_block(r0, nr);
+        tile_grads(r0, nr, v0, nt);
+        add_weighted_rows(l, nr, tile, xb, nt, d, inv_tau, acc);
+        if (direct) add_weighted_rows(u, nr, tile, gb, nt, d, acc_t(1), acc);
       }
       scalar_t* out = dE + v0 * d;
-      for (int64_t i = 0; i < nt * d; ++i) out[i] = static_cast<scalar_t>(de[i]);
+      for (int64_t i = 0; i < nt * d; ++i) out[i] = static_cast<scalar_t>(acc[i]);
     }
   }
 }
