@@ -25,9 +25,9 @@
 //
 // Accumulation in float (double for fp64 inputs); item rows are copied (bf16 /
 // fp16 widened) tile by tile into a small per-thread buffer. The products of a
-// row block with a tile (logits, sum p e, G e, G^T x) are BLAS calls on these
-// buffers (torch's CPU matmul), single-threaded inside each OpenMP task; the online softmax and the
-// logit gradients are the loops below.
+// row block with a tile (logits, sum p e, G e, G^T x) go to torch's CPU matmul
+// on these buffers, single-threaded inside each OpenMP task; the online
+// softmax and the logit gradients are the loops below.
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>

@@ -189,3 +189,10 @@ def test_bad_inputs_name_the_argument():
         kernel(z, e, 2, None, torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(RuntimeError, match=r"topk: exclude_items entries must be < V = 9"):
         kernel(z, e, 2, None, torch.full((3, 2), 9))
+
+
+def test_op_registration():
+    z, e = torch.randn(3, 4), torch.randn(20, 4)
+    hist = torch.tensor([[1, -1], [2, 3], [-1, -1]])
+    torch.library.opcheck(torch.ops.plr_kernels.topk.default, (z, e, 5, 0, hist),
+                          test_utils=("test_schema", "test_faketensor"))

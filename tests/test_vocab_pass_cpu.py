@@ -402,3 +402,23 @@ def test_plr_model_loss_and_gradients_with_cpu_kernels(detach):
     flat = torch.cat([a.flatten() for a in g if a is not None])
     flat_r = torch.cat([b.flatten() for b in g_r if b is not None])
     assert rel_err(flat, flat_r) < 1e-10
+
+
+def test_op_registrations_with_the_compiled_impl():
+    # Schema, fake (meta) kernels and autograd registration: the vocab_stats
+    # custom op with impl="compiled" and the raw compiled ops it calls.
+    x = torch.randn(5, 4, dtype=f64, requires_grad=True)
+    e = torch.randn(9, 4, dtype=f64, requires_grad=True)
+    target = torch.tensor([1, -1, 3, 8, -1])
+    torch.library.opcheck(torch.ops.plr_kernels.vocab_stats.default, (x, e, target, 0.5, 0, True, "compiled"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    xs, es = x.detach().float(), e.detach().float()
+    torch.library.opcheck(torch.ops.plr_kernels.vocab_forward.default, (xs, es, target, 0.5, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    lse, mu, _ = torch.ops.plr_kernels.vocab_forward(xs, es, target, 0.5, 0)
+    g_mu = torch.randn(5, 4)
+    args = (xs, es, target, lse, torch.randn(5), g_mu, (g_mu * mu).sum(-1), torch.randn(5), 0.5, 0, True)
+    torch.library.opcheck(torch.ops.plr_kernels.vocab_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match=r"impl: expected one of \['triton', 'compiled'\], got 'cuda'"):
+        vocab_stats(xs, es, impl="cuda")
