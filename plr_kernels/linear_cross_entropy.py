@@ -13,6 +13,7 @@ import torch
 
 from . import _checks, _dispatch, reference
 from .multi_pair_kl import check_vocab_args
+from .vocab_pass import linear_cross_entropy_compiled
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -23,7 +24,9 @@ def _reference(z, item_emb, target, temperature, exclude_index, reduction):
     )
 
 
-IMPLS = {"torch": _reference}
+# "cpu": the C++ kernels of plr_kernels._C (csrc/vocab_pass.cpp), offered only
+# where _C has them (resolved with kernel="vocab_forward").
+IMPLS = {"torch": _reference, "cpu": linear_cross_entropy_compiled}
 
 if _dispatch.triton_importable():
     from .vocab_pass import linear_cross_entropy_triton
@@ -50,10 +53,11 @@ def linear_cross_entropy(
         temperature: tau.
         exclude_index: an item left out of the softmax (the padding id 0).
         reduction: ``mean`` / ``sum`` -> scalar, ``none`` -> ``[B]``.
-        backend: ``auto | triton | torch``.
+        backend: ``auto | triton | cpu | torch`` (``cpu``: the compiled C++
+            kernels of ``plr_kernels._C``, picked by ``auto`` for CPU tensors).
     """
     check_vocab_args("z", z, 2, item_emb, temperature, exclude_index)
     _checks.check_targets(target, z.shape[0], item_emb.shape[0], exclude_index, z.device)
     _checks.check_choice("reduction", reduction, REDUCTIONS)
-    impl = _dispatch.resolve("linear_cross_entropy", backend, z.device, IMPLS)
+    impl = _dispatch.resolve("linear_cross_entropy", backend, z.device, IMPLS, kernel="vocab_forward")
     return impl(z, item_emb, target, float(temperature), exclude_index, reduction)

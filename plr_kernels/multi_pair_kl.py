@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import _checks, _dispatch, reference
+from .vocab_pass import multi_pair_kl_compiled
 
 
 def _reference(h, item_emb, temperature, exclude_index, detach_target):
@@ -22,7 +23,9 @@ def _reference(h, item_emb, temperature, exclude_index, detach_target):
     )
 
 
-IMPLS = {"torch": _reference}
+# "cpu": the C++ kernels of plr_kernels._C (csrc/vocab_pass.cpp), offered only
+# where _C has them (resolved with kernel="vocab_forward").
+IMPLS = {"torch": _reference, "cpu": multi_pair_kl_compiled}
 
 if _dispatch.triton_importable():
     from .vocab_pass import multi_pair_kl_triton
@@ -60,7 +63,8 @@ def multi_pair_kl(
         temperature: tau of ``p_k = softmax(h_k E^T / tau)``.
         exclude_index: an item left out of every softmax (the padding id 0).
         detach_target: stop the gradient through ``log p_j`` (ReaRec-ERL).
-        backend: ``auto | triton | torch``.
+        backend: ``auto | triton | cpu | torch`` (``cpu``: the compiled C++
+            kernels of ``plr_kernels._C``, picked by ``auto`` for CPU tensors).
 
     Returns:
         ``[B]``, differentiable in ``h`` and ``item_emb``.
@@ -68,5 +72,5 @@ def multi_pair_kl(
     check_vocab_args("h", h, 3, item_emb, temperature, exclude_index)
     if h.shape[1] < 2:
         raise ValueError(f"h: expected K >= 2 states per user (dim 1), got K={h.shape[1]}")
-    impl = _dispatch.resolve("multi_pair_kl", backend, h.device, IMPLS)
+    impl = _dispatch.resolve("multi_pair_kl", backend, h.device, IMPLS, kernel="vocab_forward")
     return impl(h, item_emb, float(temperature), exclude_index, bool(detach_target))

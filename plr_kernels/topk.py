@@ -14,13 +14,24 @@ def _reference(z, item_emb, k, exclude_index, exclude_items):
     return reference.topk(z, item_emb, k, exclude_index=exclude_index, exclude_items=exclude_items)
 
 
+def _compiled(z, item_emb, k, exclude_index, exclude_items):
+    """torch.ops.plr_kernels.topk: csrc/topk.cpp for CPU tensors, csrc/cuda/topk.cu for CUDA ones."""
+    return torch.ops.plr_kernels.topk(
+        z.contiguous(),
+        item_emb.contiguous(),
+        k,
+        -1 if exclude_index is None else exclude_index,
+        None if exclude_items is None else exclude_items.contiguous(),
+    )
+
+
 def _triton(z, item_emb, k, exclude_index, exclude_items):
     from .triton.rank import topk as kernel  # plr_kernels/triton/rank.py
 
     return kernel(z, item_emb, k, exclude_index, exclude_items)
 
 
-IMPLS = {"torch": _reference}
+IMPLS = {"torch": _reference, "cpu": _compiled, "cuda": _compiled}
 if _dispatch.triton_importable():
     IMPLS["triton"] = _triton
 
@@ -42,11 +53,12 @@ def topk(
         exclude_index: an item never returned (the padding id 0).
         exclude_items: ``[B, L]`` int64 ids never returned for their row
             (e.g. the history); negative entries are ignored.
-        backend: ``auto | triton | torch``.
+        backend: ``auto | triton | cpu | cuda | torch`` (``cpu`` / ``cuda``:
+            the compiled kernels of ``plr_kernels._C``).
 
     Returns:
         ``(values [B, k], indices [B, k])``, best first; equal scores are
-        ordered by smaller item id. A row left with fewer than ``k``
+        ordered by smaller item id. Values are fp32 (fp64 for fp64 inputs). A row left with fewer than ``k``
         candidates by ``exclude_items`` ends in ``(-inf, -1)`` entries.
     """
     check_rank_args(z, item_emb, exclude_index, exclude_items)
