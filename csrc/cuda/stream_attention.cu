@@ -36,7 +36,11 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxStreams = 16;  // M
 constexpr int64_t kMaxHeadDim = 256;  // D
-constexpr int kPerThread = static_cast<int>(kMaxStreams * kMaxHeadDim / kThreads);  // acc registers
+// Output elements (m, c) held in registers per thread: M * D <= PER * kThreads.
+// Two instantiations keep the register count (and so the occupancy) low for
+// the common M * D <= 1024 (PLR: M <= 8 streams, D = 128).
+constexpr int kPerThreadSmall = 4;
+constexpr int kPerThreadLarge = static_cast<int>(kMaxStreams * kMaxHeadDim / kThreads);
 
 __device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
@@ -78,8 +82,8 @@ struct Smem {
 
 // One online-softmax step over a tile already in shared memory. Column j of
 // query m reads tile row `stream_tile ? m * ncols + j : j`.
-template <typename acc_t>
-__device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[kPerThread], int64_t M, int64_t D,
+template <int PER, typename acc_t>
+__device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[PER], int64_t M, int64_t D,
                              int TN, int ncols, bool stream_tile) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // 1. Scores s = (scale q_m) . k_row, -inf for invalid rows.
@@ -123,7 +127,7 @@ __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[kPerT
   __syncthreads();
   // 3. acc = alpha acc + sum_j p_j v_row(j); thread owns elements e = tid + i * kThreads.
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
+  for (int i = 0; i < PER; ++i) {
     const int64_t e = threadIdx.x + static_cast<int64_t>(i) * kThreads;
     if (e < M * D) {
       const int64_t m = e / D, c = e % D;
@@ -138,7 +142,7 @@ __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[kPerT
   __syncthreads();  // the next tile overwrites k, v, p
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int PER>
 __global__ void __launch_bounds__(kThreads)
     stream_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ kp,
                                 const scalar_t* __restrict__ vp, const scalar_t* __restrict__ ks,
@@ -156,9 +160,9 @@ __global__ void __launch_bounds__(kThreads)
     sm.mx[m] = neg_inf<acc_t>();
     sm.l[m] = 0;
   }
-  acc_t acc[kPerThread];
+  acc_t acc[PER];
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) acc[i] = 0;
+  for (int i = 0; i < PER; ++i) acc[i] = 0;
 
   // Shared prefix: tiles of TN keys, loaded once for all M queries.
   const scalar_t* kp_bh = kp + bh * N * D;
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
       sm.v[r * D + c] = ok ? static_cast<acc_t>(vp_bh[(n0 + r) * D + c]) : acc_t(0);
     }
     __syncthreads();
-    softmax_tile(sm, acc, M, D, TN, rows, false);
+    softmax_tile<PER>(sm, acc, M, D, TN, rows, false);
   }
 
   // Own streams: tiles of TS = TN / M steps per stream, row m * TS + j.
@@ -193,12 +197,12 @@ __global__ void __launch_bounds__(kThreads)
       sm.v[r * D + c] = static_cast<acc_t>(vs_bh[g]);
     }
     __syncthreads();
-    softmax_tile(sm, acc, M, D, TN, cols, true);
+    softmax_tile<PER>(sm, acc, M, D, TN, cols, true);
   }
 
   // o = acc / l, lse = mx + log l (l > 0: the own stream is never masked).
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
+  for (int i = 0; i < PER; ++i) {
     const int64_t e = threadIdx.x + static_cast<int64_t>(i) * kThreads;
     if (e < M * D) {
       const acc_t l = sm.l[e / D];
@@ -297,7 +301,9 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cuda(
     const int64_t smem = Smem<acc_t>::bytes(M, D, TN);
     TORCH_CHECK(smem <= max_smem, "stream_attention_fwd (CUDA): needs ", smem,
                 " bytes of shared memory, the device has ", max_smem, " (M = ", M, ", D = ", D, ")");
-    auto* kernel = stream_attention_fwd_kernel<scalar_t, acc_t>;
+    auto* kernel = M * D <= kPerThreadSmall * kThreads
+                       ? stream_attention_fwd_kernel<scalar_t, acc_t, kPerThreadSmall>
+                       : stream_attention_fwd_kernel<scalar_t, acc_t, kPerThreadLarge>;
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));

@@ -153,13 +153,14 @@ __global__ void __launch_bounds__(kThreads)
           const acc_t ej = static_cast<acc_t>(e[j]);
 #pragma unroll
           for (int r = 0; r < kMaxRows; ++r)
-            if (r < R) acc[r] = fma_acc(z_s[r * d + j], ej, acc[r]);
+            if (r < rows) acc[r] = fma_acc(z_s[r * d + j], ej, acc[r]);
         }
 #pragma unroll
         for (int r = 0; r < kMaxRows; ++r)
+          if (r < rows)  // block-uniform
 #pragma unroll
-          for (int off = 16; off > 0; off >>= 1)
-            acc[r] = acc[r] + __shfl_xor_sync(0xffffffffu, acc[r], off);
+            for (int off = 16; off > 0; off >>= 1)
+              acc[r] = acc[r] + __shfl_xor_sync(0xffffffffu, acc[r], off);
       }
       if (lane < R) {
         acc_t s = acc[0];
@@ -316,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& z, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "topk_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const int64_t slot_bytes = C * static_cast<int64_t>(sizeof(acc_t) + sizeof(int));
-    const int R = rows_per_block(d * static_cast<int64_t>(sizeof(acc_t)) + slot_bytes, max_smem);
+    const int R = static_cast<int>(std::min<int64_t>(
+        B, rows_per_block(d * static_cast<int64_t>(sizeof(acc_t)) + slot_bytes, max_smem)));
     const int64_t row_blocks = (B + R - 1) / R;
     TORCH_CHECK(row_blocks <= 0x7fffffff, "topk (CUDA): B too large, got ", B);
     // Item groups: enough blocks to fill the device twice over.
@@ -346,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& z, const at::Tens
         per_group, exclude_index, ex_ptr, L, ws_val.mutable_data_ptr<acc_t>(),
         ws_id.mutable_data_ptr<int64_t>(), G * k, false);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int Rm = rows_per_block(slot_bytes, max_smem);
+    const int Rm = static_cast<int>(std::min<int64_t>(B, rows_per_block(slot_bytes, max_smem)));
     const int64_t merge_smem = Rm * slot_bytes;
     auto* merge = topk_merge_kernel<acc_t>;
     allow_shared_memory(merge, merge_smem);
