@@ -86,6 +86,17 @@ def test_stream_attention_fp64(m, n, d, mask_kind):
     torch.testing.assert_close(lse.float(), lse_ref32)
 
 
+@pytest.mark.parametrize("m,n,s,d", [(16, 45, 3, 256), (5, 97, 2, 232), (9, 1, 1, 200)])
+def test_stream_attention_fp64_many_streams_wide_heads(m, n, s, d):
+    # M * D > 1024: the kernel instance with 16 accumulators per thread
+    # (and, in fp64 with M=16, D=256, the largest shared-memory footprint).
+    inputs = attention_inputs(2, 2, m, n, s, d, torch.float64, "padded", seed=11)
+    o, lse = cuda_attention(*inputs)
+    o_ref = reference.stream_attention(*inputs[:5], prefix_mask=inputs[5])
+    assert rel_err(o, o_ref) < 1e-12
+    torch.testing.assert_close(lse, lse_truth(inputs[0], inputs[1], inputs[3], inputs[5]), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("m,n,s,d", [(1, 1, 1, 16), (2, 97, 3, 64), (8, 200, 2, 128), (3, 50, 5, 24),
                                      (16, 33, 4, 256), (5, 0, 1, 32), (8, 64, 7, 1)])
 @pytest.mark.parametrize("mask_kind", ["none", "padded", "full"])
