@@ -99,7 +99,8 @@ def _register_fakes() -> None:
 
     @register_fake("plr_kernels::topk")
     def _topk_fake(z, item_emb, k, exclude_index, exclude_items):
-        return z.new_empty((z.shape[0], k)), z.new_empty((z.shape[0], k), dtype=torch.int64)
+        return (z.new_empty((z.shape[0], k), dtype=_stats_dtype(z)),
+                z.new_empty((z.shape[0], k), dtype=torch.int64))
 
     @register_fake("plr_kernels::stream_attention_fwd")
     def _stream_attention_fwd_fake(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
@@ -150,6 +151,9 @@ def build_info() -> dict:
     return {k: v for k, v in info.items() if k.isupper()}
 
 
+# A trace-time constant for torch.compile: which kernels _C holds cannot change
+# while the process runs, and dynamo cannot trace the dispatcher query.
+@torch.compiler.assume_constant_result
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether ``torch.ops.plr_kernels.<op_name>`` has a compiled kernel for
     ``device_type`` ("cpu"/"CPU", "cuda"/"CUDA")."""

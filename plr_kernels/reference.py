@@ -66,8 +66,8 @@ def stream_attention(
     Shapes: ``q [B,H,M,D]``; ``k_prefix, v_prefix [B,H,N,D]`` (shared by all
     streams); ``k_stream, v_stream [B,H,M,S,D]`` (stream m's own reasoning
     tokens 1..S, the current one included); ``prefix_mask [B,N]`` bool, True =
-    valid key. Returns ``o [B,H,M,D]`` (and the fp32 ``lse [B,H,M]`` of the
-    pre-dropout softmax when ``return_lse``).
+    valid key. Returns ``o [B,H,M,D]`` (and the ``lse [B,H,M]`` of the
+    pre-dropout softmax when ``return_lse``: fp32, fp64 for fp64 inputs, as the kernels).
 
     The query of stream m sees every valid prefix key and keys 1..S of its own
     stream, never another stream's. Attention dropout drops probabilities with
@@ -95,7 +95,7 @@ def stream_attention(
         "bhms,bhmsd->bhmd", probs[..., n:], v_stream
     )
     if return_lse:
-        return o, lse.float()
+        return o, (lse if q.dtype == torch.float64 else lse.float())
     return o
 
 

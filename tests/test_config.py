@@ -29,8 +29,7 @@ def test_shipped_configs_follow_the_rearec_defaults():
 
 
 @pytest.mark.parametrize("model,overrides,match", [
-    ("nope", [], r"model: expected one of \['bert4rec', 'erl', 'lares', 'plr', 'prl', 'sasrec', 'unisrec'\], "
-                 r"got 'nope'"),
+    ("nope", [], r"model: expected one of \[.*'plr'.*'sasrec'.*\], got 'nope'"),
     ("plr", ["train.lrr=1"], r"unknown key\(s\) \['lrr'\] in section 'train'"),
     ("plr", ["optim.lr=1"], r"unknown section\(s\) \['optim'\]"),
     ("plr", ["lr=1"], r"--set: expected a key of the form section.key"),
