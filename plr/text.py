@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from .models.base import atomic_torch_save
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_DIM = 384
@@ -124,21 +125,6 @@ def _check_titles(titles) -> List[str]:
     return list(titles)
 
 
-def _atomic_save(tensor: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensor, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def item_text_embeddings(titles: Sequence[str], *, cache_dir=None, dataset_name: str = "dataset",
                          batch_size: int = 256, progress: bool = True, encoder: Optional[Encoder] = None,
                          model_name: str = MODEL_NAME) -> torch.Tensor:
@@ -181,5 +167,5 @@ def item_text_embeddings(titles: Sequence[str], *, cache_dir=None, dataset_name:
     for item, title in enumerate(titles):
         if item > 0 and title.strip():
             out[item] = table[row_of[title.strip()]]
-    _atomic_save(out, path)
+    atomic_torch_save(out, path)
     return out

@@ -33,8 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..transformer import TransformerBlock
-from .sasrec import PrefixEncoding
+from .sasrec import PrefixEncoding, TransformerBackbone
 
 
 def bidirectional_mask(key_mask: torch.Tensor) -> torch.Tensor:
@@ -48,34 +47,20 @@ def bidirectional_mask(key_mask: torch.Tensor) -> torch.Tensor:
     return key_mask[:, None, :].expand(-1, n, -1) | eye
 
 
-class BERT4RecBackbone(nn.Module):
+class BERT4RecBackbone(TransformerBackbone):
     def __init__(self, num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
                  dropout, attn_dropout, layer_norm_eps):
-        super().__init__()
-        self.num_items = num_items
-        self.max_len = max_len
-        self.num_heads = num_heads
+        # max_len items + the appended [MASK].
+        super().__init__(num_items, max_len, max_len + 1, hidden_size, num_layers, num_heads, inner_size, dropout,
+                         attn_dropout, layer_norm_eps)
         self.mask_token = num_items + 1
         # Rows 0 (padding), 1..num_items (items, tied with the output layer), num_items + 1 ([MASK]).
         self.item_embedding = nn.Embedding(num_items + 2, hidden_size, padding_idx=0)
-        # max_len items + the appended [MASK].
-        self.position_embedding = nn.Embedding(max_len + 1, hidden_size)
-        self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.input_dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
-            for _ in range(num_layers)
-        )
 
     def item_table(self) -> torch.Tensor:
         """``E [num_items + 1, d]`` (row 0 = padding; the [MASK] row left out):
         the input embedding of the items and the (tied) output layer."""
         return self.item_embedding.weight[: self.num_items + 1]
-
-    def reset_padding(self) -> None:
-        """Zero the padding row after initialisation."""
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
 
     def input_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """X_0 = dropout(LN(E[tokens] + P)), positions right-aligned on ``0..max_len``."""
@@ -84,17 +69,7 @@ class BERT4RecBackbone(nn.Module):
                              f"got {list(tokens.shape)}")
         length = tokens.shape[1]
         positions = torch.arange(self.max_len + 1 - length, self.max_len + 1, device=tokens.device)
-        x = self.item_embedding(tokens) + self.position_embedding(positions)[None]
-        return self.input_dropout(self.input_norm(x))
-
-    def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
-        """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
-        keys, values = [], []
-        for layer in self.layers:
-            x, k, v = layer.forward_full(x, mask)
-            keys.append(k)
-            values.append(v)
-        return x, keys, values
+        return self.embed(self.item_embedding(tokens), positions)
 
     def encode_tokens(self, tokens: torch.Tensor) -> PrefixEncoding:
         """Bidirectional encoding of an arbitrary left-padded token sequence.

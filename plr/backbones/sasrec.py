@@ -36,16 +36,18 @@ def causal_mask(key_mask: torch.Tensor) -> torch.Tensor:
     return (causal & key_mask[:, None, :]) | eye
 
 
-class SASRecBackbone(nn.Module):
-    def __init__(self, num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
+class TransformerBackbone(nn.Module):
+    """What the backbones share: learned positions, the input LayerNorm and
+    dropout, and L post-LN blocks run under an arbitrary mask. Subclasses own
+    the item representations (``item_embedding`` when they have one)."""
+
+    def __init__(self, num_items, max_len, num_positions, hidden_size, num_layers, num_heads, inner_size,
                  dropout, attn_dropout, layer_norm_eps):
         super().__init__()
         self.num_items = num_items
         self.max_len = max_len
         self.num_heads = num_heads
-        # Row 0 is the padding item; the table is tied with the output layer.
-        self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.position_embedding = nn.Embedding(num_positions, hidden_size)
         self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.input_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
@@ -53,20 +55,16 @@ class SASRecBackbone(nn.Module):
             for _ in range(num_layers)
         )
 
-    def item_table(self) -> torch.Tensor:
-        """``E [num_items + 1, d]``: input embedding and (tied) output layer."""
-        return self.item_embedding.weight
-
     def reset_padding(self) -> None:
-        """Zero the padding row after initialisation."""
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        """Zero the padding row of the item embedding after initialisation."""
+        table = getattr(self, "item_embedding", None)
+        if table is not None:
+            with torch.no_grad():
+                table.weight[0].zero_()
 
-    def input_embedding(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """X_0 = dropout(LN(E[items] + P)), positions over the left-padded array."""
-        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        x = self.item_embedding(item_seq) + self.position_embedding(positions)[None]
-        return self.input_dropout(self.input_norm(x))
+    def embed(self, item_vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """X_0 = dropout(LN(v + P[positions])) for ``item_vectors [B,L,d]``."""
+        return self.input_dropout(self.input_norm(item_vectors + self.position_embedding(positions)[None]))
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
         """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
@@ -76,6 +74,23 @@ class SASRecBackbone(nn.Module):
             keys.append(k)
             values.append(v)
         return x, keys, values
+
+
+class SASRecBackbone(TransformerBackbone):
+    def __init__(self, num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
+                 dropout, attn_dropout, layer_norm_eps):
+        super().__init__(num_items, max_len, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
+                         attn_dropout, layer_norm_eps)
+        # Row 0 is the padding item; the table is tied with the output layer.
+        self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
+
+    def item_table(self) -> torch.Tensor:
+        """``E [num_items + 1, d]``: input embedding and (tied) output layer."""
+        return self.item_embedding.weight
+
+    def input_embedding(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """X_0 = dropout(LN(E[items] + P)), positions over the left-padded array."""
+        return self.embed(self.item_embedding(item_seq), torch.arange(item_seq.shape[1], device=item_seq.device))
 
     def encode(self, item_seq: torch.Tensor) -> PrefixEncoding:
         """``item_seq [B,N]`` left-padded ids -> H_enc and the prefix KV cache."""

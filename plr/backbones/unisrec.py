@@ -42,9 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..transformer import TransformerBlock
 from ..validation import check_positive_int, check_probability
-from .sasrec import PrefixEncoding, causal_mask
+from .sasrec import PrefixEncoding, TransformerBackbone, causal_mask
 
 GATE_NOISE_EPS = 1e-2  # UniSRec's noise_epsilon
 
@@ -86,15 +85,13 @@ class MoEAdapter(nn.Module):
         return (self.gate(x).unsqueeze(-1) * self.experts(x)).sum(dim=-2)
 
 
-class UniSRecBackbone(nn.Module):
+class UniSRecBackbone(TransformerBackbone):
     def __init__(self, num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                  attn_dropout, layer_norm_eps, text_dim: int = 384, num_experts: int = 8,
                  adaptor_dropout: float = 0.2, gate_noise: bool = True, use_id: bool = True,
                  normalize_items: bool = True, text_cache_dir: Optional[str] = None):
-        super().__init__()
-        self.num_items = num_items
-        self.max_len = max_len
-        self.num_heads = num_heads
+        super().__init__(num_items, max_len, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
+                         attn_dropout, layer_norm_eps)
         self.text_dim = check_positive_int("text_dim", text_dim)
         self.use_id = bool(use_id)
         self.normalize_items = bool(normalize_items)
@@ -104,13 +101,6 @@ class UniSRecBackbone(nn.Module):
         self.register_buffer("text_emb", torch.zeros(num_items + 1, text_dim))
         self.adapter = MoEAdapter(text_dim, hidden_size, num_experts, adaptor_dropout, gate_noise)
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0) if self.use_id else None
-        self.position_embedding = nn.Embedding(max_len, hidden_size)
-        self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.input_dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
-            for _ in range(num_layers)
-        )
         self._cache = None  # (versions key, raw table, output table), eval mode only
 
     # -- item text ---------------------------------------------------------------------
@@ -147,9 +137,7 @@ class UniSRecBackbone(nn.Module):
 
     def reset_padding(self) -> None:
         """Zero the padding row of the ID embedding after initialisation."""
-        if self.item_embedding is not None:
-            with torch.no_grad():
-                self.item_embedding.weight[0].zero_()
+        super().reset_padding()
         self._cache = None
 
     def train(self, mode: bool = True):
@@ -191,17 +179,7 @@ class UniSRecBackbone(nn.Module):
         table in eval mode."""
         cached = not self.training and not torch.is_grad_enabled()
         v = self._tables()[0][item_seq] if cached else self._represent(self.text_emb[item_seq], item_seq)
-        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        return self.input_dropout(self.input_norm(v + self.position_embedding(positions)[None]))
-
-    def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
-        """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
-        keys, values = [], []
-        for layer in self.layers:
-            x, k, v = layer.forward_full(x, mask)
-            keys.append(k)
-            values.append(v)
-        return x, keys, values
+        return self.embed(v, torch.arange(item_seq.shape[1], device=item_seq.device))
 
     def encode(self, item_seq: torch.Tensor) -> PrefixEncoding:
         """``item_seq [B,N]`` left-padded ids -> H_enc and the prefix KV cache."""
