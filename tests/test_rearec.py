@@ -167,17 +167,19 @@ def test_prl_temperature_schedule_by_hand():
     assert model.step_temperatures() == pytest.approx([0.1575, 0.105, 0.07])
 
 
-def test_prl_loss_is_mean_of_per_step_annealed_cross_entropies():
+def test_prl_loss_is_final_step_ce_plus_mean_of_earlier_annealed_ces():
     torch.manual_seed(5)
-    model = deterministic(ReaRecPRLModel, temperature=0.2, temperature_decay=3.0, num_steps=2, noise_std=0.0)
+    model = deterministic(ReaRecPRLModel, temperature=0.2, temperature_decay=3.0, num_steps=2, noise_std=0.0,
+                          pl_weight=0.7)
     seq, target = histories(), targets()
     loss, parts = model.compute_loss(seq, target)
     out = model(seq)
     outputs = [out.h0, out.states[:, 0, 0], out.states[:, 1, 0]]
     items = model.item_emb[1:]
-    want = sum(F.cross_entropy(o @ items.T / tau, target - 1) for o, tau in zip(outputs, [1.8, 0.6, 0.2])) / 3
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(parts["nip"], want.detach())
+    ce = [F.cross_entropy(o @ items.T / tau, target - 1) for o, tau in zip(outputs, [1.8, 0.6, 0.2])]
+    torch.testing.assert_close(loss, ce[2] + 0.7 * (ce[0] + ce[1]) / 2)
+    torch.testing.assert_close(parts["nip"], ce[2].detach())
+    torch.testing.assert_close(parts["pl"], ((ce[0] + ce[1]) / 2).detach())
 
 
 def test_prl_inference_uses_the_final_step():
@@ -230,7 +232,7 @@ def test_prl_contrastive_term_with_noise(monkeypatch):
     loss, parts = model.compute_loss(seq, target)
     assert len(calls) == 2  # clean + noisy reasoning pass
     assert parts["rcl"] > 0
-    torch.testing.assert_close(loss.detach(), parts["nip"] + 0.4 * parts["rcl"])
+    torch.testing.assert_close(loss.detach(), parts["nip"] + parts["pl"] + 0.4 * parts["rcl"])
     # The InfoNCE of a view with itself is lower than clean vs noisy: the noise matters.
     states = model(seq).states.detach()
     assert reasoning_contrastive_loss(states, states) < parts["rcl"]
@@ -249,7 +251,7 @@ def test_prl_without_noise_has_an_exact_zero_contrastive_term_at_every_epoch(mon
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        assert parts["rcl"] == 0 and torch.equal(loss.detach(), parts["nip"])
+        assert parts["rcl"] == 0 and torch.equal(loss.detach(), parts["nip"] + parts["pl"])
     assert len(calls) == 3  # the noisy pass never runs
     # Evaluation never runs it either, noise on or not.
     noisy = small(ReaRecPRLModel, noise_std=0.5).double().eval()

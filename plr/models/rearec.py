@@ -23,7 +23,8 @@ ERL (Ensemble Reasoning Learning)
 
 PRL (Progressive Reasoning Learning)
     tau_k = tau * alpha^(K-k)                               progressive temperature
-    L     = 1/(K+1) sum_k CE(o_k; tau_k) + w_cl * L_RCL     (annealing: early steps
+    L     = CE(o_K; tau) + w_pl * 1/K sum_{k<K} CE(o_k; tau_k) + w_cl * L_RCL
+                                                            (annealing: early steps
                                                             softer, the last at tau)
     L_RCL: a second reasoning pass whose input tokens get Gaussian noise
     x~_k = x_k + gamma * eps; symmetric in-batch InfoNCE (cosine, temperature
@@ -36,13 +37,16 @@ warm-up), and PRL with ``noise_std == 0`` does not run the noisy pass and its
 contrastive term is exactly 0 (the public PRL leaves it undefined). Nothing
 depends on the epoch.
 
-Choices made where the paper / public code was not at hand to check (the
-equations above are written out instead of cited by number for that reason):
-h_0 is one of the pooled / supervised step outputs in both variants; PRL
-averages (not sums) its K + 1 per-step CEs; its noise is added after the
-reasoning LayerNorm, only to the extra noisy pass (the clean pass, scored by
-the CE, is noise-free); defaults ``kl_weight=0.05``, ``temperature_decay=1.2``,
-``noise_std=0.1``, ``rcl_weight=0.1``, ``rcl_temperature=1.0`` are ours.
+As in the public ReaRec code: h_0 is one of the pooled / supervised step
+outputs in both variants (the code reads the last K + 1 positions of the
+extended sequence); ERL's ``kl_weight=0.05``; PRL's final-step CE plus
+``pl_weight`` (1.0) times the mean CE of the earlier steps, ``alpha = 5``
+(its ``temp_scale``), noise 0.01 and contrastive weight 1.0. Ours: the noise is
+added after the reasoning LayerNorm, only to the extra noisy pass (the clean
+pass, scored by the CE, is noise-free), from the first epoch (the public code
+waits 2 warm-up epochs); the contrastive term is the symmetric cosine InfoNCE
+of plr.losses with temperature 1 (the public code: one direction, dot
+products / 0.07). The equations are written out, not cited by number.
 """
 
 from __future__ import annotations
@@ -183,6 +187,7 @@ class ReaRecPRLModel(_ReaRecBase):
         num_steps: K reasoning steps (ReaRec's sweet spot: 2).
         temperature_decay: alpha of ``tau_k = tau * alpha^(K-k)`` (> 0; > 1
             anneals: the final step gets ``tau``, earlier steps softer).
+        pl_weight: weight of the earlier steps' mean CE (progressive learning).
         noise_std: gamma, std of the Gaussian noise on the reasoning input
             tokens of the noisy view (>= 0; 0 disables the contrastive term).
         rcl_weight: weight of the contrastive term (>= 0; 0 disables it).
@@ -193,8 +198,9 @@ class ReaRecPRLModel(_ReaRecBase):
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12, num_steps: int = 2,
-                 temperature: float = 0.07, temperature_decay: float = 1.2, noise_std: float = 0.1,
-                 rcl_weight: float = 0.1, rcl_temperature: float = 1.0, reasoning_dropout: float = 0.2,
+                 temperature: float = 0.07, temperature_decay: float = 5.0, pl_weight: float = 1.0,
+                 noise_std: float = 0.01, rcl_weight: float = 1.0, rcl_temperature: float = 1.0,
+                 reasoning_dropout: float = 0.2,
                  kernels: str = "auto", backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout, attn_dropout,
                          layer_norm_eps, num_steps, temperature, reasoning_dropout, kernels, backbone, backbone_args)
@@ -202,11 +208,12 @@ class ReaRecPRLModel(_ReaRecBase):
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
             layer_norm_eps=layer_norm_eps, num_steps=num_steps, temperature=temperature,
-            temperature_decay=temperature_decay, noise_std=noise_std, rcl_weight=rcl_weight,
+            temperature_decay=temperature_decay, pl_weight=pl_weight, noise_std=noise_std, rcl_weight=rcl_weight,
             rcl_temperature=rcl_temperature, reasoning_dropout=reasoning_dropout, kernels=kernels,
             backbone=backbone, backbone_args=backbone_args,
         )
         self.temperature_decay = _check_number("temperature_decay", temperature_decay, strict=True)
+        self.pl_weight = _check_number("pl_weight", pl_weight)
         self.noise_std = _check_number("noise_std", noise_std)
         self.rcl_weight = _check_number("rcl_weight", rcl_weight)
         self.rcl_temperature = _check_number("rcl_temperature", rcl_temperature, strict=True)
@@ -226,20 +233,20 @@ class ReaRecPRLModel(_ReaRecBase):
 
     def compute_loss(self, item_seq: torch.Tensor, target: torch.Tensor
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``mean_k CE(o_k; tau_k) + w_cl * L_RCL`` -> ``(loss, {"nip", "rcl"})``."""
+        """``CE(o_K; tau) + w_pl mean_{k<K} CE(o_k; tau_k) + w_cl L_RCL`` -> ``(loss, {"nip", "pl", "rcl"})``."""
         item_seq = self.prepare(item_seq)
         prefix = self.backbone.encode(item_seq)
         h0 = prefix.hidden[:, -1]
         target = check_target(target, h0.shape[0], self.num_items, h0.device)
         states = self.reason(prefix)
         outputs = self.step_outputs(h0, states)  # [B,K+1,d]
-        # Progressive temperature annealing: CE of step k at tau_k, averaged over k = 0..K.
-        nip = sum(
-            plr_kernels.linear_cross_entropy(outputs[:, k], self.item_emb, target, temperature=tau_k,
-                                             exclude_index=PADDING, backend=self.kernels)
-            for k, tau_k in enumerate(self.step_temperatures())
-        ) / (self.num_steps + 1)
-        loss = nip
+        # Progressive temperature annealing: CE of step k at tau_k; the final step
+        # at tau is the prediction, the earlier ones the progressive-learning term.
+        ces = [plr_kernels.linear_cross_entropy(outputs[:, k], self.item_emb, target, temperature=tau_k,
+                                                exclude_index=PADDING, backend=self.kernels)
+               for k, tau_k in enumerate(self.step_temperatures())]
+        nip, pl = ces[-1], sum(ces[:-1]) / self.num_steps
+        loss = nip + self.pl_weight * pl
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.training and self.noise_std > 0 and self.rcl_weight > 0:
             # Reasoning-aware contrastive learning: the noisy view re-runs only the
@@ -247,4 +254,4 @@ class ReaRecPRLModel(_ReaRecBase):
             noisy = self.reason(prefix, self.noise_std)
             rcl = reasoning_contrastive_loss(states, noisy, temperature=self.rcl_temperature)
             loss = loss + self.rcl_weight * rcl
-        return loss, {"nip": nip.detach(), "rcl": rcl.detach()}
+        return loss, {"nip": nip.detach(), "pl": pl.detach(), "rcl": rcl.detach()}
