@@ -152,7 +152,7 @@ def item_text_embeddings(titles: Sequence[str], *, cache_dir=None, dataset_name:
     if progress and len(unique) >= _PROGRESS_MIN_TITLES:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"text embeddings ({dataset_name})", unit="batch")
+        batches = tqdm(batches, desc=f"text embeddings ({dataset_name})", unit="batch", disable=None)  # None: TTY only
     parts = [encode(batch) for batch in batches]
     parts = [p.detach().float().cpu() for p in parts]
     dim = parts[0].shape[1] if parts else TEXT_DIM
