@@ -118,7 +118,7 @@ def compiled_backends(device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--items", type=int, default=12101, help="item table size (Amazon Beauty: 12101)")
+    p.add_argument("--items", type=int, default=12101, help="item table size (S3-Rec Amazon Beauty: 12101)")
     p.add_argument("--hist", type=int, default=50, help="history length (full histories)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
     p.add_argument("--hidden", type=int, default=256)
