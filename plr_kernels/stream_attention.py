@@ -32,6 +32,29 @@ def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dr
 IMPLS = {"torch": _reference}
 
 
+# -- Autograd shared by the Triton and the compiled forward ops, both
+# (q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+# -> (o, lse), with a backward op taking (grad_o, those tensors, o, lse, scale,
+# dropout_p, seed) -> the five input gradients.
+
+
+def _setup_context(ctx, inputs, output):
+    q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, *output, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _backward_through(backward_op):
+    def backward(ctx, do, _dlse):
+        # lse is an auxiliary output (the softmax statistics); it carries no gradient.
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, seed = ctx.saved_tensors
+        grads = backward_op(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, ctx.scale,
+                            ctx.dropout_p, seed)
+        return (*grads, None, None, None, None)
+
+    return backward
+
+
 # -- Triton: kernels in plr_kernels/triton/stream_attention.py, wrapped as
 # torch.library custom ops (fake tensors for torch.compile, autograd through
 # the backward kernel). triton is imported on first use, not with plr_kernels.
@@ -96,19 +119,7 @@ if _dispatch.triton_importable():
         return (q.new_empty(q.shape), q.new_empty(k_prefix.shape), q.new_empty(v_prefix.shape),
                 q.new_empty(k_stream.shape), q.new_empty(v_stream.shape))
 
-    def _triton_setup_context(ctx, inputs, output):
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed = inputs
-        ctx.save_for_backward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, *output, seed)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-
-    def _triton_backward(ctx, do, _dlse):
-        # lse is an auxiliary output (the softmax statistics); it carries no gradient.
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, seed = ctx.saved_tensors
-        grads = torch.ops.plr_kernels.stream_attention_triton_bwd(
-            do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, ctx.scale, ctx.dropout_p, seed)
-        return (*grads, None, None, None, None)
-
-    _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+    _triton_fwd.register_autograd(_backward_through(_triton_bwd), setup_context=_setup_context)
 
     def _triton(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -186,19 +197,8 @@ def cpu_dropout_mask(b: int, h: int, m: int, n: int, s: int, dropout_p: float, s
 
 if _compiled_op_exists():
 
-    def _compiled_setup_context(ctx, inputs, output):
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed = inputs
-        ctx.save_for_backward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, *output, seed)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-
-    def _compiled_backward(ctx, do, _dlse):
-        # lse is an auxiliary output (the softmax statistics); it carries no gradient.
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, seed = ctx.saved_tensors
-        grads = torch.ops.plr_kernels.stream_attention_bwd(
-            do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, ctx.scale, ctx.dropout_p, seed)
-        return (*grads, None, None, None, None)
-
-    torch.library.register_autograd(_COMPILED_FWD, _compiled_backward, setup_context=_compiled_setup_context)
+    torch.library.register_autograd(_COMPILED_FWD, _backward_through(torch.ops.plr_kernels.stream_attention_bwd),
+                                    setup_context=_setup_context)
 
 # Listed even without a build: _dispatch checks that the loaded _C has the
 # kernel for the device, and its error then says why it is missing.
