@@ -28,6 +28,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "topk.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -227,46 +229,16 @@ __global__ void __launch_bounds__(kThreads)
   write_rows(val, id, rows, C, k, out_val + row0 * k, out_id + row0 * k, k, true);
 }
 
-void check_topk_inputs(const at::Tensor& z, const at::Tensor& item_emb, int64_t k,
-                       int64_t exclude_index, const std::optional<at::Tensor>& exclude_items) {
-  TORCH_CHECK(z.dim() == 2, "topk: z must be 2-D [B, d], got shape ", z.sizes());
-  TORCH_CHECK(item_emb.dim() == 2 && item_emb.size(1) == z.size(1),
-              "topk: item_emb must have shape [V, d] with d = ", z.size(1), " (as z), got ",
-              item_emb.sizes());
-  const auto st = z.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "topk: z must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(item_emb.scalar_type() == st, "topk: item_emb must have the dtype of z (", st,
-              "), got ", item_emb.scalar_type());
-  TORCH_CHECK(z.is_cuda() && item_emb.device() == z.device(),
-              "topk (CUDA): z and item_emb must be on the same CUDA device, got ", z.device(),
-              " and ", item_emb.device());
+// The CUDA kernel's own limits, beyond the checks shared with the CPU kernel.
+void check_topk_cuda_limits(const at::Tensor& z, const at::Tensor& item_emb, int64_t k) {
+  TORCH_CHECK(z.is_cuda(), "topk (CUDA): z and item_emb must be CUDA tensors, got ", z.device());
   const int64_t V = item_emb.size(0), d = z.size(1);
   TORCH_CHECK(V < kSentinelId, "topk (CUDA): item_emb must have V < 2^31 - 1 rows, got V = ", V);
   TORCH_CHECK(d <= kMaxD, "topk (CUDA): d must be <= ", kMaxD,
               " (z rows are staged in shared memory), got d = ", d);
-  TORCH_CHECK(k >= 1 && k <= V, "topk: k must lie in [1, V] = [1, ", V, "], got ", k);
   TORCH_CHECK(k <= kMaxK, "topk (CUDA): k must be <= ", kMaxK,
               " (the running top-k lives in shared memory), got k = ", k,
               "; use backend='torch' for larger k");
-  TORCH_CHECK(exclude_index >= -1 && exclude_index < V,
-              "topk: exclude_index must be an item id in [0, V) = [0, ", V, ") or -1 (none), got ",
-              exclude_index);
-  if (exclude_items.has_value()) {
-    const auto& ex = *exclude_items;
-    TORCH_CHECK(ex.scalar_type() == at::kLong, "topk: exclude_items must be int64, got ",
-                ex.scalar_type());
-    TORCH_CHECK(ex.dim() == 2 && ex.size(0) == z.size(0),
-                "topk: exclude_items must have shape [B, L] with B = ", z.size(0), ", got ",
-                ex.sizes());
-    TORCH_CHECK(ex.device() == z.device(), "topk: exclude_items must be on ", z.device(),
-                ", got ", ex.device());
-    if (ex.numel() > 0) {
-      const int64_t mx = ex.max().item<int64_t>();  // one device sync
-      TORCH_CHECK(mx < V, "topk: exclude_items entries must be < V = ", V,
-                  " (negative entries are padding), got ", mx);
-    }
-  }
 }
 
 // Rows per block: the most (<= kMaxRows) whose shared memory fits the device.
@@ -290,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& z, const at::Tens
                                              int64_t k, int64_t exclude_index,
                                              const std::optional<at::Tensor>& exclude_items) {
   check_topk_inputs(z, item_emb, k, exclude_index, exclude_items);
+  check_topk_cuda_limits(z, item_emb, k);
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t B = z.size(0), V = item_emb.size(0), d = z.size(1);
   const auto stat_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

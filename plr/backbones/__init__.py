@@ -31,11 +31,17 @@ BACKBONES = {
 }
 
 
-def backbone_class(name: str) -> type:
-    if name not in BACKBONES:
-        raise ValueError(f"backbone: expected one of {sorted(BACKBONES)}, got {name!r}")
-    module, cls = BACKBONES[name]
+def lazy_class(table: dict, name: str, argument: str) -> type:
+    """The class registered as ``name`` in ``table`` (name -> (module, class)),
+    imported on first use; an unknown name is an error naming ``argument``."""
+    if name not in table:
+        raise ValueError(f"{argument}: expected one of {sorted(table)}, got {name!r}")
+    module, cls = table[name]
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["BACKBONES", "PrefixEncoding", "SASRecBackbone", "backbone_class", "causal_mask"]
+def backbone_class(name: str) -> type:
+    return lazy_class(BACKBONES, name, "backbone")
+
+
+__all__ = ["BACKBONES", "PrefixEncoding", "SASRecBackbone", "backbone_class", "causal_mask", "lazy_class"]

@@ -4,8 +4,7 @@ Each is a :class:`SequentialRecommender` on a pluggable backbone
 (``plr.backbones``); classes are imported lazily from ``MODELS``.
 """
 
-import importlib
-
+from ..backbones import lazy_class
 from .base import ModelOutput, SequentialRecommender
 from .plr import PLRModel
 from .sasrec import SASRecModel
@@ -26,10 +25,7 @@ MODELS = {
 
 
 def model_class(name: str) -> type:
-    if name not in MODELS:
-        raise ValueError(f"model.name: expected one of {sorted(MODELS)}, got {name!r}")
-    module, cls = MODELS[name]
-    return getattr(importlib.import_module(module), cls)
+    return lazy_class(MODELS, name, "model.name")
 
 
 def build_model(model_cfg: dict, num_items: int, max_len: int) -> SequentialRecommender:
