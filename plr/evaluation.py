@@ -54,7 +54,7 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
                  exclude_history: bool = False, ties: str = "optimistic", progress: bool = False,
                  desc: str = "evaluate") -> torch.Tensor:
     """Ranks ``[U]`` of ``target`` among all items for the histories ``item_seq [U, L]``,
-    scored with the model's inference vector (``z_final``, PLR Eq. 10)."""
+    scored with the model's inference vector (``model.inference_vector``: ``z_final``, PLR Eq. 10)."""
     was_training = model.training
     model.eval()
     device = model.device
@@ -62,7 +62,7 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
     try:
         for start in tqdm(range(0, len(target), batch_size), desc=desc, disable=None if progress else True, leave=False):
             seq = model.prepare(item_seq[start:start + batch_size].to(device))
-            z = model.forward_prepared(seq).z_final
+            z = model.inference_vector(model.forward_prepared(seq))
             out.append(plr_kernels.target_rank(
                 z, model.item_emb, target[start:start + batch_size].to(device), exclude_index=PADDING,
                 exclude_items=seq if exclude_history else None, ties=ties,

@@ -142,7 +142,7 @@ def test_training_scores_with_z_rea_and_inference_with_z_final():
 
 
 def test_loss_is_eq_11_with_kl_subtracted():
-    model = small_plr(kl_weight=0.3, rcl_weight=0.5).double().train()
+    model = small_plr(kl_weight=0.3, rcl_weight=0.5, kl_form="literal").double().train()
     seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
     torch.manual_seed(1)
     loss, parts = model.compute_loss(seq, target)
@@ -152,6 +152,89 @@ def test_loss_is_eq_11_with_kl_subtracted():
     loss_add, parts_add = model_add.compute_loss(seq, target)
     torch.testing.assert_close(loss_add.detach(), parts_add["nip"] + 0.3 * parts_add["kl"])
     assert parts_add["rcl"] == 0  # no second view outside training
+
+
+def test_bounded_kl_form_subtracts_c_tanh_of_each_users_kl():
+    from plr_kernels import reference
+
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    torch.manual_seed(0)
+    probe = small_plr().double().eval()
+    out = probe(seq)
+    kl = reference.multi_pair_kl(out.states.flatten(1, 2), probe.item_emb, temperature=probe.temperature,
+                                 exclude_index=0).detach()
+    c = float(kl.median())  # both regimes of tanh are exercised
+    torch.manual_seed(0)
+    model = small_plr(kl_weight=0.3, rcl_weight=0.0, kl_margin=c).double().eval()
+    loss, parts = model.compute_loss(seq, target)
+    torch.testing.assert_close(parts["kl"], kl.mean())
+    torch.testing.assert_close(loss.detach(), parts["nip"] - 0.3 * (c * torch.tanh(kl / c)).mean())
+    literal = small_plr(kl_weight=0.3, rcl_weight=0.0, kl_form="literal")
+    literal.load_state_dict(model.state_dict())
+    assert float(literal.double().eval().compute_loss(seq, target)[0].detach()) < float(loss.detach())
+
+
+@pytest.mark.parametrize("kl_temperature", [1.0, 0.3])
+def test_kl_temperature_is_eq_7s_own(kl_temperature):
+    from plr_kernels import reference
+
+    model = small_plr(kl_weight=0.3, rcl_weight=0.0, kl_form="literal", kl_temperature=kl_temperature)
+    model = model.double().eval()
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    loss, parts = model.compute_loss(seq, target)
+    out = model(seq)
+    kl = reference.multi_pair_kl(out.states.flatten(1, 2), model.item_emb, temperature=kl_temperature,
+                                 exclude_index=0)
+    nip = reference.linear_cross_entropy(out.z_rea, model.item_emb, target, temperature=model.temperature,
+                                         exclude_index=0)
+    torch.testing.assert_close(parts["kl"], kl.mean())
+    torch.testing.assert_close(parts["nip"], nip)
+    torch.testing.assert_close(loss.detach(), nip - 0.3 * kl.mean())
+
+
+def test_bounded_form_is_bounded_below_where_the_literal_one_runs_away():
+    """Minimising the literal Eq. 11 (-lambda * L_KL) drives the loss below any
+    bound by pushing the streams' distributions apart; the bounded form never
+    goes below -lambda * c."""
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    lowest = {}
+    for form in ("literal", "bounded"):
+        torch.manual_seed(0)
+        model = small_plr(kl_weight=1.0, rcl_weight=0.0, kl_form=form, kl_margin=2.0, dropout=0.0,
+                          reasoning_dropout=0.0).double().train()
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        lowest[form] = float("inf")
+        for _ in range(120):
+            loss, _ = model.compute_loss(seq, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            lowest[form] = min(lowest[form], float(loss.detach()))
+    assert lowest["literal"] < -10.0, lowest
+    assert lowest["bounded"] >= -1.0 * 2.0 - 1e-9, lowest
+
+
+@pytest.mark.parametrize("readout", ["final", "rea", "h0"])
+def test_readout_picks_the_vector_that_ranking_scores(readout):
+    import plr_kernels
+
+    model = small_plr(readout=readout).double().eval()
+    seq = histories()
+    out = model(seq)
+    want = {"final": out.h0 + out.z_rea, "rea": out.z_rea, "h0": out.h0}[readout]
+    torch.testing.assert_close(model.inference_vector(out), want)
+    values, ids = model.recommend(seq, k=4)
+    want_values, _ = plr_kernels.topk(want, model.item_emb, 4, exclude_index=0, backend="torch")
+    torch.testing.assert_close(values, want_values)
+
+
+def test_rcl_temperature_reaches_eq_8():
+    model = small_plr(kl_weight=0.0, rcl_weight=1.0, rcl_temperature=0.2, dropout=0.0, attn_dropout=0.0,
+                      reasoning_dropout=0.0).double().train()
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    _, parts = model.compute_loss(seq, target)
+    states = model(seq).states
+    torch.testing.assert_close(parts["rcl"], reasoning_contrastive_loss(states, states, temperature=0.2))
 
 
 def test_gradients_reach_triggers_rpe_gate_and_item_table():
@@ -247,5 +330,15 @@ def test_bad_targets_and_configs_name_the_argument():
         small_plr(kernels="gpu")
     with pytest.raises(ValueError, match=r"kl_objective"):
         small_plr(kl_objective="up")
+    with pytest.raises(ValueError, match=r"kl_form.*'capped'"):
+        small_plr(kl_form="capped")
+    with pytest.raises(ValueError, match=r"kl_margin.*0"):
+        small_plr(kl_margin=0)
+    with pytest.raises(ValueError, match=r"kl_temperature.*-1"):
+        small_plr(kl_temperature=-1.0)
+    with pytest.raises(ValueError, match=r"rcl_temperature"):
+        small_plr(rcl_temperature=0.0)
+    with pytest.raises(ValueError, match=r"readout.*'z'"):
+        small_plr(readout="z")
     with pytest.raises(ValueError, match=r"hidden_size.*num_heads=3"):
         small_plr(hidden_size=13)

@@ -105,10 +105,15 @@ class SequentialRecommender(nn.Module):
         (no input checks, so no host syncs: for training and evaluation loops)."""
         raise NotImplementedError
 
+    def inference_vector(self, out: ModelOutput) -> torch.Tensor:
+        """The ``[B,d]`` vector that ranking and top-K score (``z_final``; PLR
+        overrides it with its ``readout`` option)."""
+        return out.z_final
+
     @torch.no_grad()
     def recommend(self, item_seq: torch.Tensor, k: int = 10, exclude_history: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` items for each history, scored with ``z_final`` in eval mode.
+        """Top-``k`` items for each history, scored with ``inference_vector`` (``z_final``) in eval mode.
 
         ``item_seq [B, L]`` left-padded ids -> ``(scores [B,k], item ids [B,k])``.
         The padding item is never recommended; with ``exclude_history`` neither
@@ -118,7 +123,7 @@ class SequentialRecommender(nn.Module):
         self.eval()
         try:
             item_seq = self.prepare(item_seq)
-            z = self.forward_prepared(item_seq).z_final
+            z = self.inference_vector(self.forward_prepared(item_seq))
             return plr_kernels.topk(
                 z, self.item_emb, k, exclude_index=PADDING,
                 exclude_items=item_seq if exclude_history else None, backend=self.kernels,

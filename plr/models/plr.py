@@ -11,6 +11,17 @@ Equation numbers are the PLR paper's:
 * Eq. 9   g = softmax(W_g h_0 + b_g)                 mixture of reasoning streams
 * Eq. 10  z_final = h_0 + z_rea                      dual-process inference
 * Eq. 11  L = L_NIP + w_rcl L_RCL - lambda L_KL      training objective
+
+The diversity term. Eq. 11 subtracts lambda * L_KL, and a KL divergence is
+unbounded above: the model can lower the loss without limit by sharpening or
+separating the streams' item distributions (scaling the states up), whatever
+that does to L_NIP. ``kl_form="literal"`` keeps that paper-literal objective.
+The default, ``kl_form="bounded"``, subtracts a saturating divergence per user,
+``c * tanh(L_KL / c)`` with ``c = kl_margin`` nats: for L_KL << c it is the
+literal term (same gradient), beyond c the reward for more diversity vanishes,
+and the total loss is bounded below by ``-lambda * c`` (L_NIP, L_RCL >= 0).
+``kl_temperature`` is Eq. 7's own softmax temperature (the equation as printed
+has none, i.e. 1); the scoring temperature of L_NIP stays ``temperature``.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ from .base import PADDING, ModelOutput, SequentialRecommender
 from .reasoning import stream_reasoning
 
 KL_OBJECTIVES = ("diversity", "consistency")
+KL_FORMS = ("bounded", "literal")
+READOUTS = ("final", "rea", "h0")
 
 
 class PLRModel(SequentialRecommender):
@@ -39,19 +52,31 @@ class PLRModel(SequentialRecommender):
         num_streams: M, reasoning streams (>= 1).
         num_steps: T, latent steps per stream (>= 1).
         kl_weight: lambda of Eq. 11.
-        kl_objective: ``"diversity"`` subtracts lambda*L_KL (the paper's text;
-            ReaRec-ERL), ``"consistency"`` adds it.
+        kl_objective: ``"diversity"`` subtracts the KL term (the paper's text;
+            ReaRec-ERL), ``"consistency"`` adds lambda*L_KL (bounded below by 0).
+        kl_form: for ``"diversity"``: ``"bounded"`` subtracts
+            ``lambda * c * tanh(L_KL / c)`` per user (the default: the loss is
+            bounded below), ``"literal"`` subtracts ``lambda * L_KL`` (Eq. 11 as
+            printed; unbounded below, can run away). See the module docstring.
+        kl_margin: c of the bounded form, in nats (> 0).
+        kl_temperature: the softmax temperature of Eq. 7 (as printed: 1);
+            ``None`` uses the scoring ``temperature``.
         kl_detach_target: stop the gradient through log p_j in Eq. 7 (ReaRec-ERL).
         rcl_weight: w_rcl of Eq. 11; 0 disables the second dropout view.
+        rcl_temperature: the InfoNCE temperature of Eq. 8 on cosine similarities.
         reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
+        readout: the vector inference scores with: ``"final"`` = h_0 + z_rea
+            (Eq. 10, dual process), ``"rea"`` = z_rea, ``"h0"`` = h_0.
     """
 
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
                  num_streams: int = 2, num_steps: int = 2, temperature: float = 0.07,
-                 kl_weight: float = 0.1, kl_objective: str = "diversity", kl_detach_target: bool = False,
-                 rcl_weight: float = 1.0, reasoning_dropout: float = 0.2, kernels: str = "auto",
+                 kl_weight: float = 0.1, kl_objective: str = "diversity", kl_form: str = "bounded",
+                 kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
+                 rcl_weight: float = 1.0, rcl_temperature: float = 1.0, reasoning_dropout: float = 0.2,
+                 readout: str = "final", kernels: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
@@ -59,9 +84,10 @@ class PLRModel(SequentialRecommender):
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
             layer_norm_eps=layer_norm_eps, num_streams=num_streams, num_steps=num_steps,
-            temperature=temperature, kl_weight=kl_weight, kl_objective=kl_objective,
-            kl_detach_target=kl_detach_target, rcl_weight=rcl_weight,
-            reasoning_dropout=reasoning_dropout, kernels=kernels, backbone=backbone, backbone_args=backbone_args,
+            temperature=temperature, kl_weight=kl_weight, kl_objective=kl_objective, kl_form=kl_form,
+            kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
+            rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, reasoning_dropout=reasoning_dropout,
+            readout=readout, kernels=kernels, backbone=backbone, backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
         self.num_steps = check_positive_int("num_steps", num_steps)
@@ -70,10 +96,23 @@ class PLRModel(SequentialRecommender):
                 raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
         if kl_objective not in KL_OBJECTIVES:
             raise ValueError(f"kl_objective: expected one of {list(KL_OBJECTIVES)}, got {kl_objective!r}")
+        if kl_form not in KL_FORMS:
+            raise ValueError(f"kl_form: expected one of {list(KL_FORMS)}, got {kl_form!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout: expected one of {list(READOUTS)}, got {readout!r}")
+        for name, value in (("kl_margin", kl_margin), ("rcl_temperature", rcl_temperature),
+                            ("kl_temperature", temperature if kl_temperature is None else kl_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
         self.kl_weight = float(kl_weight)
         self.kl_sign = -1.0 if kl_objective == "diversity" else 1.0
+        self.kl_bounded = kl_objective == "diversity" and kl_form == "bounded"
+        self.kl_margin = float(kl_margin)
+        self.kl_temperature = float(temperature if kl_temperature is None else kl_temperature)
         self.kl_detach_target = bool(kl_detach_target)
         self.rcl_weight = float(rcl_weight)
+        self.rcl_temperature = float(rcl_temperature)
+        self.readout = readout
 
         # Eq. 3: one learnable trigger token tau_m per stream.
         self.trigger_tokens = nn.Parameter(torch.empty(num_streams, hidden_size))
@@ -110,6 +149,10 @@ class PLRModel(SequentialRecommender):
         z_final = h0 + z_rea  # Eq. 10: dual-process inference
         return ModelOutput(h0=h0, z_final=z_final, states=states, gate=gate, z_rea=z_rea)
 
+    def inference_vector(self, out: ModelOutput) -> torch.Tensor:
+        """What ``readout`` scores at inference: z_final (Eq. 10), z_rea or h_0."""
+        return {"final": out.z_final, "rea": out.z_rea, "h0": out.h0}[self.readout]
+
     # -- training ------------------------------------------------------------------
 
     def compute_loss(self, item_seq: torch.Tensor, target: torch.Tensor
@@ -125,13 +168,20 @@ class PLRModel(SequentialRecommender):
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
         if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
             # Eq. 7 over the K = T*M states of each user and L_NIP of z_rea, from one
-            # pass over the item table (plr_kernels.vocab_pass.reasoning_losses).
+            # pass over the item table (plr_kernels.vocab_pass.reasoning_losses). The
+            # pass scores every row at ``temperature``; feeding the states scaled by
+            # temperature / kl_temperature gives Eq. 7 at kl_temperature exactly.
+            states = out.states.flatten(1, 2)
+            if self.kl_temperature != self.temperature:
+                states = states * (self.temperature / self.kl_temperature)
             kl, nip = reasoning_losses(
-                out.states.flatten(1, 2), out.z_rea, self.item_emb, target, temperature=self.temperature,
+                states, out.z_rea, self.item_emb, target, temperature=self.temperature,
                 exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.kernels,
             )
+            # The diversity term, per user: c tanh(KL / c) (bounded) or KL (literal).
+            term = self.kl_margin * torch.tanh(kl / self.kl_margin) if self.kl_bounded else kl
             kl, nip = kl.mean(), nip.mean()
-            loss = nip + self.kl_sign * self.kl_weight * kl
+            loss = nip + self.kl_sign * self.kl_weight * term.mean()
         else:
             nip = plr_kernels.linear_cross_entropy(
                 out.z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
@@ -142,6 +192,7 @@ class PLRModel(SequentialRecommender):
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
             # Eq. 8: a second pass draws independent dropout masks.
-            rcl = reasoning_contrastive_loss(out.states, self.forward_prepared(item_seq).states)
+            rcl = reasoning_contrastive_loss(out.states, self.forward_prepared(item_seq).states,
+                                             temperature=self.rcl_temperature)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "kl": kl.detach(), "rcl": rcl.detach()}
