@@ -6,6 +6,8 @@
     plr evaluate --checkpoint RUN_DIR/best.pt --data PATH [--split test|valid] [--exclude-history]
     plr recommend --checkpoint RUN_DIR/best.pt --history "12 55 7" [--k 10]
     plr compare RUN_A RUN_B [--metric ndcg@10]
+    plr benchmark SUITE.yaml [--only RUN ...] [--out DIR] [--check | --report]
+    plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
     plr data stats PATH
     plr data download amazon2023 --category Video_Games --dest DIR
 """
@@ -20,30 +22,15 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .reporting import format_table
 
 
 def _load_dataset(data_cfg: dict):
-    from .data import build_dataset, read_interactions
+    from .data import load_dataset
 
     if not data_cfg.get("path"):
         raise SystemExit("plr: --data PATH is required (or data.path in the config)")
-    inter = read_interactions(data_cfg["path"], fmt=data_cfg.get("format", "auto"))
-    return build_dataset(inter, max_len=data_cfg["max_len"], split=data_cfg["split"],
-                         min_rating=data_cfg.get("min_rating"), k_core=data_cfg.get("k_core"),
-                         split_time=data_cfg.get("split_time"))
-
-
-def format_table(rows: List[dict], columns: List[str]) -> str:
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)) for r in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
+    return load_dataset(data_cfg)
 
 
 # -- commands ------------------------------------------------------------------------
@@ -129,24 +116,55 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import numpy as np
-    from scipy import stats
+    from .significance import compare_runs
 
-    from .evaluation import per_user_metric
-    from .training import load_ranks
+    try:
+        res = compare_runs(args.run_a, args.run_b, args.metric)
+    except ValueError as err:
+        raise SystemExit(f"plr compare: {err}") from None
+    print(format_table([{"run": args.run_a, args.metric: res.mean_a},
+                        {"run": args.run_b, args.metric: res.mean_b}], ["run", args.metric]))
+    print(f"paired t-test over {res.users} users: B - A = {res.diff:+.4f} ({res.relative:+.1f}%), "
+          f"t = {res.t:.3f}, p = {res.p:.3g}")
+    return 0
 
-    a, b = load_ranks(Path(args.run_a) / "test_ranks.csv"), load_ranks(Path(args.run_b) / "test_ranks.csv")
-    users = sorted(set(a) & set(b))
-    if len(users) < 2:
-        raise SystemExit("plr compare: the runs share fewer than two test users")
-    ma = per_user_metric(np.array([a[u] for u in users]), args.metric)
-    mb = per_user_metric(np.array([b[u] for u in users]), args.metric)
-    t, p = stats.ttest_rel(mb, ma)
-    rel = (mb.mean() - ma.mean()) / ma.mean() * 100 if ma.mean() > 0 else float("nan")
-    print(format_table([{"run": args.run_a, args.metric: float(ma.mean())},
-                        {"run": args.run_b, args.metric: float(mb.mean())}], ["run", args.metric]))
-    print(f"paired t-test over {len(users)} users: B - A = {mb.mean() - ma.mean():+.4f} ({rel:+.1f}%), "
-          f"t = {t:.3f}, p = {p:.3g}")
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import SuiteError, load_suite, run_status, run_suite, write_report
+
+    try:
+        suite = load_suite(args.suite, out=args.out)
+        unknown = sorted(set(args.only or []) - set(suite.run_names))
+        if unknown:
+            raise SuiteError(f"--only: expected runs of the suite {suite.run_names}, got {unknown}")
+    except SuiteError as err:
+        raise SystemExit(f"plr benchmark: {err}") from None
+    if args.check:
+        print(format_table([{"run": r.name, "model": r.cfg["model"]["name"], "dataset": r.dataset,
+                             "status": run_status(r), "directory": str(r.run_dir)} for r in suite.runs],
+                           ["run", "model", "dataset", "status", "directory"]))
+        return 0
+    path = write_report(suite) if args.report else run_suite(suite, only=args.only)
+    print(f"plr benchmark: report in {path}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from . import config as config_mod
+    from .tuning import SpaceError, check_space, format_best, load_space, tune
+
+    cfg = config_mod.resolve(args.model, args.config, list(args.set or []), args.data)
+    try:
+        space = load_space(args.space)
+        check_space(cfg, space)
+    except SpaceError as err:
+        raise SystemExit(f"plr tune: {err}") from None
+    dataset = _load_dataset(cfg["data"])
+    print(f"plr tune: {args.model} on {dataset.name}, {args.trials} trials on validation {cfg['eval']['metric']} "
+          f"-> {args.out}")
+    best = tune(cfg, dataset, space, args.out, args.trials)
+    for line in format_best(best, cfg["eval"]["metric"], Path(args.out)):
+        print(line)
     return 0
 
 
@@ -232,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_b")
     cmp_.add_argument("--metric", default="ndcg@10")
     cmp_.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser("benchmark", help="run a suite of (model, dataset, config) runs and write the table")
+    bench.add_argument("suite", help="suite YAML (see plr.benchmark)")
+    bench.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the suite")
+    bench.add_argument("--out", help="put the run directories and the report here instead of the suite's out")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="check the suite and list its runs, train nothing")
+    mode.add_argument("--report", action="store_true", help="rewrite the report from the finished runs only")
+    bench.set_defaults(func=cmd_benchmark)
+
+    tn = sub.add_parser("tune", help="hyperparameter search on the validation split (Optuna)")
+    tn.add_argument("--model", required=True, help=" | ".join(MODELS))
+    tn.add_argument("--data", help="dataset file or folder")
+    tn.add_argument("--space", required=True, help="search space YAML (see plr.tuning)")
+    tn.add_argument("--trials", type=int, required=True, help="finished trials in total (a resumed study counts "
+                                                              "the earlier ones)")
+    tn.add_argument("--out", required=True, help="study directory (resumable)")
+    tn.add_argument("--config", help="YAML config merged over the model's shipped defaults")
+    tn.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    tn.set_defaults(func=cmd_tune)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     st = data.add_parser("stats", help="users, items, interactions, sparsity, lengths")

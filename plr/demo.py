@@ -54,12 +54,11 @@ def write_sequences(histories: List[List[int]], path: Path) -> None:
 
 
 def run_demo(args, out_dir: Path) -> int:
-    from scipy import stats
-
     from . import config as config_mod
-    from .cli import _load_dataset, format_table
-    from .evaluation import per_user_metric
-    from .training import load_ranks, train_run
+    from .data import load_dataset
+    from .reporting import format_table
+    from .significance import compare_runs
+    from .training import train_run
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path = out_dir / "synthetic.txt"
@@ -67,7 +66,7 @@ def run_demo(args, out_dir: Path) -> int:
     overrides = [f"model.hidden_size={args.hidden}", f"model.inner_size={2 * args.hidden}", "model.dropout=0.2",
                  "data.max_len=30", "data.format=sequences", f"train.epochs={args.epochs}", "train.batch_size=256",
                  f"train.patience={args.epochs}", f"train.seed={args.seed}", "train.progress=true"]
-    dataset = _load_dataset(config_mod.resolve("sasrec", None, overrides, str(data_path))["data"])
+    dataset = load_dataset(config_mod.resolve("sasrec", None, overrides, str(data_path))["data"])
     print(f"plr demo: {dataset.num_users} synthetic users, {dataset.num_items} items, "
           f"{len(dataset.train)} training samples (leave-one-out, full ranking)")
     rows, runs = [], {}
@@ -80,11 +79,7 @@ def run_demo(args, out_dir: Path) -> int:
                                                                          "ndcg@20")},
                      "best epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - start, 1)})
     print(format_table(rows, list(rows[0])))
-    a, b = (load_ranks(p / "test_ranks.csv") for p in runs.values())
-    users = sorted(a)
-    ma = per_user_metric(np.array([a[u] for u in users]), "ndcg@10")
-    mb = per_user_metric(np.array([b[u] for u in users]), "ndcg@10")
-    t, p = stats.ttest_rel(mb, ma)
-    print(f"PLR - SASRec, test NDCG@10: {mb.mean() - ma.mean():+.4f} (paired t-test over {len(users)} users: "
-          f"t = {t:.2f}, p = {p:.2g})")
+    res = compare_runs(*runs.values(), metric="ndcg@10")
+    print(f"PLR - SASRec, test NDCG@10: {res.diff:+.4f} (paired t-test over {res.users} users: "
+          f"t = {res.t:.2f}, p = {res.p:.2g})")
     return 0

@@ -30,10 +30,11 @@ from typing import Any, Dict, Optional
 
 from . import config as config_mod
 from .models.base import SequentialRecommender
+from .models.lares import LARESModel
 from .training import BEST, Trainer, write_json_atomic
 
 RUN_PHASES = ("both", "spt", "rpt")
-PHASE_KEYS = ("spt_epochs", "rpt_epochs", "rpt_lr", "init_from")
+PHASE_KEYS = LARESModel.RUN_KEYS
 
 
 def phase_config(cfg: Dict[str, Any], phase: str) -> Dict[str, Any]:
@@ -52,8 +53,8 @@ def phase_config(cfg: Dict[str, Any], phase: str) -> Dict[str, Any]:
 
 
 def run_phase(cfg: Dict[str, Any], dataset, run_dir: Path, *, init_from: Optional[str] = None,
-              resume: bool = False, log_to_console: bool = True) -> Dict[str, Any]:
-    """One phase into ``run_dir`` (an ordinary run directory)."""
+              resume: bool = False, log_to_console: bool = True, test: bool = True) -> Dict[str, Any]:
+    """One phase into ``run_dir`` (an ordinary run directory); ``test=False`` never reads the test split."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, dataset, run_dir, log_to_console=log_to_console)
@@ -64,11 +65,11 @@ def run_phase(cfg: Dict[str, Any], dataset, run_dir: Path, *, init_from: Optiona
         # them); the frozen SPT model stays the KL reference in any case.
         trainer.model.start_rpt(SequentialRecommender.load(str(init_from)))
         trainer.log(f"RPT from {init_from}")
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, test=test)
 
 
 def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
-                log_to_console: bool = True) -> Dict[str, Any]:
+                log_to_console: bool = True, test: bool = True) -> Dict[str, Any]:
     """Run ``cfg["model"]["phase"]`` (``both`` | ``spt`` | ``rpt``) into ``run_dir``."""
     cfg = config_mod.check(cfg)
     run_dir = Path(run_dir)
@@ -86,15 +87,15 @@ def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
         raise ValueError(f"model.init_from: only phase=rpt starts from a checkpoint, got phase={phase!r}")
     if phase != "both":
         return run_phase(phase_config(cfg, phase), dataset, run_dir, init_from=init_from, resume=resume,
-                         log_to_console=log_to_console)
+                         log_to_console=log_to_console, test=test)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, run_dir / "config.yaml")
     spt = run_phase(phase_config(cfg, "spt"), dataset, run_dir / "spt", resume=resume,
-                    log_to_console=log_to_console)
+                    log_to_console=log_to_console, test=test)
     rpt = run_phase(phase_config(cfg, "rpt"), dataset, run_dir / "rpt", init_from=str(run_dir / "spt" / BEST),
-                    resume=resume, log_to_console=log_to_console)
-    for name in (BEST, "test_ranks.csv"):
+                    resume=resume, log_to_console=log_to_console, test=test)
+    for name in (BEST, "test_ranks.csv") if test else (BEST,):
         tmp = run_dir / f".tmp-{name}"
         shutil.copyfile(run_dir / "rpt" / name, tmp)
         os.replace(tmp, run_dir / name)

@@ -169,8 +169,10 @@ class Trainer:
         done = max(1, len(bar))
         return {k: v / done for k, v in sums.items()}
 
-    def fit(self, resume: bool = False) -> Dict[str, Any]:
-        """Train until ``epochs`` or early stopping, then test the best model."""
+    def fit(self, resume: bool = False, test: bool = True) -> Dict[str, Any]:
+        """Train until ``epochs`` or early stopping, then test the best model
+        (``test=False``: never read the test split, e.g. while tuning on validation;
+        ``metrics.json`` then has ``"test": null``)."""
         if resume and self.load_state():
             self.log(f"resumed at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
         elif resume:
@@ -203,7 +205,18 @@ class Trainer:
             self.save_state()
         self.state["finished"] = True
         self.save_state()
+        if not test:
+            metrics = self.summary(None)
+            write_json_atomic(metrics, self.run_dir / "metrics.json")
+            return metrics
         return self.test()
+
+    def summary(self, test_metrics) -> Dict[str, Any]:
+        """The content of ``metrics.json``."""
+        return {"valid": self.state.get("best_valid", {}), "test": test_metrics,
+                "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"],
+                "train_seconds": round(self.state["train_seconds"], 2), "model": self.cfg["model"]["name"],
+                "dataset": self.dataset.name, "history": self.state["history"]}
 
     def test(self) -> Dict[str, Any]:
         """Reload the best checkpoint, evaluate on the test samples, write metrics.json."""
@@ -212,10 +225,7 @@ class Trainer:
         result = evaluate(best, self.dataset.test, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
                           exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties)
         save_ranks(self.run_dir / "test_ranks.csv", result.users, result.ranks)
-        metrics = {"valid": self.state.get("best_valid", {}), "test": result.metrics,
-                   "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"],
-                   "train_seconds": round(self.state["train_seconds"], 2), "model": self.cfg["model"]["name"],
-                   "dataset": self.dataset.name, "history": self.state["history"]}
+        metrics = self.summary(result.metrics)
         write_json_atomic(metrics, self.run_dir / "metrics.json")
         self.log("test " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
         return metrics
@@ -238,15 +248,16 @@ def load_ranks(path) -> Dict[int, int]:
 
 
 def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
-              log_to_console: bool = True) -> Dict[str, Any]:
+              log_to_console: bool = True, test: bool = True) -> Dict[str, Any]:
     """Save the resolved config into ``run_dir`` and train.
 
     A model class with a ``run_training`` static method (several training phases,
-    e.g. LARES) runs its own phases with the same arguments instead."""
+    e.g. LARES) runs its own phases with the same arguments instead. ``test=False``
+    never reads the test split (``Trainer.fit``)."""
     custom = getattr(model_class(config_mod.check(cfg)["model"]["name"]), "run_training", None)
     if custom is not None:
-        return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console)
+        return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console, test=test)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
-    return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume)
+    return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume, test=test)

@@ -16,12 +16,13 @@ from .dataset import EvalSamples, SequenceDataset, TrainSamples, build_dataset, 
 from .download import (AMAZON2023_CATEGORIES, OFFICIAL_BASE_URL, ChecksumError, DownloadError,
                        download_amazon2023, download_file)
 from .interactions import DataFormatError, Interactions
+from .loading import load_dataset
 from .readers import FORMATS, detect_format, read_interactions
 from .stats import dataset_stats, format_stats
 
 __all__ = [
     "read_interactions", "detect_format", "read_amazon2023", "FORMATS", "Interactions", "DataFormatError",
-    "build_dataset", "SequenceDataset", "TrainSamples", "EvalSamples", "gather_histories", "k_core_filter",
+    "build_dataset", "load_dataset", "SequenceDataset", "TrainSamples", "EvalSamples", "gather_histories", "k_core_filter",
     "dataset_stats", "format_stats",
     "download_amazon2023", "download_file", "DownloadError", "ChecksumError", "OFFICIAL_BASE_URL",
     "AMAZON2023_CATEGORIES",

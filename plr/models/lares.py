@@ -207,6 +207,10 @@ class LARESModel(SequentialRecommender):
             materialises [G*B, V] logits), eps, rollout depth).
     """
 
+    # Run keys of the model section that the training phases read and remove
+    # before the model is built (plr.lares_training).
+    RUN_KEYS = ("spt_epochs", "rpt_epochs", "rpt_lr", "init_from")
+
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_pre_layers: int = 1,
                  num_core_layers: int = 1, num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12, temperature: float = 0.07,
@@ -275,11 +279,12 @@ class LARESModel(SequentialRecommender):
         self._partners = None  # (train samples, sample ids sorted by target, start offset per target)
 
     @staticmethod
-    def run_training(cfg, dataset, run_dir, *, resume: bool = False, log_to_console: bool = True):
+    def run_training(cfg, dataset, run_dir, *, resume: bool = False, log_to_console: bool = True,
+                     test: bool = True):
         """``plr.training.train_run`` for LARES: the phases of ``model.phase`` (plr.lares_training)."""
         from ..lares_training import train_lares
 
-        return train_lares(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console)
+        return train_lares(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console, test=test)
 
     # -- architecture ----------------------------------------------------------------
 

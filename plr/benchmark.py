@@ -1,0 +1,426 @@
+"""``plr benchmark SUITE.yaml``: a suite of (model, dataset, config) runs, one
+Markdown table with paired t-tests, and the validation curves.
+
+A suite file::
+
+    out: ../runs/main            # run directories go to OUT/<dataset>/<run> (relative to the suite file)
+    datasets:                    # name -> path, or {path: ..., <data keys, e.g. max_len>}
+      beauty: ../../../shared/data/amazon2014-beauty_seqrecbench
+    defaults:                    # config sections merged over every run's shipped config
+      train: {epochs: 200, patience: 10}
+    runs:
+      - name: sasrec             # unique; the run directory's name
+        model: sasrec            # a model of plr.models.MODELS
+        config_file: best/sasrec.yaml   # optional, merged over the defaults (relative to the suite file)
+        config: {model: {hidden_size: 64}}   # optional, merged last
+        datasets: [beauty]       # optional; default: every dataset of the suite
+      - name: plr-h0             # no training: the best checkpoint of run "plr",
+        from: plr                # evaluated with these model keys changed
+        config: {model: {readout: h0}}
+    table:
+      baseline: sasrec           # every run is t-tested against this one ...
+      proposed: [plr]            # ... and these also against the best other trained run
+      metrics: [recall@10, ndcg@10, recall@20, ndcg@20]
+      significance: [ndcg@10, recall@20]
+
+The merge order of a run's config is: the model's shipped YAML <- ``defaults``
+<- ``config_file`` <- ``config`` <- the dataset entry's data keys and path.
+Everything is checked before any training starts (unknown keys, models,
+datasets, metrics, a run directory holding another config), and each error
+names the suite entry. A finished run (``metrics.json`` with test metrics) is
+skipped, a killed one resumed from its ``last.pt``; the test split is read
+once per run. Results: ``OUT/RESULTS.md``, ``OUT/results.json`` and one figure
+of validation curves per dataset, ``OUT/curves-<dataset>.png`` (the numbers
+are in ``results.json``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+from . import config as config_mod
+from .evaluation import metric_names
+
+SUITE_KEYS = {"name", "description", "out", "datasets", "defaults", "runs", "table"}
+RUN_KEYS = {"name", "model", "from", "config", "config_file", "datasets"}
+TABLE_KEYS = {"baseline", "proposed", "metrics", "significance"}
+DEFAULT_METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
+DEFAULT_SIGNIFICANCE = ["ndcg@10", "recall@20"]
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot run; the message names the entry."""
+
+
+@dataclass
+class RunSpec:
+    name: str
+    dataset: str
+    cfg: Dict[str, Any]
+    run_dir: Path
+    source: Optional[str] = None  # "from": evaluate that run's best checkpoint instead of training
+
+
+@dataclass
+class Suite:
+    path: Path
+    name: str
+    out: Path
+    datasets: Dict[str, Dict[str, Any]]  # name -> data section overrides (with path)
+    runs: List[RunSpec]
+    baseline: Optional[str]
+    proposed: List[str]
+    metrics: List[str]
+    significance: List[str]
+    run_names: List[str] = field(default_factory=list)
+
+
+def _mapping(value, where: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(given, allowed, where: str) -> None:
+    extra = sorted(set(given) - set(allowed))
+    if extra:
+        raise SuiteError(f"{where}: unknown key(s) {extra}; expected some of {sorted(allowed)}")
+
+
+def _model_keys_check(cfg: Dict[str, Any], where: str) -> None:
+    """Every model key must be a keyword of the model class (or of its training phases)."""
+    from .models import model_class
+
+    cls = model_class(cfg["model"]["name"])
+    accepted = {"name"} | set(getattr(cls, "RUN_KEYS", ()))
+    for klass in cls.__mro__:  # a **kwargs constructor passes the rest to its base class
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        accepted |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    accepted -= {"self", "num_items", "max_len"}
+    _unknown(cfg["model"], accepted, f"{where}: config model section")
+
+
+def load_suite(path, out=None) -> Suite:
+    """Read and check a suite file (``out`` replaces its ``out``); raises
+    :class:`SuiteError` naming the bad entry."""
+    from .models import MODELS
+
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite: no suite file at {str(path)!r}")
+    where = f"suite {path}"
+    try:
+        raw = config_mod.load_yaml(path)
+    except (ValueError, yaml.YAMLError) as err:
+        raise SuiteError(f"{where}: not a YAML mapping ({err})") from None
+    _unknown(raw, SUITE_KEYS, where)
+    base = path.resolve().parent
+    name = str(raw.get("name") or path.stem)
+    out = Path(out) if out is not None else base / str(raw.get("out") or f"runs/{name}")
+
+    datasets: Dict[str, Dict[str, Any]] = {}
+    for ds_name, entry in _mapping(raw.get("datasets"), f"{where}: datasets").items():
+        ds_where = f"{where}: datasets.{ds_name}"
+        if not NAME.match(str(ds_name)):
+            raise SuiteError(f"{ds_where}: expected a name of letters, digits and _.+-, got {ds_name!r}")
+        entry = {"path": entry} if isinstance(entry, str) else dict(_mapping(entry, ds_where))
+        if "path" not in entry:
+            raise SuiteError(f"{ds_where}: expected a path")
+        data_path = Path(entry["path"])
+        data_path = data_path if data_path.is_absolute() else base / data_path
+        if not data_path.exists():
+            raise SuiteError(f"{ds_where}: no dataset at {str(data_path)!r}")
+        entry["path"] = str(data_path)
+        datasets[str(ds_name)] = entry
+    if not datasets:
+        raise SuiteError(f"{where}: datasets: expected at least one dataset")
+
+    defaults = _mapping(raw.get("defaults"), f"{where}: defaults")
+    entries = raw.get("runs")
+    if not isinstance(entries, list) or not entries:
+        raise SuiteError(f"{where}: runs: expected a non-empty list of runs")
+    runs: List[RunSpec] = []
+    by_name: Dict[str, Dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        entry = _mapping(entry, f"{where}: runs[{i}]")
+        run_name = entry.get("name")
+        run_where = f"{where}: runs[{i}] ({run_name!r})"
+        _unknown(entry, RUN_KEYS, run_where)
+        if not isinstance(run_name, str) or not NAME.match(run_name):
+            raise SuiteError(f"{run_where}: name: expected letters, digits and _.+-, got {run_name!r}")
+        if run_name in by_name:
+            raise SuiteError(f"{run_where}: name: {run_name!r} is used twice")
+        source = entry.get("from")
+        if source is not None:
+            if source not in by_name or by_name[source].get("from") is not None:
+                raise SuiteError(f"{run_where}: from: expected an earlier trained run, got {source!r}")
+            model = by_name[source]["model"]
+            if entry.get("model", model) != model:
+                raise SuiteError(f"{run_where}: model: a run evaluated from {source!r} is a {model}, "
+                                 f"got {entry['model']!r}")
+            extra = set(_mapping(entry.get("config"), f"{run_where}: config")) - {"model"}
+            if extra or entry.get("config_file"):
+                raise SuiteError(f"{run_where}: a run evaluated from another one changes model keys only, "
+                                 f"got {sorted(extra) or 'config_file'}")
+            entry = {**entry, "model": model, "datasets": entry.get("datasets", by_name[source].get("datasets"))}
+        model = entry.get("model")
+        if model not in MODELS:
+            raise SuiteError(f"{run_where}: model: expected one of {sorted(MODELS)}, got {model!r}")
+        ds_names = entry.get("datasets") or list(datasets)
+        if not isinstance(ds_names, list) or any(d not in datasets for d in ds_names):
+            raise SuiteError(f"{run_where}: datasets: expected a list of {sorted(datasets)}, got {ds_names!r}")
+        if source is not None:
+            missing = set(ds_names) - set(by_name[source].get("datasets") or datasets)
+            if missing:
+                raise SuiteError(f"{run_where}: datasets: run {source!r} is not trained on {sorted(missing)}")
+        cfg = config_mod.merge(config_mod.shipped_config(model), defaults)
+        if entry.get("config_file"):
+            file = Path(entry["config_file"])
+            file = file if file.is_absolute() else base / file
+            if not file.is_file():
+                raise SuiteError(f"{run_where}: config_file: no file at {str(file)!r}")
+            cfg = config_mod.merge(cfg, config_mod.load_yaml(file))
+        cfg = config_mod.merge(cfg, _mapping(entry.get("config"), f"{run_where}: config"))
+        cfg.setdefault("model", {})["name"] = model
+        by_name[run_name] = entry
+        for ds_name in ds_names:
+            run_cfg = config_mod.merge(cfg, {"data": datasets[ds_name]})
+            try:
+                run_cfg = config_mod.check(run_cfg)
+                _model_keys_check(run_cfg, f"{run_where} on {ds_name}")
+            except SuiteError:
+                raise
+            except (ValueError, TypeError) as err:
+                raise SuiteError(f"{run_where} on {ds_name}: {err}") from None
+            runs.append(RunSpec(run_name, ds_name, run_cfg, out / ds_name / run_name, source))
+
+    table = _mapping(raw.get("table"), f"{where}: table")
+    _unknown(table, TABLE_KEYS, f"{where}: table")
+    names = list(by_name)
+    baseline = table.get("baseline", names[0])
+    if baseline not in by_name:
+        raise SuiteError(f"{where}: table.baseline: expected one of the runs {names}, got {baseline!r}")
+    proposed = table.get("proposed") or []
+    if not isinstance(proposed, list) or any(p not in by_name for p in proposed):
+        raise SuiteError(f"{where}: table.proposed: expected a list of runs among {names}, got {proposed!r}")
+    metrics = table.get("metrics") or DEFAULT_METRICS
+    significance = table.get("significance") or DEFAULT_SIGNIFICANCE
+    for key, values in (("metrics", metrics), ("significance", significance)):
+        for run in runs:
+            known = metric_names(run.cfg["eval"]["ks"])
+            bad = [m for m in values if m not in known] if isinstance(values, list) else values
+            if bad:
+                raise SuiteError(f"{where}: table.{key}: expected metrics among {known} (eval.ks of run "
+                                 f"{run.name!r}), got {bad!r}")
+    suite = Suite(path, name, out, datasets, runs, baseline, list(proposed), list(metrics), list(significance),
+                  names)
+    _check_run_dirs(suite)
+    return suite
+
+
+def _check_run_dirs(suite: Suite) -> None:
+    """A run directory that holds a run of another config would be skipped or
+    resumed wrongly: refuse it before anything starts."""
+    for run in suite.runs:
+        saved = run.run_dir / "config.yaml"
+        if saved.is_file():
+            try:
+                old = config_mod.check(config_mod.load_yaml(saved))
+            except (ValueError, TypeError, yaml.YAMLError):
+                old = None
+            if old != run.cfg:
+                raise SuiteError(f"suite {suite.path}: run {run.name!r} on {run.dataset}: {run.run_dir} holds a run "
+                                 f"with another config; delete that directory or rename the run")
+
+
+def run_status(run: RunSpec) -> str:
+    """``done`` (metrics.json with test metrics), ``partial`` (last.pt) or ``new``."""
+    metrics = run.run_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            if json.loads(metrics.read_text()).get("test"):
+                return "done"
+        except json.JSONDecodeError:
+            pass
+    if (run.run_dir / "last.pt").is_file() or any(run.run_dir.glob("*/last.pt")):
+        return "partial"
+    return "new"
+
+
+def evaluate_from(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
+    """A run without training: the best checkpoint of ``source_dir`` with the model
+    keys of ``run.cfg`` applied, evaluated on validation and test."""
+    from .evaluation import evaluate
+    from .models.base import SequentialRecommender
+    from .training import BEST, save_ranks, write_json_atomic
+
+    saved, extra = SequentialRecommender.load_with_extra(str(source_dir / BEST))
+    changed = {k: v for k, v in run.cfg["model"].items() if k != "name" and saved.config().get(k, v) != v}
+    model = type(saved)(**{**saved.config(), **changed})
+    model.load_state_dict(saved.state_dict())
+    eval_cfg = run.cfg["eval"]
+    kw = dict(ks=eval_cfg["ks"], batch_size=eval_cfg["batch_size"], exclude_history=eval_cfg["exclude_history"],
+              ties=eval_cfg["ties"])
+    valid = evaluate(model, dataset.valid, **kw).metrics
+    result = evaluate(model, dataset.test, **kw)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(run.cfg, run.run_dir / "config.yaml")
+    model.save(str(run.run_dir / BEST), extra=extra)
+    save_ranks(run.run_dir / "test_ranks.csv", result.users, result.ranks)
+    source_metrics = json.loads((source_dir / "metrics.json").read_text())
+    metrics = {"valid": valid, "test": result.metrics, "from": str(source_dir), "changed": changed,
+               "best_epoch": source_metrics.get("best_epoch"), "epochs": source_metrics.get("epochs"),
+               "train_seconds": source_metrics.get("train_seconds"), "model": run.cfg["model"]["name"],
+               "dataset": dataset.name, "history": []}
+    write_json_atomic(metrics, run.run_dir / "metrics.json")
+    return metrics
+
+
+def run_suite(suite: Suite, *, only: Optional[List[str]] = None, log=print) -> Path:
+    """Run every unfinished run of ``suite`` (or of ``only``), then write the report."""
+    from .data import load_dataset
+    from .training import train_run
+
+    todo = [r for r in suite.runs if only is None or r.name in only]
+    loaded: Dict[str, Any] = {}
+    for i, run in enumerate(todo, start=1):
+        status = run_status(run)
+        tag = f"[{i}/{len(todo)}] {run.name} on {run.dataset}"
+        if status == "done":
+            log(f"{tag}: finished before, skipped")
+            continue
+        key = json.dumps(run.cfg["data"], sort_keys=True)
+        if key not in loaded:
+            loaded.clear()  # one dataset in memory at a time
+            loaded[key] = load_dataset(run.cfg["data"])
+        dataset = loaded[key]
+        started = time.perf_counter()
+        if run.source is not None:
+            log(f"{tag}: evaluating the best checkpoint of {run.source!r}")
+            metrics = evaluate_from(run, run.run_dir.parent / run.source, dataset)
+        else:
+            log(f"{tag}: {'resuming' if status == 'partial' else 'training'} in {run.run_dir}")
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            metrics = train_run(run.cfg, dataset, run.run_dir, resume=status == "partial", log_to_console=False)
+        log(f"{tag}: test " + " ".join(f"{m}={metrics['test'][m]:.4f}" for m in suite.metrics)
+            + f" ({time.perf_counter() - started:.0f} s)")
+    return write_report(suite)
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+def _collect(suite: Suite) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """{dataset: {run: metrics.json}} of the finished runs."""
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for run in suite.runs:
+        if run_status(run) == "done":
+            out.setdefault(run.dataset, {})[run.name] = json.loads((run.run_dir / "metrics.json").read_text())
+    return out
+
+
+def _significance_cell(test) -> str:
+    return f"{test.relative:+.1f}% (p={test.p:.2g})"
+
+
+def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Rows of one dataset's table, with the t-tests against the baseline and,
+    for proposed runs, against the best other trained run of each metric."""
+    from .significance import compare_runs
+
+    folder = suite.out / ds_name
+    sources = {r.name: r.source for r in suite.runs}
+    rows = []
+    for name, m in finished.items():
+        row: Dict[str, Any] = {"run": name, "model": m["model"]}
+        row.update({metric: m["test"][metric] for metric in suite.metrics})
+        minutes = (m.get("train_seconds") or 0.0) / 60
+        row["epochs (best)"] = f"{m.get('epochs')} ({m.get('best_epoch')})"
+        row["train min"] = f"{minutes:.1f}" + (f" (of {sources[name]})" if sources.get(name) else "")
+        for metric in suite.significance:
+            if suite.baseline in finished and name != suite.baseline:
+                row[f"vs {suite.baseline} {metric}"] = _significance_cell(
+                    compare_runs(folder / suite.baseline, folder / name, metric))
+            if name in suite.proposed:
+                others = {o: om["test"][metric] for o, om in finished.items()
+                          if o not in suite.proposed and not sources.get(o)}
+                if others:
+                    best = max(others, key=others.get)
+                    row[f"vs best other {metric}"] = (
+                        f"{best}: " + _significance_cell(compare_runs(folder / best, folder / name, metric)))
+        rows.append(row)
+    return rows
+
+
+def plot_curves(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]], metric: str) -> Optional[Path]:
+    """Validation ``metric`` per epoch of every trained run of one dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {n: [h.get(f"valid_{metric}") for h in m.get("history", [])] for n, m in finished.items()}
+    curves = {n: c for n, c in curves.items() if c and all(v is not None for v in c)}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{suite.name}: {ds_name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = suite.out / f"curves-{ds_name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(suite: Suite) -> Path:
+    """``OUT/RESULTS.md``, ``OUT/results.json`` and the curve figures from the finished runs."""
+    from .reporting import markdown_table
+    from .training import write_json_atomic
+
+    suite.out.mkdir(parents=True, exist_ok=True)
+    finished = _collect(suite)
+    lines = [f"# {suite.name}", "",
+             f"Suite `{suite.path}`; {sum(len(v) for v in finished.values())} of {len(suite.runs)} runs finished; "
+             f"written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
+             f"({platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}).",
+             "Test metrics of the checkpoint with the best validation metric; paired t-tests over test users "
+             "(relative difference, p).", ""]
+    report: Dict[str, Any] = {"suite": str(suite.path), "datasets": {}}
+    for ds_name, runs in finished.items():
+        rows = dataset_table(suite, ds_name, runs)
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        lines += [f"## {ds_name}", "", markdown_table(rows, columns), ""]
+        metric = next(r.cfg["eval"]["metric"] for r in suite.runs if r.dataset == ds_name)
+        figure = plot_curves(suite, ds_name, runs, metric)
+        if figure is not None:
+            lines += [f"![validation curves]({figure.name})", ""]
+        report["datasets"][ds_name] = {"rows": rows, "runs": runs}
+    path = suite.out / "RESULTS.md"
+    tmp = path.with_name(".tmp-RESULTS.md")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    write_json_atomic(report, suite.out / "results.json")
+    return path

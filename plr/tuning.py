@@ -1,0 +1,241 @@
+"""``plr tune``: hyperparameter search on the validation split with Optuna.
+
+A search space file maps ``section.key`` to a distribution::
+
+    model.kl_weight: [0.001, 0.01, 0.1, 1.0]          # a list: one of these values
+    model.dropout: {low: 0.1, high: 0.6, step: 0.1}   # a float range (step, log optional)
+    model.num_streams: {low: 1, high: 5, type: int}   # an integer range
+    model.attn_dropout: {same_as: model.dropout}      # tied to another parameter
+
+Every trial is an ordinary, resumable run directory ``OUT/trials/<id>``
+(``<id>`` derives from the trial's parameters) trained with ``test=False``:
+the test split is never read while tuning. The objective is the best
+validation value of ``eval.metric``. The study lives in ``OUT/study.db``
+(SQLite), so a killed search continues where it stopped: a trial that was
+running is run again with the same parameters and resumes its directory.
+``--trials N`` is the total number of finished trials. Results:
+``OUT/best.yaml`` (the whole config of the best trial, usable as
+``--config`` or a suite's ``config_file``), ``OUT/trials.csv`` and
+``OUT/history.png``. One process per study (no parallel workers).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from . import config as config_mod
+
+RANGE_KEYS = {"low", "high", "step", "log", "type"}
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be searched; the message names the parameter."""
+
+
+def load_space(path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"space: no search space file at {str(path)!r}")
+    try:
+        raw = config_mod.load_yaml(path)
+    except (ValueError, yaml.YAMLError) as err:
+        raise SpaceError(f"space {path}: not a YAML mapping ({err})") from None
+    if not raw:
+        raise SpaceError(f"space {path}: expected at least one parameter")
+    for name, spec in raw.items():
+        where = f"space {path}: {name}"
+        parts = str(name).split(".")
+        if len(parts) != 2 or not all(parts):
+            raise SpaceError(f"{where}: expected a parameter of the form section.key")
+        if isinstance(spec, list):
+            if not spec:
+                raise SpaceError(f"{where}: expected a non-empty list of values")
+        elif isinstance(spec, dict) and set(spec) == {"same_as"}:
+            if spec["same_as"] not in raw or isinstance(raw[spec["same_as"]], dict) and "same_as" in raw[spec["same_as"]]:
+                raise SpaceError(f"{where}: same_as: expected another searched parameter, got {spec['same_as']!r}")
+        elif isinstance(spec, dict):
+            extra = set(spec) - RANGE_KEYS
+            if extra or "low" not in spec or "high" not in spec:
+                raise SpaceError(f"{where}: expected a list of values, {{low, high[, step, log, type]}} or "
+                                 f"{{same_as}}, got {spec!r}")
+            if spec.get("type", "float") not in ("float", "int"):
+                raise SpaceError(f"{where}: type: expected float or int, got {spec['type']!r}")
+            try:
+                low, high = float(spec["low"]), float(spec["high"])
+            except (TypeError, ValueError):
+                raise SpaceError(f"{where}: low/high: expected numbers, got {spec['low']!r}, {spec['high']!r}") from None
+            if not low < high:
+                raise SpaceError(f"{where}: expected low < high, got low={low}, high={high}")
+        else:
+            raise SpaceError(f"{where}: expected a list of values or a range mapping, got {spec!r}")
+    return raw
+
+
+def suggest(trial, space: Dict[str, Any]) -> Dict[str, Any]:
+    """The parameters of one trial (``same_as`` copies after the others)."""
+    params: Dict[str, Any] = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            params[name] = trial.suggest_categorical(name, spec)
+        elif "same_as" not in spec:
+            if spec.get("type", "float") == "int":
+                params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]),
+                                                 step=int(spec.get("step", 1)), log=bool(spec.get("log", False)))
+            else:
+                step = spec.get("step")
+                params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                                   step=None if step is None else float(step),
+                                                   log=bool(spec.get("log", False)))
+    for name, spec in space.items():
+        if isinstance(spec, dict) and "same_as" in spec:
+            params[name] = params[spec["same_as"]]
+    return params
+
+
+def apply(cfg: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` with ``{"section.key": value}`` set, checked."""
+    update: Dict[str, Dict[str, Any]] = {}
+    for name, value in params.items():
+        section, key = name.split(".")
+        update.setdefault(section, {})[key] = value
+    return config_mod.check(config_mod.merge(cfg, update))
+
+
+def _corners(space: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Parameter sets that exercise every value of every list and both ends of every range."""
+    out = []
+    base = {n: (s[0] if isinstance(s, list) else s.get("low")) for n, s in space.items() if "same_as" not in s}
+    for name, spec in space.items():
+        values = spec if isinstance(spec, list) else ([] if "same_as" in spec else [spec["low"], spec["high"]])
+        for value in values:
+            params = {**base, name: value}
+            for other, ospec in space.items():
+                if isinstance(ospec, dict) and "same_as" in ospec:
+                    params[other] = params[ospec["same_as"]]
+            out.append(params)
+    return out
+
+
+def check_space(cfg: Dict[str, Any], space: Dict[str, Any]) -> None:
+    """Every searched key must exist and every value be accepted, before any training."""
+    from .benchmark import SuiteError, _model_keys_check
+
+    for params in _corners(space):
+        try:
+            checked = apply(cfg, params)
+            _model_keys_check(checked, "space")
+        except (ValueError, TypeError, SuiteError) as err:
+            raise SpaceError(f"space: parameters {params} give an invalid config: {err}") from None
+
+
+def trial_id(params: Dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, *, log=print,
+         seed: Optional[int] = None) -> Dict[str, Any]:
+    """Search ``space`` around ``cfg`` for ``trials`` finished trials; returns the best
+    trial's ``{"params", "value", "config"}`` and writes the files of the module doc."""
+    try:
+        import optuna
+        from optuna.trial import TrialState
+    except ImportError:
+        raise ImportError("plr tune needs Optuna: pip install 'plr[tune]' (or pip install optuna)") from None
+
+    from .training import train_run
+
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials: expected a positive integer, got {trials!r}")
+    check_space(cfg, space)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = cfg["eval"]["metric"]
+    optuna.logging.set_verbosity(logging.WARNING)
+    study = optuna.create_study(
+        study_name="plr-tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=cfg["train"]["seed"] if seed is None else seed),
+    )
+    saved_space = study.user_attrs.get("space")
+    if saved_space is not None and saved_space != json.loads(json.dumps(space)):
+        raise SpaceError(f"out: {out} holds a study of another search space; use a new --out")
+    study.set_user_attr("space", json.loads(json.dumps(space)))
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # Killed mid-trial: run the same parameters again (their directory resumes).
+        study.enqueue_trial(stale.params)
+        study.tell(stale.number, state=TrialState.FAIL)
+
+    def objective(trial) -> float:
+        params = suggest(trial, space)
+        run_dir = out / "trials" / trial_id(params)
+        trial.set_user_attr("run_dir", str(run_dir))
+        run_cfg = apply(cfg, params)
+        resume = (run_dir / "last.pt").is_file() or any(run_dir.glob("*/last.pt"))
+        log(f"trial {trial.number}: {params} -> {run_dir}" + (" (resuming)" if resume else ""))
+        metrics = train_run(run_cfg, dataset, run_dir, resume=resume, log_to_console=False, test=False)
+        value = float(metrics["valid"][metric])
+        log(f"trial {trial.number}: valid {metric} = {value:.4f}")
+        return value
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done < trials:
+        study.optimize(objective, n_trials=trials - done, catch=())
+    best = study.best_trial
+    best_params = suggest(optuna.trial.FixedTrial(best.params), space)
+    best_cfg = apply(cfg, best_params)
+    config_mod.save(best_cfg, out / "best.yaml")
+    write_trials(study, space, metric, out)
+    return {"params": best_params, "value": best.value, "config": best_cfg, "trial": best.number,
+            "run_dir": best.user_attrs.get("run_dir")}
+
+
+def write_trials(study, space: Dict[str, Any], metric: str, out: Path) -> None:
+    """``trials.csv`` (every trial: number, state, parameters, value) and ``history.png``."""
+    from optuna.trial import TrialState
+
+    names = list(space)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        params = {n: t.params.get(space[n]["same_as"] if isinstance(space[n], dict) and "same_as" in space[n]
+                                  else n) for n in names}
+        rows.append({"trial": t.number, "state": t.state.name, **params, f"valid_{metric}": t.value,
+                     "run_dir": t.user_attrs.get("run_dir", "")})
+    tmp = out / ".tmp-trials.csv"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["trial", "state", *names, f"valid_{metric}", "run_dir"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "trials.csv")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return
+    xs = [t.number for t in complete]
+    ys = [t.value for t in complete]
+    best = [max(ys[: i + 1]) for i in range(len(ys))]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.plot(xs, ys, "o", label="trial")
+    ax.step(xs, best, where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "history.png")
+    plt.close(fig)
+
+
+def format_best(best: Dict[str, Any], metric: str, out: Path) -> Sequence[str]:
+    return [f"best trial {best['trial']}: valid {metric} = {best['value']:.4f} with {best['params']}",
+            f"config: {out / 'best.yaml'} (trials: {out / 'trials.csv'}, {out / 'history.png'})"]

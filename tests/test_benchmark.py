@@ -1,0 +1,226 @@
+"""`plr benchmark` (suites of runs -> one table) and `plr tune` (Optuna on validation)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from plr import config
+from plr.benchmark import SuiteError, load_suite, run_status, run_suite
+from plr.cli import main
+from plr.tuning import SpaceError, load_space, tune
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "suites" / "ci-tiny.yaml"
+DATA = ROOT.parent / "shared" / "data" / "ml-100k_recbole"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def suite_copy(tmp_path, edit=None):
+    """The CI suite with absolute dataset paths, edited by ``edit(raw)``, written to tmp_path."""
+    raw = yaml.safe_load(SUITE.read_text())
+    raw["datasets"] = {"ml100k": str(DATA)}
+    raw["out"] = str(tmp_path / "out")
+    if edit:
+        edit(raw)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["benchmark", str(SUITE), "--out", str(out)]) == 0
+    return out
+
+
+def test_the_ci_suite_runs_end_to_end_and_writes_the_table(finished):
+    report = (finished / "RESULTS.md").read_text()
+    for run in ("sasrec", "plr", "plr-h0"):
+        assert f"| {run} |" in report
+        metrics = json.loads((finished / "ml100k" / run / "metrics.json").read_text())
+        assert 0 <= metrics["test"]["ndcg@10"] <= metrics["test"]["recall@10"] <= 1
+    assert "vs sasrec ndcg@10" in report and "vs best other recall@20" in report
+    figure = (finished / "curves-ml100k.png").read_bytes()
+    assert figure.startswith(PNG) and len(figure) > 5000
+    results = json.loads((finished / "results.json").read_text())
+    history = results["datasets"]["ml100k"]["runs"]["plr"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1] and all("valid_ndcg@10" in h for h in history)
+
+
+def test_a_run_from_a_checkpoint_is_that_checkpoint_with_the_changed_readout(finished):
+    from plr.data import load_dataset
+    from plr.evaluation import evaluate
+    from plr.models import SequentialRecommender
+
+    suite = load_suite(SUITE, out=finished)
+    model = SequentialRecommender.load(str(finished / "ml100k" / "plr" / "best.pt"))
+    model.readout = "h0"
+    run = next(r for r in suite.runs if r.name == "plr-h0")
+    want = evaluate(model, load_dataset(run.cfg["data"]).test, ks=run.cfg["eval"]["ks"]).metrics
+    got = json.loads((finished / "ml100k" / "plr-h0" / "metrics.json").read_text())
+    assert got["test"] == pytest.approx(want, abs=0, rel=1e-12)
+    assert got["changed"] == {"readout": "h0"}
+    ranks = np.loadtxt(finished / "ml100k" / "plr-h0" / "test_ranks.csv", delimiter=",", skiprows=1)
+    assert ranks.shape[1] == 2 and (ranks[:, 1] >= 1).all()
+
+
+def test_finished_runs_are_skipped(finished, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished.glob("ml100k/*/metrics.json")}
+    assert main(["benchmark", str(SUITE), "--out", str(finished)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished before, skipped") == 3
+    assert before == {p: p.stat().st_mtime_ns for p in finished.glob("ml100k/*/metrics.json")}
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import plr.training
+
+    path = suite_copy(tmp_path, lambda raw: raw.update(runs=raw["runs"][:1], table={"baseline": "sasrec"}))
+    suite = load_suite(path)
+    real, calls = plr.training.evaluate, []
+
+    def dies_in_the_second_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plr.training, "evaluate", dies_in_the_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, log=lambda msg: None)
+    monkeypatch.setattr(plr.training, "evaluate", real)
+    assert run_status(suite.runs[0]) == "partial"
+    lines = []
+    run_suite(load_suite(path), log=lines.append)
+    assert any("resuming" in line for line in lines)
+    resumed = json.loads((suite.runs[0].run_dir / "metrics.json").read_text())
+    fresh = load_suite(path, out=tmp_path / "fresh")
+    run_suite(fresh, log=lambda msg: None)
+    uninterrupted = json.loads((fresh.runs[0].run_dir / "metrics.json").read_text())
+    assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
+
+
+BAD_SUITES = [
+    (lambda raw: raw["runs"][0].update(model="sasrekt"), r"runs\[0\] \('sasrec'\): model: expected one of"),
+    (lambda raw: raw.update(datasets={"ml100k": "/nonexistent/data"}), r"datasets.ml100k: no dataset at"),
+    (lambda raw: raw["runs"][1].update(config={"train": {"epoch": 3}}), r"runs\[1\] \('plr'\).*unknown key.*'epoch'"),
+    (lambda raw: raw["runs"][1].update(config={"model": {"num_stream": 3}}),
+     r"runs\[1\] \('plr'\).*unknown key.*'num_stream'"),
+    (lambda raw: raw.update(extra=1), r"unknown key\(s\) \['extra'\]"),
+    (lambda raw: raw["runs"][2].update({"from": "plr2"}), r"runs\[2\] \('plr-h0'\): from: expected an earlier"),
+    (lambda raw: raw["runs"][2].update(config={"train": {"lr": 0.1}}), r"runs\[2\].*changes model keys only"),
+    (lambda raw: raw["runs"][0].update(datasets=["beauty"]), r"runs\[0\] \('sasrec'\): datasets: expected"),
+    (lambda raw: raw["runs"].append({"name": "sasrec", "model": "sasrec"}), r"runs\[3\].*used twice"),
+    (lambda raw: raw["table"].update(baseline="bert"), r"table.baseline: expected one of the runs"),
+    (lambda raw: raw["table"].update(metrics=["ndcg@100"]), r"table.metrics: expected metrics among"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_SUITES)
+def test_bad_suites_fail_before_any_training_naming_the_entry(tmp_path, edit, message, capsys):
+    path = suite_copy(tmp_path, edit)
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", str(path)])
+    assert exc.value.code != 0
+    import re
+
+    assert re.search(message, str(exc.value.code)), exc.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_of_another_config_is_refused(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished / "ml100k" / "sasrec", out / "ml100k" / "sasrec")
+    path = suite_copy(tmp_path, lambda raw: raw["defaults"]["train"].update(lr=0.002))
+    with pytest.raises(SuiteError, match=r"run 'sasrec' on ml100k: .* holds a run with another config"):
+        load_suite(path)
+
+
+# -- plr tune --------------------------------------------------------------------------
+
+
+TINY = ["model.hidden_size=16", "model.inner_size=32", "data.max_len=10", "train.epochs=1", "train.batch_size=256",
+        "train.max_steps_per_epoch=2", "train.progress=false", "train.seed=3"]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    from plr.data import load_dataset
+
+    return load_dataset(config.resolve("sasrec", None, TINY, str(DATA))["data"])
+
+
+def write_space(tmp_path, space):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def test_tune_searches_on_validation_only_and_resumes(tmp_path, dataset):
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.3], "model.attn_dropout": {"same_as":
+                                              "model.dropout"}, "train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    best = tune(cfg, dataset, space, tmp_path / "study", 2, log=lambda msg: None)
+    trials = list((tmp_path / "study" / "trials").iterdir())
+    assert len(trials) == 2
+    for run_dir in trials:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["test"] is None and not (run_dir / "test_ranks.csv").exists()  # the test split is never read
+        saved = config.load_yaml(run_dir / "config.yaml")
+        assert saved["model"]["attn_dropout"] == saved["model"]["dropout"]
+    values = [json.loads((d / "metrics.json").read_text())["valid"]["ndcg@10"] for d in trials]
+    assert best["value"] == max(values)
+    best_cfg = config.check(config.load_yaml(tmp_path / "study" / "best.yaml"))
+    assert best_cfg["model"]["dropout"] == best["params"]["model.dropout"]
+    assert best_cfg["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
+    assert (tmp_path / "study" / "history.png").read_bytes().startswith(PNG)
+    # A resumed study counts its finished trials: one more to reach 3.
+    log = []
+    tune(cfg, dataset, space, tmp_path / "study", 3, log=log.append)
+    assert sum("valid ndcg@10" in line for line in log) == 1
+    rows = (tmp_path / "study" / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("trial,state,model.dropout,model.attn_dropout,train.lr")
+
+
+def test_a_trial_killed_while_running_is_run_again_with_its_parameters(tmp_path, dataset):
+    import optuna
+
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.3]}))
+    (tmp_path / "study").mkdir()
+    study = optuna.create_study(study_name="plr-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}",
+                                direction="maximize")
+    study.set_user_attr("space", space)
+    stale = study.ask()
+    stale.suggest_categorical("model.dropout", [0.1, 0.3])  # the process died here
+    log = []
+    tune(cfg, dataset, space, tmp_path / "study", 1, log=log.append)
+    study = optuna.load_study(study_name="plr-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"model.drop": [0.1]}, r"unknown key.*'drop'"),
+    ({"train.batch_size": {"low": 8, "high": 4, "type": "int"}}, r"expected low < high"),
+    ({"lr": [0.1]}, r"section.key"),
+    ({"model.dropout": {"same_as": "model.x"}}, r"same_as: expected another searched parameter"),
+    ({"model.dropout": []}, r"non-empty list"),
+])
+def test_bad_spaces_fail_before_any_training(tmp_path, space, message):
+    path = write_space(tmp_path, space)
+    with pytest.raises(SystemExit, match=message):
+        main(["tune", "--model", "sasrec", "--data", str(DATA), "--space", str(path), "--trials", "1",
+              "--out", str(tmp_path / "study"), *sum((["--set", s] for s in TINY), [])])
+    assert not (tmp_path / "study").exists()
+
+
+def test_bad_space_file_errors_name_the_parameter(tmp_path):
+    with pytest.raises(SpaceError, match=r"model.dropout: expected a list of values"):
+        load_space(write_space(tmp_path, {"model.dropout": 0.5}))
