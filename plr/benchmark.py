@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import platform
 import re
 import time
@@ -133,7 +134,7 @@ def load_suite(path, out=None) -> Suite:
     _unknown(raw, SUITE_KEYS, where)
     base = path.resolve().parent
     name = str(raw.get("name") or path.stem)
-    out = Path(out) if out is not None else base / str(raw.get("out") or f"runs/{name}")
+    out = Path(out) if out is not None else Path(os.path.normpath(base / str(raw.get("out") or f"runs/{name}")))
 
     datasets: Dict[str, Dict[str, Any]] = {}
     for ds_name, entry in _mapping(raw.get("datasets"), f"{where}: datasets").items():
@@ -144,7 +145,7 @@ def load_suite(path, out=None) -> Suite:
         if "path" not in entry:
             raise SuiteError(f"{ds_where}: expected a path")
         data_path = Path(entry["path"])
-        data_path = data_path if data_path.is_absolute() else base / data_path
+        data_path = Path(os.path.normpath(data_path if data_path.is_absolute() else base / data_path))
         if not data_path.exists():
             raise SuiteError(f"{ds_where}: no dataset at {str(data_path)!r}")
         entry["path"] = str(data_path)
