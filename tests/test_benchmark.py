@@ -224,3 +224,15 @@ def test_bad_spaces_fail_before_any_training(tmp_path, space, message):
 def test_bad_space_file_errors_name_the_parameter(tmp_path):
     with pytest.raises(SpaceError, match=r"model.dropout: expected a list of values"):
         load_space(write_space(tmp_path, {"model.dropout": 0.5}))
+
+
+@pytest.mark.parametrize("space", sorted((ROOT / "benchmarks" / "spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_spaces_are_valid_for_their_model(space):
+    from plr.tuning import check_space
+
+    check_space(config.resolve(space.stem, None, [], str(DATA)), load_space(space))
+
+
+@pytest.mark.parametrize("suite", sorted((ROOT / "benchmarks" / "suites").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_suites_are_valid(suite, tmp_path):
+    assert load_suite(suite, out=tmp_path).runs
