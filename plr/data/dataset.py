@@ -18,6 +18,8 @@ batch of left-padded ``[n, max_len]`` histories with one fancy-indexing op.
 
 from __future__ import annotations
 
+import warnings
+
 from array import array
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple
@@ -239,6 +241,29 @@ def build_dataset(inter: Interactions, max_len: int = 50, split: str = "auto", m
         split_time: for "time": (t_valid, t_test) timestamps, or quantiles when
             both are floats in (0, 1).
     """
+    ds = _build_dataset(inter, max_len, split, min_rating, k_core, split_time)
+    _check_usable(ds, inter)
+    return ds
+
+
+def _check_usable(ds: SequenceDataset, inter: Interactions) -> None:
+    """A dataset that trains and evaluates something; users that give no sample are counted in a warning."""
+    where = f"{inter.name!r} ({inter.fmt or 'no format'}, split={ds.split!r})"
+    if len(ds.train) == 0:
+        raise ValueError(f"data: {where} yields no training samples (every user has fewer than 2 training "
+                         f"interactions); use a dataset with longer histories")
+    for part in ("valid", "test"):
+        if len(getattr(ds, part).target) == 0:
+            raise ValueError(f"data: {where} yields no {part} users (leave-one-out needs users with >= 3 "
+                             f"interactions; a time split needs interactions after its split_time)")
+    single = int((np.asarray(ds.seq_lengths) == 1).sum())
+    if single:
+        warnings.warn(f"data: {single} user(s) of {where} have a single interaction and give no sample "
+                      "(dropped)", stacklevel=3)
+
+
+def _build_dataset(inter, max_len, split, min_rating, k_core, split_time) -> SequenceDataset:
+    """``build_dataset`` without the final usability checks."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     if not isinstance(max_len, (int, np.integer)) or max_len < 1:
