@@ -27,15 +27,17 @@ from . import __version__
 from .errors import USER_ERRORS, UserError, one_line
 
 
-def _load_dataset(data_cfg: dict):
-    from .data import build_dataset, read_interactions
+def _load_dataset(data_cfg: dict, parts=("train", "valid", "test")):
+    from .data import build_dataset, check_usable, read_interactions
 
     if not data_cfg.get("path"):
         raise UserError("--data: a dataset path is required", "pass --data PATH (or set data.path in the config)")
     inter = read_interactions(data_cfg["path"], fmt=data_cfg.get("format", "auto"))
-    return build_dataset(inter, max_len=data_cfg["max_len"], split=data_cfg["split"],
-                         min_rating=data_cfg.get("min_rating"), k_core=data_cfg.get("k_core"),
-                         split_time=data_cfg.get("split_time"))
+    dataset = build_dataset(inter, max_len=data_cfg["max_len"], split=data_cfg["split"],
+                            min_rating=data_cfg.get("min_rating"), k_core=data_cfg.get("k_core"),
+                            split_time=data_cfg.get("split_time"))
+    check_usable(dataset, str(data_cfg["path"]), parts)
+    return dataset
 
 
 def format_table(rows: List[dict], columns: List[str]) -> str:
@@ -101,7 +103,7 @@ def cmd_evaluate(args) -> int:
     run_cfg = extra.get("run_config") or {}
     data_cfg = dict(run_cfg.get("data") or {"max_len": model.max_len, "split": "loo"})
     data_cfg["path"] = args.data
-    dataset = _load_dataset(data_cfg)
+    dataset = _load_dataset(data_cfg, parts=(args.split,))
     saved_ids = extra.get("item_raw_ids")
     now_ids = [None if r is None else str(r) for r in dataset.item_raw_ids]
     if saved_ids is not None and saved_ids != now_ids:

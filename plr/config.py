@@ -186,7 +186,8 @@ def check(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise UserError(f"config: expected a mapping of sections, got {type(cfg).__name__}")
     unknown = set(cfg) - set(SECTIONS) - {"model"}
     if unknown:
-        raise UserError(f"config: unknown section(s) {sorted(unknown)}; expected model, data, train, eval")
+        raise UserError(f"config: unknown section(s) {sorted(unknown)}; expected model, data, train, eval",
+                        "fix the section names in the config or --set")
     for name in ("model", *SECTIONS):
         if cfg.get(name) is not None and not isinstance(cfg[name], dict):
             raise UserError(f"config: section {name!r} must be a mapping of keys, got {cfg[name]!r}")
@@ -198,7 +199,8 @@ def check(cfg: Dict[str, Any]) -> Dict[str, Any]:
         known = {f.name for f in dataclasses.fields(cls)}
         extra = set(given) - known
         if extra:
-            raise UserError(f"config: unknown key(s) {sorted(extra)} in section {name!r}; expected {sorted(known)}")
+            raise UserError(f"config: unknown key(s) {sorted(extra)} in section {name!r}; expected {sorted(known)}",
+                            "fix the spelling in the config or --set")
         values = parse_section(cls, name, given)
         if name in SECTION_CHECKS:
             SECTION_CHECKS[name](values)

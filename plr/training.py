@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from . import guards
+from .data import check_usable
 from .errors import UserError
 from .evaluation import evaluate
 from .models import build_model, model_class
@@ -77,6 +78,7 @@ class Trainer:
         self.cfg = config_mod.check(cfg)
         self.train_cfg = config_mod.section(self.cfg, "train")
         self.eval_cfg = config_mod.section(self.cfg, "eval")
+        check_usable(dataset, repr(getattr(dataset, "name", "dataset")))  # samples to train and evaluate on
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,12 @@ def _timestamps(values, what, path, line_of) -> np.ndarray:
     if numeric.all():
         return to_float(values, what, path, line_of)
     if numeric.any():
+        for i in np.flatnonzero(~numeric):
+            try:
+                np.datetime64(values[i], "s")
+            except (ValueError, TypeError):
+                raise DataFormatError(path, line_of(int(i)), f"expected a number or an ISO 8601 date in column "
+                                      f"{what!r}, got {values[i]!r}") from None
         i = int(np.flatnonzero(numeric)[0] if not numeric[0] else np.flatnonzero(~numeric)[0])
         raise DataFormatError(path, line_of(i), f"column {what!r} mixes numbers and dates (line {line_of(0)} "
                               f"holds {values[0]!r}, this line {values[i]!r}); use one kind per column")
