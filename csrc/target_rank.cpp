@@ -3,7 +3,8 @@
 //
 // rank[b] = 1 + #{candidate v : s(b,v) > s(b,target)}   (">=" when pessimistic)
 // s(b,v) = z[b] . item_emb[v]; candidates exclude the target itself,
-// exclude_index and the non-negative entries of exclude_items[b].
+// exclude_index and the non-negative entries of exclude_items[b]. NaN: a NaN
+// candidate beats nothing, a NaN target ranks last (as plr_kernels/reference.py).
 //
 // Every score, the target's included, comes from the one routine dot_rows()
 // whose summation order is fixed by the source (explicit lanes, no
@@ -109,9 +110,11 @@ inline acc_t dot(const acc_t* z, const scalar_t* e, int64_t d) {
   return s;
 }
 
+// A NaN candidate beats nothing; a NaN target is beaten by everything, so it
+// ranks last (1 + the number of candidates) and a diverged model never scores.
 template <typename acc_t>
 inline bool beats(acc_t s, acc_t t, bool pessimistic) {
-  return pessimistic ? s >= t : s > t;
+  return (pessimistic ? s >= t : s > t) || t != t;
 }
 
 template <typename scalar_t>
@@ -191,7 +194,7 @@ void target_rank_kernel(const scalar_t* z_in, const scalar_t* E, const int64_t* 
     }
     std::sort(drop.begin(), drop.end());
     drop.erase(std::unique(drop.begin(), drop.end()), drop.end());
-    // The target met itself in the main loop (s == t bit for bit; NaN never counts).
+    // The target met itself in the main loop (s == t bit for bit; a NaN target counts itself).
     int64_t c = count[b] - beats(t_score[b], t_score[b], pessimistic);
     const acc_t* zb = z.data() + b * d;
     for (int64_t u : drop) {

@@ -5,8 +5,8 @@
 // Order: higher score first, equal scores by smaller item id -- a total order
 // on (score, id), so the result does not depend on how the items are split
 // between threads. Candidates exclude exclude_index and the non-negative ids
-// of exclude_items[b] (negative entries are padding), as in target_rank. A row
-// with fewer than k candidates ends in (-inf, -1). Scores accumulate in float
+// of exclude_items[b] (negative entries are padding), as in target_rank, and
+// items scoring NaN. A row with fewer than k candidates ends in (-inf, -1). Scores accumulate in float
 // (double for fp64), the returned values too (bf16/fp16 scores are fp32, as in
 // the reference).
 //
@@ -74,8 +74,9 @@ struct RowHeap {
   Entry<acc_t>* data;
   int64_t size = 0;
 
+  // A NaN score is no candidate (it would break the heap's order).
   bool wants(acc_t s, int64_t v, int64_t k) const {
-    return size < k || before(Entry<acc_t>{s, v}, data[0]);
+    return s == s && (size < k || before(Entry<acc_t>{s, v}, data[0]));
   }
   void offer(acc_t s, int64_t v, int64_t k) {
     auto cmp = before<acc_t>;

@@ -36,7 +36,6 @@ are in ``results.json``).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -99,23 +98,6 @@ def _unknown(given, allowed, where: str) -> None:
     extra = sorted(set(given) - set(allowed))
     if extra:
         raise SuiteError(f"{where}: unknown key(s) {extra}; expected some of {sorted(allowed)}")
-
-
-def _model_keys_check(cfg: Dict[str, Any], where: str) -> None:
-    """Every model key must be a keyword of the model class (or of its training phases)."""
-    from .models import model_class
-
-    cls = model_class(cfg["model"]["name"])
-    accepted = {"name"} | set(getattr(cls, "RUN_KEYS", ()))
-    for klass in cls.__mro__:  # a **kwargs constructor passes the rest to its base class
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        accepted |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            break
-    accepted -= {"self", "num_items", "max_len"}
-    _unknown(cfg["model"], accepted, f"{where}: config model section")
 
 
 def load_suite(path, out=None) -> Suite:
@@ -205,9 +187,7 @@ def load_suite(path, out=None) -> Suite:
             run_cfg = config_mod.merge(cfg, {"data": datasets[ds_name]})
             try:
                 run_cfg = config_mod.check(run_cfg)
-                _model_keys_check(run_cfg, f"{run_where} on {ds_name}")
-            except SuiteError:
-                raise
+                config_mod.check_model(run_cfg)
             except (ValueError, TypeError) as err:
                 raise SuiteError(f"{run_where} on {ds_name}: {err}") from None
             runs.append(RunSpec(run_name, ds_name, run_cfg, out / ds_name / run_name, source))

@@ -10,6 +10,10 @@
     plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
     plr data stats PATH
     plr data download amazon2023 --category Video_Games --dest DIR
+
+User errors (plr.errors) print one line, ``plr: error: <what> — <how to fix>``,
+with exit code 2; ``--debug`` (anywhere on the line) shows the traceback.
+Ctrl-C stops a training run after saving its state (exit code 130).
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .errors import USER_ERRORS, UserError, one_line
 from .reporting import format_table
 
 
-def _load_dataset(data_cfg: dict):
+def _load_dataset(data_cfg: dict, parts=("train", "valid", "test")):
     from .data import load_dataset
 
     if not data_cfg.get("path"):
-        raise SystemExit("plr: --data PATH is required (or data.path in the config)")
-    return load_dataset(data_cfg)
+        raise UserError("--data: a dataset path is required", "pass --data PATH (or set data.path in the config)")
+    return load_dataset(data_cfg, parts)
 
 
 # -- commands ------------------------------------------------------------------------
@@ -41,7 +46,7 @@ def cmd_train(args) -> int:
     from .training import train_run
 
     if args.resume and not args.out:
-        raise SystemExit("plr train: --resume needs --out RUN_DIR (the run to continue)")
+        raise UserError("--resume: needs the run to continue", "pass --out RUN_DIR")
     overrides = list(args.set or [])
     if args.backbone:
         overrides.insert(0, f"model.backbone={args.backbone}")
@@ -49,13 +54,14 @@ def cmd_train(args) -> int:
         from .models import model_class
 
         if getattr(model_class(args.model), "run_training", None) is None:
-            raise SystemExit(f"plr train: --phase/--init apply to models trained in phases (lares), "
-                             f"not to --model {args.model}")
+            raise UserError(f"--phase/--init apply to models trained in phases (lares), "
+                            f"not to --model {args.model}", "drop --phase/--init")
         overrides[:0] = ([f"model.phase={args.phase}"] if args.phase else []) + \
             ([f"model.init_from={args.init}"] if args.init else [])
     cfg = config_mod.resolve(args.model, args.config, overrides, args.data)
     dataset = _load_dataset(cfg["data"])
     out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.run_dir = out  # for the resume hint after Ctrl-C
     print(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}")
     metrics = train_run(cfg, dataset, out, resume=args.resume)
     print(format_table([{"split": s, **metrics[s]} for s in ("valid", "test")],
@@ -64,9 +70,15 @@ def cmd_train(args) -> int:
 
 
 def _checkpoint(path: str):
+    """A checkpoint's model and extra data; refused if its weights are not all finite."""
     from .models import SequentialRecommender
 
-    return SequentialRecommender.load_with_extra(path)
+    model, extra = SequentialRecommender.load_with_extra(path)
+    bad = model.non_finite_weights()
+    if bad:
+        raise UserError(f"--checkpoint: {path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), "
+                        f"e.g. {bad[0]}: the run that wrote it diverged", "retrain it (e.g. with a lower train.lr)")
+    return model, extra
 
 
 def cmd_evaluate(args) -> int:
@@ -76,11 +88,12 @@ def cmd_evaluate(args) -> int:
     run_cfg = extra.get("run_config") or {}
     data_cfg = dict(run_cfg.get("data") or {"max_len": model.max_len, "split": "loo"})
     data_cfg["path"] = args.data
-    dataset = _load_dataset(data_cfg)
+    dataset = _load_dataset(data_cfg, parts=(args.split,))
     saved_ids = extra.get("item_raw_ids")
     now_ids = [None if r is None else str(r) for r in dataset.item_raw_ids]
     if saved_ids is not None and saved_ids != now_ids:
-        raise SystemExit(f"plr evaluate: the items of {args.data} differ from those the checkpoint was trained on")
+        raise UserError(f"--data: the items of {args.data} differ from those the checkpoint was trained on",
+                        "evaluate on the dataset of the run")
     eval_cfg = run_cfg.get("eval") or {}
     result = evaluate(model, getattr(dataset, args.split), ks=eval_cfg.get("ks", [5, 10, 20, 50]),
                       exclude_history=args.exclude_history, ties=args.ties, progress=True)
@@ -96,32 +109,44 @@ def cmd_recommend(args) -> int:
     titles = extra.get("item_titles") or []
     tokens = args.history.replace(",", " ").split()
     if not tokens:
-        raise SystemExit("plr recommend: --history needs at least one item id")
+        raise UserError("--history: needs at least one item id", 'e.g. --history "12 55 7"')
     if raw_ids is not None and not args.internal_ids:
         index = {r: i for i, r in enumerate(raw_ids) if r is not None}
         missing = [t for t in tokens if t not in index]
         if missing:
-            raise SystemExit(f"plr recommend: --history has item ids unknown to the checkpoint: {missing[:5]}")
+            raise UserError(f"--history: item ids unknown to the checkpoint: {missing[:5]}",
+                            "use raw ids of the training data (or --internal-ids)")
         ids = [index[t] for t in tokens]
     else:
+        bad = [t for t in tokens if not t.isdigit() or not 1 <= int(t) <= model.num_items]
+        if bad:
+            raise UserError(f"--history: expected internal item ids in [1, {model.num_items}], got {bad[:5]}")
         ids = [int(t) for t in tokens]
+    most = model.num_items - (len(set(ids)) if args.exclude_history else 0)
+    if not 1 <= args.k <= model.num_items:
+        raise UserError(f"--k: expected an int in [1, {model.num_items}] (the number of items), got {args.k}")
     seq = torch.tensor([ids[-model.max_len:]], dtype=torch.long)
     scores, items = model.recommend(seq, k=args.k, exclude_history=args.exclude_history)
     rows = []
     for rank, (score, item) in enumerate(zip(scores[0].tolist(), items[0].tolist()), start=1):
+        if item < 0:  # no candidate left (history excluded): not an item
+            break
         rows.append({"rank": rank, "item": raw_ids[item] if raw_ids and not args.internal_ids else item,
                      "score": score, "title": titles[item] if item < len(titles) else ""})
     print(format_table(rows, ["rank", "item", "score", "title"]))
+    if len(rows) < args.k:
+        print(f"plr recommend: only {len(rows)} candidate item(s) left (of --k {args.k}; "
+              f"{model.num_items - most} excluded as history)", file=sys.stderr)
     return 0
 
 
 def cmd_compare(args) -> int:
     from .significance import compare_runs
 
-    try:
-        res = compare_runs(args.run_a, args.run_b, args.metric)
-    except ValueError as err:
-        raise SystemExit(f"plr compare: {err}") from None
+    for run in (args.run_a, args.run_b):
+        if (Path(run) / "best.pt").is_file():
+            _checkpoint(str(Path(run) / "best.pt"))  # refuses a diverged run
+    res = compare_runs(args.run_a, args.run_b, args.metric)
     print(format_table([{"run": args.run_a, args.metric: res.mean_a},
                         {"run": args.run_b, args.metric: res.mean_b}], ["run", args.metric]))
     print(f"paired t-test over {res.users} users: B - A = {res.diff:+.4f} ({res.relative:+.1f}%), "
@@ -132,13 +157,10 @@ def cmd_compare(args) -> int:
 def cmd_benchmark(args) -> int:
     from .benchmark import SuiteError, load_suite, run_status, run_suite, write_report
 
-    try:
-        suite = load_suite(args.suite, out=args.out)
-        unknown = sorted(set(args.only or []) - set(suite.run_names))
-        if unknown:
-            raise SuiteError(f"--only: expected runs of the suite {suite.run_names}, got {unknown}")
-    except SuiteError as err:
-        raise SystemExit(f"plr benchmark: {err}") from None
+    suite = load_suite(args.suite, out=args.out)  # a SuiteError is a one-line user error
+    unknown = sorted(set(args.only or []) - set(suite.run_names))
+    if unknown:
+        raise SuiteError(f"--only: expected runs of the suite {suite.run_names}, got {unknown}")
     if args.check:
         print(format_table([{"run": r.name, "model": r.cfg["model"]["name"], "dataset": r.dataset,
                              "status": run_status(r), "directory": str(r.run_dir)} for r in suite.runs],
@@ -151,14 +173,11 @@ def cmd_benchmark(args) -> int:
 
 def cmd_tune(args) -> int:
     from . import config as config_mod
-    from .tuning import SpaceError, check_space, format_best, load_space, tune
+    from .tuning import check_space, format_best, load_space, tune
 
     cfg = config_mod.resolve(args.model, args.config, list(args.set or []), args.data)
-    try:
-        space = load_space(args.space)
-        check_space(cfg, space)
-    except SpaceError as err:
-        raise SystemExit(f"plr tune: {err}") from None
+    space = load_space(args.space)  # a SpaceError is a one-line user error
+    check_space(cfg, space)
     dataset = _load_dataset(cfg["data"])
     print(f"plr tune: {args.model} on {dataset.name}, {args.trials} trials on validation {cfg['eval']['metric']} "
           f"-> {args.out}")
@@ -179,7 +198,7 @@ def cmd_data_download(args) -> int:
     from .data import download_amazon2023
 
     if args.source != "amazon2023":
-        raise SystemExit(f"plr data download: expected source amazon2023, got {args.source!r}")
+        raise UserError(f"source: expected amazon2023, got {args.source!r}")
     for path in download_amazon2023(args.category, args.dest, force=args.force):
         print(path)
     return 0
@@ -201,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="plr", description="Parallel Latent Reasoning for sequential recommendation")
     parser.add_argument("--version", action="version", version=f"plr {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train SASRec and PLR on embedded synthetic data and compare them")
@@ -285,8 +305,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; user errors print one line and return 2 (plr.errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .guards import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        run_dir = getattr(args, "run_dir", None)
+        if args.command == "train" and run_dir is not None and (Path(run_dir) / "last.pt").is_file():
+            again = [a for a in argv if a != "--resume"]
+            if "--out" not in again:
+                again += ["--out", str(run_dir)]
+            print(f"plr: interrupted — training state saved in {Path(run_dir) / 'last.pt'}; continue with: "
+                  f"plr {' '.join(again)} --resume", file=sys.stderr)
+        else:
+            print("plr: interrupted", file=sys.stderr)
+        return 130
+    except (TrainingDiverged, *USER_ERRORS) as exc:
+        if debug:
+            raise
+        text = one_line(exc)
+        if isinstance(exc, TrainingDiverged) and getattr(args, "run_dir", None) is not None:
+            text += f" (last good state in {Path(args.run_dir) / 'last.pt'}, best.pt untouched)"
+        print(f"plr: error: {text}", file=sys.stderr)
+        if not isinstance(exc, (UserError, TrainingDiverged)):
+            print("plr: (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    # Anything else is an internal error (a bug): Python prints its traceback.
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ import plr_kernels
 from .models.base import PADDING
 
 
+class NonFiniteScores(ValueError):
+    """The model produced NaN or infinite scores: it cannot be evaluated."""
+
+
 @dataclass
 class EvalResult:
     metrics: Dict[str, float]
@@ -54,7 +58,8 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
                  exclude_history: bool = False, ties: str = "optimistic", progress: bool = False,
                  desc: str = "evaluate") -> torch.Tensor:
     """Ranks ``[U]`` of ``target`` among all items for the histories ``item_seq [U, L]``,
-    scored with the model's inference vector (``model.inference_vector``: ``z_final``, PLR Eq. 10)."""
+    scored with the model's inference vector (``model.inference_vector``: ``z_final``, PLR
+    Eq. 10). Raises ``NonFiniteScores`` if any of them is NaN or infinite."""
     was_training = model.training
     model.eval()
     device = model.device
@@ -63,6 +68,10 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
         for start in tqdm(range(0, len(target), batch_size), desc=desc, disable=None if progress else True, leave=False):
             seq = model.prepare(item_seq[start:start + batch_size].to(device))
             z = model.inference_vector(model.forward_prepared(seq))
+            if not bool(torch.isfinite(z).all()):  # a score, never: NaN would rank targets arbitrarily
+                raise NonFiniteScores(f"{desc}: the model's scores are non-finite (NaN or inf) for "
+                                      f"{int((~torch.isfinite(z)).any(dim=1).sum())} of the users "
+                                      f"{start}..{start + len(seq) - 1}; the model has diverged")
             out.append(plr_kernels.target_rank(
                 z, model.item_emb, target[start:start + batch_size].to(device), exclude_index=PADDING,
                 exclude_items=seq if exclude_history else None, ties=ties,

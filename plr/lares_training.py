@@ -31,10 +31,10 @@ from typing import Any, Dict, Optional
 from . import config as config_mod
 from .models.base import SequentialRecommender
 from .models.lares import LARESModel
-from .training import BEST, Trainer, write_json_atomic
+from .training import BEST, Trainer, check_run_dir, write_json_atomic
 
 RUN_PHASES = ("both", "spt", "rpt")
-PHASE_KEYS = LARESModel.RUN_KEYS
+PHASE_KEYS = LARESModel.run_keys
 
 
 def phase_config(cfg: Dict[str, Any], phase: str) -> Dict[str, Any]:
@@ -55,6 +55,7 @@ def phase_config(cfg: Dict[str, Any], phase: str) -> Dict[str, Any]:
 def run_phase(cfg: Dict[str, Any], dataset, run_dir: Path, *, init_from: Optional[str] = None,
               resume: bool = False, log_to_console: bool = True, test: bool = True) -> Dict[str, Any]:
     """One phase into ``run_dir`` (an ordinary run directory); ``test=False`` never reads the test split."""
+    check_run_dir(run_dir, cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, dataset, run_dir, log_to_console=log_to_console)
@@ -89,6 +90,8 @@ def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
         return run_phase(phase_config(cfg, phase), dataset, run_dir, init_from=init_from, resume=resume,
                          log_to_console=log_to_console, test=test)
 
+    for phase in ("spt", "rpt"):  # refuse before writing anything
+        check_run_dir(run_dir / phase, phase_config(cfg, phase), resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, run_dir / "config.yaml")
     spt = run_phase(phase_config(cfg, "spt"), dataset, run_dir / "spt", resume=resume,

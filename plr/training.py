@@ -23,6 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import guards
+from .data import check_usable
+from .errors import UserError
 from .evaluation import evaluate
 from .models import build_model, model_class
 from .models.base import SequentialRecommender, atomic_torch_save
@@ -75,6 +78,7 @@ class Trainer:
         self.cfg = config_mod.check(cfg)
         self.train_cfg = config_mod.section(self.cfg, "train")
         self.eval_cfg = config_mod.section(self.cfg, "eval")
+        check_usable(dataset, repr(getattr(dataset, "name", "dataset")))  # samples to train and evaluate on
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,12 +144,14 @@ class Trainer:
         item_seq, target = self.dataset.train.gather(idx)
         device = self.model.device
         loss, parts = self.model.compute_loss(item_seq.to(device), target.to(device))
+        values = guards.check_step(loss, parts, epoch=self.state["epoch"], step=self.state["step_in_epoch"],
+                                   limit=self.train_cfg.divergence_limit)  # before the weights change
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.train_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
-        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        return values
 
     def run_epoch(self, epoch: int) -> Dict[str, float]:
         order = self.epoch_order(epoch)
@@ -172,7 +178,22 @@ class Trainer:
     def fit(self, resume: bool = False, test: bool = True) -> Dict[str, Any]:
         """Train until ``epochs`` or early stopping, then test the best model
         (``test=False``: never read the test split, e.g. while tuning on validation;
-        ``metrics.json`` then has ``"test": null``)."""
+        ``metrics.json`` then has ``"test": null``).
+
+        A step whose loss is non-finite or diverges (plr.guards) and Ctrl-C stop
+        the run with ``last.pt`` holding the last good state (resumable)."""
+        try:
+            return self._fit(resume, test)
+        except (guards.TrainingDiverged, KeyboardInterrupt) as exc:
+            if self.state.get("finished"):
+                raise
+            self.save_state()
+            where = f"epoch {self.state['epoch']}, step {self.state['step_in_epoch']}"
+            self.log(f"stopped at {where}: {exc}" if isinstance(exc, guards.TrainingDiverged)
+                     else f"interrupted at {where}; training state saved in {self.run_dir / LAST}")
+            raise
+
+    def _fit(self, resume: bool, test: bool) -> Dict[str, Any]:
         if resume and self.load_state():
             self.log(f"resumed at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
         elif resume:
@@ -189,7 +210,7 @@ class Trainer:
             losses = self.run_epoch(epoch)
             valid = evaluate(self.model, self.dataset.valid, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
                              exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties).metrics
-            improved = valid[metric] > self.state["best_metric"]
+            improved = math.isfinite(valid[metric]) and valid[metric] > self.state["best_metric"]
             if improved:
                 self.state.update(best_metric=valid[metric], best_epoch=epoch, bad_epochs=0, best_valid=valid)
                 self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
@@ -220,6 +241,9 @@ class Trainer:
 
     def test(self) -> Dict[str, Any]:
         """Reload the best checkpoint, evaluate on the test samples, write metrics.json."""
+        if not (self.run_dir / BEST).is_file():
+            raise UserError(f"run_dir: no best checkpoint in {self.run_dir} after {self.state['epoch']} epoch(s)",
+                            "train at least one epoch (train.epochs >= 1)")
         best = SequentialRecommender.load(str(self.run_dir / BEST))
         best.to(self.model.device)
         result = evaluate(best, self.dataset.test, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
@@ -258,6 +282,31 @@ def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
     if custom is not None:
         return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console, test=test)
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, config_mod.check(cfg), resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
     return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume, test=test)
+
+
+def check_run_dir(run_dir: Path, cfg: Dict[str, Any], resume: bool) -> None:
+    """Refuse, before anything is written, a run directory that holds another
+    run (without ``resume``) or a training state of another config (with it)."""
+    last = Path(run_dir) / LAST
+    if not last.is_file():
+        return
+    if not resume:
+        raise FileExistsError(f"run_dir: {run_dir} already holds a training state; "
+                              "pass --resume to continue it, or choose another --out")
+    try:
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise UserError(f"run_dir: {last} is not a readable plr training state ({type(exc).__name__})",
+                        "choose another --out") from None
+    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+        raise UserError(f"run_dir: {last} is not a plr training state", "choose another --out")
+    if saved["config"] != cfg:
+        changed = sorted(f"{sec}.{k}" for sec in set(cfg) | set(saved["config"])
+                         for k in set(cfg.get(sec, {})) | set(saved["config"].get(sec, {}))
+                         if cfg.get(sec, {}).get(k) != saved["config"].get(sec, {}).get(k))
+        raise UserError(f"run_dir: {last} was written with another config (changed: {changed})",
+                        f"resume with the same config (see {Path(run_dir) / 'config.yaml'}) or use a new --out")

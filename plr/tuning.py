@@ -125,13 +125,10 @@ def _corners(space: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def check_space(cfg: Dict[str, Any], space: Dict[str, Any]) -> None:
     """Every searched key must exist and every value be accepted, before any training."""
-    from .benchmark import SuiteError, _model_keys_check
-
     for params in _corners(space):
         try:
-            checked = apply(cfg, params)
-            _model_keys_check(checked, "space")
-        except (ValueError, TypeError, SuiteError) as err:
+            config_mod.check_model(apply(cfg, params))
+        except (ValueError, TypeError) as err:
             raise SpaceError(f"space: parameters {params} give an invalid config: {err}") from None
 
 

@@ -212,12 +212,15 @@ def target_rank(
     ``exclude_index`` and the non-negative ids in ``exclude_items [B,L]``
     (the target itself is never excluded). ``ties="optimistic"`` counts
     candidates with ``s > s_target``; ``"pessimistic"`` counts ``s >= s_target``.
+    NaN scores: a NaN candidate beats nothing, a NaN target is beaten by every
+    candidate (it ranks last), so a diverged model never scores well.
     """
     scores, excluded = _scores_with_exclusions(z, item_emb, exclude_index, exclude_items)
     rows = torch.arange(z.shape[0], device=z.device)
     excluded[rows, target] = True  # the target is not its own competitor
     s_target = scores[rows, target][:, None]
     beats = scores >= s_target if ties == "pessimistic" else scores > s_target
+    beats = beats | torch.isnan(s_target)
     return 1 + (beats & ~excluded).sum(dim=1).to(torch.int64)
 
 
@@ -234,12 +237,17 @@ def topk(
 
     ``s = z E^T`` without temperature; excluded items (``exclude_index`` and
     the non-negative ids of ``exclude_items [B,L]``) never appear. Ties are
-    broken towards the smaller item id, so the result is deterministic. A row
-    with fewer than ``k`` candidates ends in entries ``(-inf, -1)``.
+    broken towards the smaller item id, so the result is deterministic. Items
+    scoring NaN are no candidates either. A row with fewer than ``k``
+    candidates ends in entries ``(-inf, -1)``, after every candidate (those
+    scoring ``-inf`` included).
     """
     scores, excluded = _scores_with_exclusions(z, item_emb, exclude_index, exclude_items)
+    excluded |= torch.isnan(scores)
     scores = scores.masked_fill(excluded, float("-inf"))
     values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
-    values, indices = values[:, :k], indices[:, :k]
+    # Non-candidates after every candidate (a stable sort keeps the score order).
+    last = torch.sort(excluded.gather(1, indices).to(torch.int8), dim=1, stable=True).indices
+    values, indices = values.gather(1, last)[:, :k], indices.gather(1, last)[:, :k]
     indices = indices.masked_fill(excluded.gather(1, indices), -1)
     return values.contiguous(), indices.contiguous()

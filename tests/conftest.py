@@ -26,3 +26,17 @@ def triton_device():
             yield
     else:
         yield
+
+
+def cli_error(capsys, argv):
+    """Run ``plr.cli.main(argv)``, expect a user error: exit code 2 and one
+    ``plr: error: ...`` line on stderr (returned)."""
+    from plr.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    lines = [line for line in err if line.startswith("plr: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -330,3 +330,56 @@ def test_topk_public_api():
     ex = history(5, 20, 4000)
     got = plr_kernels.topk(z, e, 50, exclude_index=0, exclude_items=ex, backend="cuda")
     assert_same_topk(got, reference.topk(z, e, 50, exclude_index=0, exclude_items=ex))
+
+
+# --------------------------------------------------------------------------
+# NaN scores in target_rank and topk (the rule of plr_kernels/reference.py,
+# also tested on the CPU backends in tests/test_nan_ranking.py)
+# --------------------------------------------------------------------------
+
+
+def nan_inputs(b=5, v=3000, d=33, dtype=torch.float64, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z, e = torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64)
+    e[3, 2] = float("nan")
+    e[20] = float("nan")
+    e[2999] = float("nan")
+    z[1, 0] = float("nan")
+    return z.to(DEV, dtype), e.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
+def test_target_rank_nan_matches_reference(dtype, ties):
+    z, e = nan_inputs(dtype=dtype)
+    target = torch.tensor([3, 5, 20, 7, 2999], device=DEV)
+    hist = torch.tensor([[1, 2, -1], [4, 4, 20], [3, -1, -1], [20, 3, 7], [0, 9, 36]], device=DEV)
+    for ex in (None, hist):
+        got = torch.ops.plr_kernels.target_rank(z, e, target, 0, ex, ties == "pessimistic")
+        want = reference.target_rank(z, e, target, exclude_index=0, exclude_items=ex, ties=ties)
+        assert torch.equal(got, want)
+        assert min(got[[0, 1, 2, 4]].tolist()) > 2900  # NaN targets and the NaN user rank last
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 10, 1024])
+def test_topk_nan_items_never_returned(dtype, k):
+    z, e = nan_inputs(dtype=dtype)
+    hist = torch.tensor([[1, 2, -1], [4, 4, 20], [3, -1, -1], [20, 3, 7], [0, 9, 36]], device=DEV)
+    for ex in (None, hist):
+        vals, ids = cuda_topk(z, e, k, 0, ex)
+        rv, ri = reference.topk(z, e, k, exclude_index=0, exclude_items=ex)
+        assert torch.equal(ids, ri)
+        torch.testing.assert_close(vals, rv)
+        assert not torch.isnan(vals).any() and (ids[1] == -1).all()
+        assert not ((ids == 3) | (ids == 20) | (ids == 2999)).any()
+
+
+def test_topk_minus_inf_candidates_before_missing_slots():
+    z = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=DEV)
+    e = torch.tensor([[0.0], [math.inf], [2.0], [3.0], [float("nan")], [-4.0]], dtype=torch.float64, device=DEV)
+    hist = torch.tensor([[3], [3]], device=DEV)
+    vals, ids = cuda_topk(z, e, 5, 0, hist)
+    assert ids.tolist() == [[5, 2, 1, -1, -1], [1, 2, 5, -1, -1]]
+    rv, ri = reference.topk(z, e, 5, exclude_index=0, exclude_items=hist)
+    assert torch.equal(ri, ids) and torch.equal(rv, vals)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import cli_error
 from plr import config
 from plr.cli import main
 from plr.data import build_dataset, read_interactions
@@ -64,8 +65,8 @@ def test_run_directory_and_cli_round_trip(synthetic, tmp_path, capsys):
     assert main(["recommend", "--checkpoint", str(out / "best.pt"), "--history", "3 4 5", "--k", "5"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     assert len(rows) == 5 and all(1 <= int(r.split()[1]) <= 60 for r in rows)
-    with pytest.raises(SystemExit, match="unknown to the checkpoint"):
-        main(["recommend", "--checkpoint", str(out / "best.pt"), "--history", "3 99999"])
+    assert "unknown to the checkpoint" in cli_error(capsys, ["recommend", "--checkpoint", out / "best.pt",
+                                                             "--history", "3 99999"])
     # A finished run directory is not overwritten by accident.
     with pytest.raises(FileExistsError, match="--resume"):
         train_run(tiny_cfg("plr", synthetic, "train.epochs=2"), dataset_for(tiny_cfg("plr", synthetic)), out,

@@ -341,11 +341,11 @@ def test_cli_trains_on_a_dataset_with_titles(argv, tmp_path, text_cache, capsys)
     assert main(["recommend", "--checkpoint", str(out / "best.pt"), "--history", "1 2 3", "--k", "3"]) == 0
 
 
-def test_cli_on_a_dataset_without_titles_is_a_clear_error(tmp_path):
-    from plr.cli import main
+def test_cli_on_a_dataset_without_titles_is_a_clear_error(tmp_path, capsys):
+    from conftest import cli_error
 
     path = tmp_path / "ids.txt"
     path.write_text("".join(f"{u} {i}\n" for u in range(1, 9) for i in range(1, 7)))
-    with pytest.raises(ValueError, match="needs item titles"):
-        main(["train", "--model", "unisrec", "--data", str(path), "--out", str(tmp_path / "run"),
-              "--set", "train.epochs=1", "--set", "model.hidden_size=8", "--set", "train.progress=false"])
+    assert "needs item titles" in cli_error(capsys, [
+        "train", "--model", "unisrec", "--data", str(path), "--out", str(tmp_path / "run"),
+        "--set", "train.epochs=1", "--set", "model.hidden_size=8", "--set", "train.progress=false"])

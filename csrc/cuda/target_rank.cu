@@ -37,9 +37,11 @@ __device__ __forceinline__ acc_t warp_dot(const scalar_t* __restrict__ z,
   return acc;
 }
 
+// A NaN candidate beats nothing; a NaN target is beaten by everything (it
+// ranks last), as in ../target_rank.cpp.
 template <typename acc_t>
 __device__ __forceinline__ bool beats(acc_t s, acc_t t, bool pessimistic) {
-  return pessimistic ? s >= t : s > t;
+  return (pessimistic ? s >= t : s > t) || t != t;
 }
 
 template <typename scalar_t>
@@ -76,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
     long long c = lane < kWarps ? warp_count[lane] : 0;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
-    c -= beats(t, t, pessimistic);  // the target met itself (never for NaN)
+    c -= beats(t, t, pessimistic);  // the target met itself (a NaN target counts itself)
     // Distinct non-candidates other than the target, each subtracted once if
     // it was counted. Branches depend only on ids, so they are warp-uniform.
     if (exclude_index >= 0 && exclude_index < V && exclude_index != tgt) {

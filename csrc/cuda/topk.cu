@@ -5,8 +5,9 @@
 // best first, equal scores by smaller item id (a stable descending sort);
 // excluded items (exclude_index and the non-negative ids of exclude_items[b])
 // score -inf and are reported with id -1, so a row with fewer than k
-// candidates ends in (-inf, -1). Like torch.sort, a NaN score counts as the
-// largest. Scores are fp32 for 16-bit inputs (fp64 for fp64).
+// candidates ends in (-inf, -1), after every candidate (-inf ones included).
+// Items scoring NaN are no candidates either (marked excluded when scored).
+// Scores are fp32 for 16-bit inputs (fp64 for fp64).
 //
 // Two phases:
 //  1. topk_tile_kernel, grid (row blocks, item groups). A block holds R <= 8
@@ -51,13 +52,14 @@ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ?
 // kSentinelId an empty slot. Ordering ties use the original item id.
 __device__ __forceinline__ int real_id(int enc) { return enc < 0 ? ~enc : enc; }
 
-// a before b in the output order: larger score first (NaN largest, as
-// torch.sort), then smaller item id (the stable sort of the reference).
+// a before b in the output order: larger score first (buffers hold no NaN:
+// NaN scores are stored as excluded), then candidates before excluded items
+// and empty slots, then smaller item id (the stable sort of the reference).
 template <typename acc_t>
 __device__ __forceinline__ bool ranks_before(acc_t va, int ia, acc_t vb, int ib) {
-  const bool na = va != va, nb = vb != vb;
-  if (na != nb) return na;
-  if (!na && va != vb) return va > vb;
+  if (va != vb) return va > vb;
+  const bool xa = ia < 0 || ia == kSentinelId, xb = ib < 0 || ib == kSentinelId;
+  if (xa != xb) return xb;
   return real_id(ia) < real_id(ib);
 }
 
@@ -169,8 +171,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 1; r < kMaxRows; ++r)
           if (r == lane) s = acc[r];
-        val[lane * C + k + i] = v < V ? s : neg_inf<acc_t>();
-        id[lane * C + k + i] = v < V ? static_cast<int>(v) : kSentinelId;
+        const bool nan = s != s;  // no candidate: stored as an excluded item
+        val[lane * C + k + i] = v < V && !nan ? s : neg_inf<acc_t>();
+        id[lane * C + k + i] = v >= V ? kSentinelId : nan ? ~static_cast<int>(v) : static_cast<int>(v);
       }
     }
     __syncthreads();

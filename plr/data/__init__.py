@@ -12,7 +12,8 @@ Item ids are 1..num_items (0 = padding); histories are left-padded.
 """
 
 from .amazon2023 import read_amazon2023
-from .dataset import EvalSamples, SequenceDataset, TrainSamples, build_dataset, gather_histories, k_core_filter
+from .dataset import (EvalSamples, SequenceDataset, TrainSamples, build_dataset, check_usable, gather_histories,
+                      k_core_filter)
 from .download import (AMAZON2023_CATEGORIES, OFFICIAL_BASE_URL, ChecksumError, DownloadError,
                        download_amazon2023, download_file)
 from .interactions import DataFormatError, Interactions
@@ -22,7 +23,8 @@ from .stats import dataset_stats, format_stats
 
 __all__ = [
     "read_interactions", "detect_format", "read_amazon2023", "FORMATS", "Interactions", "DataFormatError",
-    "build_dataset", "load_dataset", "SequenceDataset", "TrainSamples", "EvalSamples", "gather_histories", "k_core_filter",
+    "build_dataset", "check_usable", "load_dataset", "SequenceDataset", "TrainSamples", "EvalSamples",
+    "gather_histories", "k_core_filter",
     "dataset_stats", "format_stats",
     "download_amazon2023", "download_file", "DownloadError", "ChecksumError", "OFFICIAL_BASE_URL",
     "AMAZON2023_CATEGORIES",

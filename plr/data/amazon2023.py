@@ -26,7 +26,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .interactions import DataFormatError, Interactions, as_ids, open_text, to_float
+from .interactions import (STREAM_ERRORS, DataFormatError, Interactions, as_ids, explain_read_error, open_text,
+                           to_float)
 
 __all__ = ["read_amazon2023", "amazon2023_files", "SPLITS"]
 
@@ -64,6 +65,13 @@ def amazon2023_files(path) -> Tuple[str, List[Path]]:
 
 
 def _read_split(path: Path):
+    try:
+        return _read_split_rows(path)
+    except STREAM_ERRORS as exc:
+        explain_read_error(path, exc)
+
+
+def _read_split_rows(path: Path):
     with open_text(path) as fh:
         reader = csv.reader(fh)
         header = next(reader, None)

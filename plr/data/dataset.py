@@ -18,6 +18,8 @@ batch of left-padded ``[n, max_len]`` histories with one fancy-indexing op.
 
 from __future__ import annotations
 
+import warnings
+
 from array import array
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple
@@ -27,7 +29,7 @@ import torch
 
 from .interactions import Interactions, as_ids
 
-__all__ = ["build_dataset", "SequenceDataset", "TrainSamples", "EvalSamples", "k_core_filter", "gather_histories"]
+__all__ = ["build_dataset", "check_usable", "SequenceDataset", "TrainSamples", "EvalSamples", "k_core_filter", "gather_histories"]
 
 SPLITS = ("auto", "loo", "time", "predefined")
 
@@ -239,6 +241,30 @@ def build_dataset(inter: Interactions, max_len: int = 50, split: str = "auto", m
         split_time: for "time": (t_valid, t_test) timestamps, or quantiles when
             both are floats in (0, 1).
     """
+    return _build_dataset(inter, max_len, split, min_rating, k_core, split_time)
+
+
+def check_usable(ds: SequenceDataset, source: str, parts: Sequence[str] = ("train", "valid", "test")) -> None:
+    """Raise ``ValueError`` naming ``source`` if ``ds`` yields no training samples
+    or no evaluation users among ``parts``; warn with a count of the users with
+    a single interaction (they give no sample: dropped). The trainer and the
+    command line call this before any work."""
+    where = f"{source} (split={ds.split!r})"
+    if "train" in parts and len(ds.train) == 0:
+        raise ValueError(f"data: {where} yields no training samples (every user has fewer than 2 training "
+                         f"interactions); use a dataset with longer histories")
+    for part in ("valid", "test"):
+        if part in parts and len(getattr(ds, part).target) == 0:
+            raise ValueError(f"data: {where} yields no {part} users (leave-one-out needs users with >= 3 "
+                             f"interactions; a time split needs interactions after its split_time)")
+    single = int((np.asarray(getattr(ds, "seq_lengths", [])) == 1).sum())
+    if single and ds.split != "predefined":
+        warnings.warn(f"data: {single} user(s) of {where} have a single interaction and give no sample "
+                      "(dropped)", stacklevel=3)
+
+
+def _build_dataset(inter, max_len, split, min_rating, k_core, split_time) -> SequenceDataset:
+    """``build_dataset`` without the final usability checks."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     if not isinstance(max_len, (int, np.integer)) or max_len < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -117,9 +118,41 @@ def open_text(path, encoding: str = "utf-8"):
 
 
 def read_text(path, encoding: str = "utf-8") -> str:
-    """The whole (possibly gzipped) file as one string."""
-    with open_text(path, encoding) as fh:
-        return fh.read()
+    """The whole (possibly gzipped) file as one string. Undecodable bytes, a
+    byte-order mark and a truncated or corrupt gzip file are ``DataFormatError``s
+    naming the file (and the line)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataFormatError(path, None, f"truncated or corrupt gzip file ({exc}); download or compress it "
+                              "again") from None
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(path, line, f"bytes {raw[exc.start:exc.start + 4]!r} are not valid {encoding} "
+                              f"(the encoding plr reads); convert the file, e.g. "
+                              f"iconv -f latin1 -t {encoding} FILE > FILE.{encoding.replace('-', '')}") from None
+    if text.startswith("\ufeff"):
+        raise DataFormatError(path, 1, "the file starts with a byte-order mark (BOM), which would become part of "
+                              "the first column name; save it as UTF-8 without BOM (e.g. sed -i '1s/^\\xEF\\xBB"
+                              "\\xBF//' FILE)")
+    return text
+
+
+# What streaming a bad file through open_text raises; ``explain_read_error`` turns it into a DataFormatError.
+STREAM_ERRORS = (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def explain_read_error(path, exc: BaseException, encoding: str = "utf-8"):
+    """Raise the ``DataFormatError`` of ``read_text`` (file, line, what to do) for
+    an error met while streaming ``path``; re-raise ``exc`` if there is none."""
+    read_text(path, encoding)
+    raise exc
 
 
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
@@ -175,9 +208,16 @@ def to_float(values: Sequence, what: str, path, line_of) -> np.ndarray:
     """``values`` (strings) as float64; on a bad value raise ``DataFormatError``
     naming the line (``line_of(i)`` maps a value index to its 1-based line)."""
     try:
-        return np.asarray(values, dtype=np.float64)
+        out = np.asarray(values, dtype=np.float64)
     except (ValueError, TypeError):
-        pass
+        out = None
+    if out is not None:
+        bad = np.flatnonzero(~np.isfinite(out))
+        if len(bad):
+            i = int(bad[0])
+            raise DataFormatError(path, line_of(i), f"expected a finite number in column {what!r}, got {values[i]!r} "
+                                  f"({len(bad)} such value(s))")
+        return out
     for i, v in enumerate(values):
         try:
             float(v)

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .interactions import (DataFormatError, Interactions, as_ids, ids_like, open_text, read_text, split_lines,
+from .interactions import (STREAM_ERRORS, DataFormatError, Interactions, as_ids, explain_read_error, ids_like,
+                           open_text, read_text, split_lines,
                            to_float)
 
 __all__ = ["read_interactions", "detect_format", "FORMATS", "COLUMN_ALIASES"]
@@ -139,12 +140,34 @@ def read_table(path, sep: Optional[str] = None, columns: Optional[dict] = None, 
                         has_timestamps=has_ts, fmt=fmt)
 
 
-def _timestamps(values, what, path, line_of) -> np.ndarray:
-    """Numbers, else ISO 8601 dates / datetimes (as seconds since the epoch)."""
+def _is_number(value) -> bool:
     try:
+        float(value)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def _timestamps(values, what, path, line_of) -> np.ndarray:
+    """Numbers, else ISO 8601 dates / datetimes (as seconds since the epoch);
+    one kind per column, no blank cell."""
+    blank = [i for i, v in enumerate(values) if not str(v).strip()]
+    if blank:
+        raise DataFormatError(path, line_of(blank[0]), f"missing timestamp in column {what!r} "
+                              f"({len(blank)} blank cell(s)); fill or drop those rows")
+    numeric = np.array([_is_number(v) for v in values], dtype=bool)
+    if numeric.all():
         return to_float(values, what, path, line_of)
-    except DataFormatError:
-        pass
+    if numeric.any():
+        for i in np.flatnonzero(~numeric):
+            try:
+                np.datetime64(values[i], "s")
+            except (ValueError, TypeError):
+                raise DataFormatError(path, line_of(int(i)), f"expected a number or an ISO 8601 date in column "
+                                      f"{what!r}, got {values[i]!r}") from None
+        i = int(np.flatnonzero(numeric)[0] if not numeric[0] else np.flatnonzero(~numeric)[0])
+        raise DataFormatError(path, line_of(i), f"column {what!r} mixes numbers and dates (line {line_of(0)} "
+                              f"holds {values[0]!r}, this line {values[i]!r}); use one kind per column")
     try:
         return np.asarray(values, dtype="datetime64[s]").astype(np.int64).astype(np.float64)
     except (ValueError, TypeError):
@@ -385,13 +408,18 @@ def _sniff_file(path: Path) -> str:
         return "movielens"
     if name.startswith("interactions.tsv"):
         return "seqrecbench"
-    with open_text(path) as fh:
-        lines = []
-        for line in fh:
-            if line.strip():
-                lines.append(line.rstrip("\r\n"))
-            if len(lines) >= 200:
-                break
+    try:
+        with open_text(path) as fh:
+            lines = []
+            for line in fh:
+                if line.strip():
+                    lines.append(line.rstrip("\r\n"))
+                if len(lines) >= 200:
+                    break
+    except STREAM_ERRORS as exc:
+        explain_read_error(path, exc)
+    if lines and lines[0].startswith("\ufeff"):
+        read_text(path)  # raises: a byte-order mark
     if not lines:
         raise DataFormatError(path, None, "expected interaction lines, got an empty file")
     first = lines[0]

@@ -22,6 +22,7 @@ def dataset_stats(data: Union[str, Path, Interactions], fmt: str = "auto") -> di
     n = len(data)
     users = data.num_users
     items = data.num_items
+    pairs = _distinct_pairs(data) if n else 0
     if n:
         _, lens = np.unique(data.user, return_counts=True)
         q = np.percentile(lens, [25, 50, 75])
@@ -31,7 +32,9 @@ def dataset_stats(data: Union[str, Path, Interactions], fmt: str = "auto") -> di
         length = {k: 0 for k in ("min", "p25", "median", "p75", "max", "mean")}
     out = {
         "name": data.name, "format": data.fmt, "users": users, "items": items, "interactions": n,
-        "sparsity": float(1.0 - n / (users * items)) if users and items else float("nan"),
+        # Over distinct (user, item) pairs: a repeated interaction fills no new cell.
+        "sparsity": float(1.0 - pairs / (users * items)) if users and items else float("nan"),
+        "duplicates": n - pairs,
         "sequence_length": length,
         "timestamps": "yes" if data.has_timestamps else "line order",
         "ratings": "no" if data.rating is None or n == 0 else
@@ -47,11 +50,21 @@ def dataset_stats(data: Union[str, Path, Interactions], fmt: str = "auto") -> di
     return out
 
 
+def _distinct_pairs(data: Interactions) -> int:
+    """Distinct (user, item) pairs among the rows."""
+    _, u = np.unique(data.user, return_inverse=True)
+    _, i = np.unique(data.item, return_inverse=True)
+    return int(len(np.unique(u.reshape(-1).astype(np.int64) * (int(i.max()) + 1) + i.reshape(-1))))
+
+
 def format_stats(stats: dict) -> str:
     """A readable multi-line rendering of ``dataset_stats``' dict."""
     lines = [f"dataset      {stats.get('name', '')} ({stats.get('format', '')})"]
     for key in ("users", "items", "interactions"):
         lines.append(f"{key:<12} {stats[key]:,}")
+    if stats.get("duplicates"):
+        lines.append(f"{'duplicates':<12} {stats['duplicates']:,} repeated (user, item) pairs (kept as interactions; "
+                     "sparsity counts distinct pairs)")
     sp = stats.get("sparsity", float("nan"))
     lines.append(f"{'sparsity':<12} {sp:.4%}" if sp == sp else f"{'sparsity':<12} n/a")
     ln = stats["sequence_length"]

@@ -154,8 +154,15 @@ class SequentialRecommender(nn.Module):
         """``load`` that also returns the ``extra`` dict given to ``save``."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no checkpoint at {path!r}")
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # truncated, foreign or pickled with arbitrary objects
+            raise ValueError(f"path: {path!r} is not a readable plr checkpoint ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split()[:12])}); expected a {CHECKPOINT_FORMAT} file "
+                             "written by model.save (e.g. RUN_DIR/best.pt)") from None
+        keys = ("class", "config", "state_dict")
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or \
+                any(k not in payload for k in keys):
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
         saved = _REGISTRY.get(payload["class"]) or _import_model_class(payload["class"])
         if saved is None:
@@ -165,6 +172,11 @@ class SequentialRecommender(nn.Module):
         model = saved(**payload["config"])
         model.load_state_dict(payload["state_dict"])
         return model, payload.get("extra", {})
+
+    def non_finite_weights(self) -> list:
+        """Names of the parameters and buffers holding NaN or infinite values."""
+        tensors = list(self.named_parameters()) + list(self.named_buffers())
+        return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _import_model_class(class_name: str) -> Optional[type]:

@@ -207,10 +207,6 @@ class LARESModel(SequentialRecommender):
             materialises [G*B, V] logits), eps, rollout depth).
     """
 
-    # Run keys of the model section that the training phases read and remove
-    # before the model is built (plr.lares_training).
-    RUN_KEYS = ("spt_epochs", "rpt_epochs", "rpt_lr", "init_from")
-
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_pre_layers: int = 1,
                  num_core_layers: int = 1, num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12, temperature: float = 0.07,
@@ -277,6 +273,22 @@ class LARESModel(SequentialRecommender):
                              persistent=False)
         self._reference: Optional["LARESModel"] = None  # frozen SPT model of the RPT phase (not a submodule)
         self._partners = None  # (train samples, sample ids sorted by target, start offset per target)
+
+    # Model keys of the phase logic (plr.lares_training), not constructor arguments.
+    run_keys = ("spt_epochs", "rpt_epochs", "rpt_lr", "init_from")
+
+    @classmethod
+    def trial_kwargs(cls, model_cfg: dict) -> dict:
+        """Constructor arguments of a config's model section, for checking it before
+        the data is read (plr.config.check_model); phase ``both`` builds as ``spt``."""
+        from ..lares_training import RUN_PHASES
+
+        kwargs = {k: v for k, v in model_cfg.items() if k not in cls.run_keys}
+        phase = kwargs.get("phase", "both")
+        if phase not in RUN_PHASES:
+            raise ValueError(f"phase: expected one of {list(RUN_PHASES)}, got {phase!r}")
+        kwargs["phase"] = "spt" if phase == "both" else phase
+        return kwargs
 
     @staticmethod
     def run_training(cfg, dataset, run_dir, *, resume: bool = False, log_to_console: bool = True,

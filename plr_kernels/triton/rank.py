@@ -7,6 +7,7 @@ top-K). Scores are accumulated in fp32 (fp64 for fp64 inputs) with IEEE dots.
 target_rank: ``rank_b = 1 + #{v candidate : s_b(v) > s_b(y_b)}`` (optimistic) or
 ``>=`` (pessimistic). Candidates: every item except the target itself,
 ``exclude_index`` and the non-negative ids of the row's ``exclude_items``.
+A NaN candidate beats nothing; a NaN target is beaten by every candidate.
 The target's own score is computed by the *same* ``tl.dot`` of the same shape
 as every streamed tile (a tile whose column j holds the target of row j; its
 diagonal is kept), so exact ties compare equal.
@@ -14,7 +15,8 @@ diagonal is kept), so exact ties compare equal.
 topk: each program keeps a running top-k buffer per row and merges every tile
 into it by k rounds of selection on the key (score descending, item id
 ascending): ties go to the smaller id, excluded items carry the id sentinel
-``V`` so they rank after every real item and come out as ``(-inf, -1)``.
+``V`` so they rank after every real item and come out as ``(-inf, -1)``;
+items scoring NaN are excluded the same way.
 Tiles that cannot improve any row of the block are skipped.
 """
 
@@ -81,6 +83,7 @@ def _rank_kernel(Z, E, TGT, HIST, OUT, B, V, D, L, stride_z, stride_e, stride_h,
             beats = s >= s_t[:, None]
         else:
             beats = s > s_t[:, None]
+        beats = beats | (s_t != s_t)[:, None]  # a NaN target ranks last
         count += tl.sum((beats & ~ex).to(tl.int64), axis=1)
     tl.store(OUT + rows, count + 1, mask=rmask)
 
@@ -103,6 +106,7 @@ def _topk_kernel(Z, E, HIST, VALS, IDX, B, V, D, L, stride_z, stride_e, stride_h
         cols = start + tl.arange(0, BLOCK_N)
         s = _score_tile(z, E, cols, doffs, V, D, stride_e, F64)
         ex = _excluded_tile(rows, rmask, cols, V, exclude, HIST, L, stride_h, HAS_HIST)
+        ex = ex | (s != s)  # NaN scores are no candidates
         ci = tl.where(ex, V, cols[None, :].to(tl.int64))
         s = tl.where(ex, _NEG_INF, s)
         # Skip the merge unless some row has a tile item before its k-th entry.
