@@ -11,7 +11,9 @@ and ``k/v_stream [B,H,N,M,S,D]``.
 
 Backends as :mod:`plr_kernels.stream_attention`, with their own
 ``torch.library`` custom ops (fakes beside them) and the same autograd
-setup/backward: ``torch`` (the reference).
+setup/backward: ``cpu`` (csrc/causal_stream_attention.cpp, forward and
+backward), ``cuda`` (csrc/cuda/causal_stream_attention.cu, inference only)
+and ``torch`` (the reference).
 
 Dropout: the keep-mask ``[B,H,N,M,N+S]`` (prefix keys first) is that of
 the non-causal op with its M stream rows replaced by the N*M rows (n, m):
@@ -21,11 +23,13 @@ the non-causal op with its M stream rows replaced by the N*M rows (n, m):
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from . import _checks, _dispatch, reference
+from . import _checks, _dispatch, _extension, reference
+from .stream_attention import _backward_through, _seed_tensor, _setup_context, cpu_dropout_mask
 
 
 def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
@@ -36,6 +40,73 @@ def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dr
 
 
 IMPLS = {"torch": _reference}
+
+
+def _flat_rows_mask(keep: torch.Tensor, b: int, h: int, n: int, m: int, s: int) -> torch.Tensor:
+    return keep.view(b, h, n, m, n + s)
+
+
+# -- Compiled kernels of plr_kernels._C: torch.ops.plr_kernels.causal_stream_attention_fwd
+# / _bwd (schemas in csrc/ops.cpp, CPU kernels in csrc/causal_stream_attention.cpp,
+# CUDA forward in csrc/cuda/causal_stream_attention.cu, fakes in _extension.py),
+# with the autograd of plr_kernels/stream_attention.py.
+
+_COMPILED_FWD = "plr_kernels::causal_stream_attention_fwd"
+
+
+def _compiled_op_exists() -> bool:
+    if _extension.extension() is None:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(_COMPILED_FWD, "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _compiled_fwd(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, _ = torch.ops.plr_kernels.causal_stream_attention_fwd(
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p,
+        _seed_tensor(seed, dropout_p, q.device))
+    return o
+
+
+def _cuda(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+    # Inference only, as the non-causal CUDA kernel: no backward, no dropout.
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k_prefix, v_prefix, k_stream, v_stream))
+    if needs_grad or dropout_p > 0.0:
+        why = "a gradient is required" if needs_grad else f"dropout_p={dropout_p} > 0"
+        raise _dispatch.BackendUnavailableError(
+            f"backend='cuda' cannot run stream_attention(causal_prefix=True) here: {why}, but the CUDA "
+            "kernel is inference-only (no backward, no dropout); use backend='triton' (or 'auto') for "
+            "training, or call it under torch.no_grad() with dropout_p=0")
+    return _compiled_fwd(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+
+
+def causal_cpu_dropout_mask(b: int, h: int, n: int, m: int, s: int, dropout_p: float, seed: int) -> torch.Tensor:
+    """Debug path: the bool keep-mask ``[B,H,N,M,N+S]`` (prefix keys first) that
+    ``stream_attention(..., causal_prefix=True, dropout_p=p, seed=seed, backend="cpu")``
+    uses, for ``reference.stream_attention(..., causal_prefix=True, dropout_mask=...)``.
+
+    The causal kernel draws keep[(b,h,n,m), j] from the offset of row
+    ``((b*H + h)*N + n)*M + m`` of the non-causal layout, so this is the mask
+    of the non-causal compiled kernel with N*M rows, read off that kernel
+    (entries j > n exist in the layout but no query uses them)."""
+    return _flat_rows_mask(cpu_dropout_mask(b, h, n * m, n, s, dropout_p, seed), b, h, n, m, s)
+
+
+if _compiled_op_exists():
+
+    torch.library.register_autograd(
+        _COMPILED_FWD, _backward_through(torch.ops.plr_kernels.causal_stream_attention_bwd),
+        setup_context=_setup_context)
+
+# Listed even without a build: _dispatch checks that the loaded _C has the
+# kernel for the device, and its error then says why it is missing.
+IMPLS["cpu"] = _compiled_fwd
+IMPLS["cuda"] = _cuda
 
 
 def check_causal_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,

@@ -291,3 +291,8 @@ def stream_attention(
     check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
     impl = IMPLS[_backend_name(backend, q.device.type, q.device.index)]
     return impl(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, float(dropout_p), seed)
+
+
+# The causal-prefix form (stream_attention(..., causal_prefix=True)) registers
+# its custom ops on import; it reuses the autograd helpers above.
+from . import causal_stream_attention as _causal  # noqa: E402,F401
