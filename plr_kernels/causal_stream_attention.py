@@ -11,7 +11,8 @@ and ``k/v_stream [B,H,N,M,S,D]``.
 
 Backends as :mod:`plr_kernels.stream_attention`, with their own
 ``torch.library`` custom ops (fakes beside them) and the same autograd
-setup/backward: ``cpu`` (csrc/causal_stream_attention.cpp, forward and
+setup/backward: ``triton`` (plr_kernels/triton/causal_stream_attention.py,
+forward and backward; CPU tensors under TRITON_INTERPRET=1), ``cpu`` (csrc/causal_stream_attention.cpp, forward and
 backward), ``cuda`` (csrc/cuda/causal_stream_attention.cu, inference only)
 and ``torch`` (the reference).
 
@@ -24,7 +25,7 @@ the non-causal op with its M stream rows replaced by the N*M rows (n, m):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -44,6 +45,70 @@ IMPLS = {"torch": _reference}
 
 def _flat_rows_mask(keep: torch.Tensor, b: int, h: int, n: int, m: int, s: int) -> torch.Tensor:
     return keep.view(b, h, n, m, n + s)
+
+
+# -- Triton: kernels in plr_kernels/triton/causal_stream_attention.py, wrapped
+# as torch.library custom ops (fakes beside them, autograd through the backward
+# kernels). triton is imported on first use, not with plr_kernels.
+
+_FWD = "plr_kernels::causal_stream_attention_triton_fwd"
+_BWD = "plr_kernels::causal_stream_attention_triton_bwd"
+
+
+def _kernels():
+    from .triton import causal_stream_attention as kernels
+
+    return kernels
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_triton_dropout_mask(b: int, h: int, n: int, m: int, s: int, dropout_p: float, seed: int,
+                               device="cpu") -> torch.Tensor:
+    """Debug path: the bool keep-mask ``[B,H,N,M,N+S]`` (prefix keys first) that
+    ``stream_attention(..., causal_prefix=True, dropout_p=p, seed=seed, backend="triton")``
+    uses, for ``reference.stream_attention(..., causal_prefix=True, dropout_mask=...)``."""
+    return _kernels().dropout_mask(b, h, n, m, s, dropout_p, _seed_tensor(seed, 1.0, torch.device(device)))
+
+
+if _dispatch.triton_importable():
+
+    @torch.library.custom_op(_FWD, mutates_args=())
+    def _triton_fwd(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_stream: torch.Tensor,
+                    v_stream: torch.Tensor, prefix_mask: Optional[torch.Tensor], scale: float, dropout_p: float,
+                    seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _kernels().forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+
+    @_triton_fwd.register_fake
+    def _(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.custom_op(_BWD, mutates_args=())
+    def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                    k_stream: torch.Tensor, v_stream: torch.Tensor, prefix_mask: Optional[torch.Tensor],
+                    o: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
+                    seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+        return _kernels().backward(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale,
+                                   dropout_p, seed)
+
+    @_triton_bwd.register_fake
+    def _(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale, dropout_p, seed):
+        return (q.new_empty(q.shape), q.new_empty(k_prefix.shape), q.new_empty(v_prefix.shape),
+                q.new_empty(k_stream.shape), q.new_empty(v_stream.shape))
+
+    _triton_fwd.register_autograd(_backward_through(_triton_bwd), setup_context=_setup_context)
+
+    def _triton(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        o, _ = torch.ops.plr_kernels.causal_stream_attention_triton_fwd(
+            q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p,
+            _seed_tensor(seed, dropout_p, q.device))
+        return o
+
+    IMPLS["triton"] = _triton
 
 
 # -- Compiled kernels of plr_kernels._C: torch.ops.plr_kernels.causal_stream_attention_fwd
