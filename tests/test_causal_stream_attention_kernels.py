@@ -72,6 +72,29 @@ def test_cpu_several_tiles(n, m, s, d, padding):
     check_fwd_bwd("cpu", args, mask, 1e-12)
 
 
+@needs_triton
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_triton_several_row_and_key_blocks(drop):
+    """Blocks of 16: 3 row blocks (R = 38) cut at different positions, 2 key blocks (N = 19)."""
+    kernels = importlib.import_module("plr_kernels.triton.causal_stream_attention")
+    b, h, n, m, s, d = 2, 1, 19, 2, 2, 3
+    (q, kp, vp, ks, vs), mask = causal_inputs(b, h, n, m, s, d, torch.float64, "full")
+    mask[1, 17] = False
+    x = [t.detach() for t in (q, kp, vp, ks, vs)]
+    seed = torch.tensor([99], dtype=torch.int64)
+    o, lse = kernels.forward(*x, mask, 0.4, drop, seed, block_r=16, block_n=16)
+    keep = kernels.dropout_mask(b, h, n, m, s, drop, seed) if drop else None
+    want = ref.stream_attention(q, kp, vp, ks, vs, prefix_mask=mask, scale=0.4, dropout_p=drop, dropout_mask=keep,
+                                causal_prefix=True)
+    assert rel_err(o, want) < 1e-13
+    do = torch.randn_like(o)
+    got = kernels.backward(do, *x, mask, o, lse, 0.4, drop, seed, block_r=16, block_n=16)
+    for name, a, c in zip(GRADS, got, torch.autograd.grad(want, (q, kp, vp, ks, vs), do)):
+        assert rel_err(a, c) < 1e-12, name
+    with pytest.raises(ValueError, match="block_r: expected a power of two >= 16, got 8"):
+        kernels.forward(*x, mask, 0.4, drop, seed, block_r=8)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_and_backward_ops_directly(backend):
     (q, kp, vp, ks, vs), mask = causal_inputs(2, 2, 7, 3, 2, 5, torch.float64, "full")
@@ -94,12 +117,15 @@ def test_lse_and_backward_ops_directly(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_fp64(backend):
+    # The interpreter runs every perturbed forward: fast mode (random directions) for Triton.
+    fast = backend == "triton"
     args, mask = causal_inputs(2, 1, 3, 2, 2, 3, torch.float64, "full")
     assert torch.autograd.gradcheck(
-        lambda *a: K.stream_attention(*a, prefix_mask=mask, causal_prefix=True, backend=backend), args)
+        lambda *a: K.stream_attention(*a, prefix_mask=mask, causal_prefix=True, backend=backend), args,
+        fast_mode=fast)
     fn = lambda *a: K.stream_attention(*a, prefix_mask=mask, causal_prefix=True, dropout_p=0.4, seed=7,  # noqa: E731
                                        backend=backend)
-    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

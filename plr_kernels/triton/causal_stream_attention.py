@@ -296,15 +296,21 @@ def _bwd_dq_kernel(
 # ------------------------------------------------------------------ host side
 
 
-def block_sizes(r: int, n: int, d: int, itemsize: int = 2):
+def block_sizes(r: int, n: int, d: int, itemsize: int = 2, block_r=None, block_n=None):
     """(BLOCK_R, BLOCK_N, BLOCK_D): powers of two >= 16 (GPU tl.dot needs K >= 16
     for 16-bit inputs); BLOCK_R rows of (n, m), a K/V tile <= 16 KiB."""
     block_d = _pow2(d)
-    block_n = min(_pow2(n), max(16, min(64, 16384 // (block_d * itemsize))))
-    return min(_pow2(r), 64), block_n, block_d
+    if block_n is None:
+        block_n = min(_pow2(n), max(16, min(64, 16384 // (block_d * itemsize))))
+    if block_r is None:
+        block_r = min(_pow2(r), 64)
+    for name, value in (("block_r", block_r), ("block_n", block_n)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
+    return block_r, block_n, block_d
 
 
-def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, blocks):
     for name, t in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix),
                     ("k_stream", k_stream), ("v_stream", v_stream)):
         if t.dtype != q.dtype or t.device != q.device:
@@ -320,7 +326,7 @@ def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropo
     else:
         pm = prefix_mask.view(torch.int8) if prefix_mask.dtype == torch.bool else prefix_mask
         spm, has_mask = pm.stride(), True
-    block_r, block_n, block_d = block_sizes(n * m, n, d, q.element_size())
+    block_r, block_n, block_d = block_sizes(n * m, n, d, q.element_size(), *blocks)
     scale_hi, scale_lo = _split(scale)
     keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p))
     consts = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
@@ -329,10 +335,14 @@ def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropo
     return (b, h, n, m, s, d), pm, spm, scalars, consts
 
 
-def forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
-    """-> ``o [B,H,N,M,D]`` (q's dtype), ``lse [B,H,N,M]`` (fp32; fp64 for fp64 inputs)."""
+def forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, block_r=None,
+            block_n=None):
+    """-> ``o [B,H,N,M,D]`` (q's dtype), ``lse [B,H,N,M]`` (fp32; fp64 for fp64 inputs).
+
+    ``seed``: 1-element int64 tensor (read only when dropout_p > 0); ``block_r``,
+    ``block_n``: tile sizes (default: :func:`block_sizes`)."""
     (b, h, n, m, s, d), pm, spm, scalars, consts = _common(
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, (block_r, block_n))
     o = torch.empty((b, h, n, m, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n, m), dtype=_acc(q.dtype), device=q.device)
     if b * h * n * m == 0:
@@ -346,10 +356,11 @@ def forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropo
     return o, lse
 
 
-def backward(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale, dropout_p, seed):
+def backward(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale, dropout_p, seed,
+             block_r=None, block_n=None):
     """-> ``dq, dk_prefix, dv_prefix, dk_stream, dv_stream`` (contiguous, inputs' dtype)."""
     (b, h, n, m, s, d), pm, spm, scalars, consts = _common(
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, (block_r, block_n))
     o, lse = o.contiguous(), lse.contiguous()
     dq = torch.empty((b, h, n, m, d), dtype=q.dtype, device=q.device)
     dkp = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
