@@ -115,6 +115,20 @@ def test_lse_and_backward_ops_directly(backend):
         assert rel_err(a, b) < 1e-12, name
 
 
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_16bit_against_fp32_reference(dtype):
+    args, mask = causal_inputs(3, 2, 9, 2, 2, 32, dtype, "full")
+    up = [a.detach().float().requires_grad_() for a in args]
+    got = K.stream_attention(*args, prefix_mask=mask, causal_prefix=True, backend="cpu")
+    want = ref.stream_attention(*up, prefix_mask=mask, causal_prefix=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    assert got.dtype == dtype and rel_err(got, want) < tol
+    do = torch.randn_like(want)
+    for name, a, b in zip(GRADS, torch.autograd.grad(got, args, do.to(dtype)), torch.autograd.grad(want, up, do)):
+        assert a.dtype == dtype and rel_err(a, b) < 4 * tol, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_fp64(backend):
     # The interpreter runs every perturbed forward: fast mode (random directions) for Triton.
