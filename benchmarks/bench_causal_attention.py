@@ -8,7 +8,9 @@ pass): the compiled kernels vs the reference.
 Shape: B=256, H=2, N=50, M=2, S=2, D=128, fp32 (CPU: ``cpu`` = the C++ kernel of
 csrc/causal_stream_attention.cpp; CUDA: ``triton``, and ``cuda`` forward only),
 forward and forward+backward, left-padded histories with one fully padded.
-``reference`` is plr_kernels.reference (dense [B,H,N,M,N+S] weights, explicit mask).
+``reference`` is plr_kernels.reference (dense [B,H,N,M,N+S] weights, explicit mask);
+``<kernel>_per_position`` the non-causal kernel on every position as its own
+sample (the prefix cache copied N times, mask cut at n): what the causal form avoids.
 """
 
 from __future__ import annotations
@@ -42,10 +44,29 @@ def make_inputs():
     return args, (torch.arange(N)[None, :] >= first[:, None]).to(DEVICE)
 
 
+def per_position(args, mask, backend):
+    """What the causal form avoids: every position n as its own sample of the
+    non-causal op, the prefix cache copied N times (batch B*N, mask cut at n)."""
+    q, kp, vp, ks, vs = args
+    cut = torch.arange(N, device=DEVICE)[None, :] <= torch.arange(N, device=DEVICE)[:, None]  # [n, j]
+    pm = (mask[:, None, :] & cut[None]).reshape(B * N, N)
+
+    def flat(x):  # [B,H,N,...] -> [B*N,H,...]
+        return x.transpose(1, 2).reshape(B * N, H, *x.shape[3:])
+
+    def expand(x):  # [B,H,N,D] -> [B*N,H,N,D], a copy per position
+        return x[:, None].expand(B, N, H, N, D).reshape(B * N, H, N, D)
+
+    o = K.stream_attention(flat(q), expand(kp), expand(vp), flat(ks), flat(vs), prefix_mask=pm, backend=backend)
+    return o.reshape(B, N, H, M, D).transpose(1, 2)
+
+
 def step(impl, mode, args, mask):
     """One call (forward, or forward+backward with a fixed upstream gradient)."""
     if impl == "reference":
         fn = lambda: ref.stream_attention(*args, prefix_mask=mask, causal_prefix=True)  # noqa: E731
+    elif impl.endswith("_per_position"):
+        fn = lambda: per_position(args, mask, impl[: -len("_per_position")])  # noqa: E731
     else:
         fn = lambda: K.stream_attention(*args, prefix_mask=mask, causal_prefix=True, backend=impl)  # noqa: E731
     if mode == "fwd":
@@ -66,6 +87,7 @@ def sync():
 
 
 def skip_reason(impl, mode):
+    impl = impl.replace("_per_position", "")
     if impl == "cpu" and not _extension.has_kernel("causal_stream_attention_fwd", "cpu"):
         return f"compiled CPU kernel unavailable: {_extension.extension_error() or 'not in this build'}"
     if impl in ("triton", "cuda") and not CUDA:
@@ -75,7 +97,7 @@ def skip_reason(impl, mode):
     return None
 
 
-IMPLS = ["reference", "cpu", "triton", "cuda"]
+IMPLS = ["reference", "cpu", "triton", "cuda", "cpu_per_position", "triton_per_position"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -103,7 +125,7 @@ def main():
     if opts.threads:
         torch.set_num_threads(opts.threads)
     args, mask = make_inputs()
-    impls = [i for i in ("reference", KERNEL, "cuda") if skip_reason(i, "fwd") is None]
+    impls = [i for i in ("reference", KERNEL, "cuda", KERNEL + "_per_position") if skip_reason(i, "fwd") is None]
     print(f"device={DEVICE} threads={torch.get_num_threads()} B={B} H={H} N={N} M={M} S={S} D={D} {DTYPE}")
     for mode in ("fwd", "fwd_bwd"):
         runs = {i: step(i, mode, args, mask) for i in impls if skip_reason(i, mode) is None}
@@ -120,7 +142,7 @@ def main():
         base = statistics.median(times["reference"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            print(f"{mode:8s} {name:10s} median {med * 1e3:9.2f} ms  reference/this = {base / med:6.2f}x")
+            print(f"{mode:8s} {name:18s} median {med * 1e3:9.2f} ms  reference/this = {base / med:6.2f}x")
 
 
 if __name__ == "__main__":
