@@ -12,9 +12,11 @@ and ``k/v_stream [B,H,N,M,S,D]``.
 Backends as :mod:`plr_kernels.stream_attention`, with their own
 ``torch.library`` custom ops (fakes beside them) and the same autograd
 setup/backward: ``triton`` (plr_kernels/triton/causal_stream_attention.py,
-forward and backward; CPU tensors under TRITON_INTERPRET=1), ``cpu`` (csrc/causal_stream_attention.cpp, forward and
-backward), ``cuda`` (csrc/cuda/causal_stream_attention.cu, inference only)
-and ``torch`` (the reference).
+forward and backward; CPU tensors under TRITON_INTERPRET=1), ``cpu``
+(csrc/causal_stream_attention.cpp, forward and backward), ``cuda``
+(csrc/cuda/causal_stream_attention.cu, inference only) and ``torch`` (the
+reference). ``auto`` as for the non-causal op: Triton for CUDA tensors, the
+C++ kernel for CPU tensors when ``plr_kernels._C`` is built, else the reference.
 
 Dropout: the keep-mask ``[B,H,N,M,N+S]`` (prefix keys first) is that of
 the non-causal op with its M stream rows replaced by the N*M rows (n, m):
@@ -41,10 +43,6 @@ def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dr
 
 
 IMPLS = {"torch": _reference}
-
-
-def _flat_rows_mask(keep: torch.Tensor, b: int, h: int, n: int, m: int, s: int) -> torch.Tensor:
-    return keep.view(b, h, n, m, n + s)
 
 
 # -- Triton: kernels in plr_kernels/triton/causal_stream_attention.py, wrapped
@@ -159,7 +157,7 @@ def causal_cpu_dropout_mask(b: int, h: int, n: int, m: int, s: int, dropout_p: f
     ``((b*H + h)*N + n)*M + m`` of the non-causal layout, so this is the mask
     of the non-causal compiled kernel with N*M rows, read off that kernel
     (entries j > n exist in the layout but no query uses them)."""
-    return _flat_rows_mask(cpu_dropout_mask(b, h, n * m, n, s, dropout_p, seed), b, h, n, m, s)
+    return cpu_dropout_mask(b, h, n * m, n, s, dropout_p, seed).view(b, h, n, m, n + s)
 
 
 if _compiled_op_exists():
