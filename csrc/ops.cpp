@@ -45,6 +45,20 @@ TORCH_LIBRARY(plr_kernels, m) {
       "Tensor k_stream, Tensor v_stream, Tensor? prefix_mask, Tensor o, Tensor lse, float scale, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // The causal-prefix form (plr_kernels/causal_stream_attention.py): the M
+  // streams of every prefix end n attend to the prefix keys j <= n and to
+  // their own tokens. q [B,H,N,M,D]; k_prefix/v_prefix [B,H,N,D]; k_stream/
+  // v_stream [B,H,N,M,S,D]; prefix_mask [B,N] bool. Returns (o [B,H,N,M,D],
+  // lse [B,H,N,M]); the backward's arguments and results as above.
+  m.def(
+      "causal_stream_attention_fwd(Tensor q, Tensor k_prefix, Tensor v_prefix, Tensor k_stream, "
+      "Tensor v_stream, Tensor? prefix_mask, float scale, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "causal_stream_attention_bwd(Tensor grad_o, Tensor q, Tensor k_prefix, Tensor v_prefix, "
+      "Tensor k_stream, Tensor v_stream, Tensor? prefix_mask, Tensor o, Tensor lse, float scale, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // The vocabulary pass (DESIGN 4.2), streamed over tiles of the item table:
   // x [R,d], item_emb [V,d], target [R] int64 (-1 = none) ->
   // (lse [R], mu [R,d], t [R]) with l_r(v) = x_r.e_v / temperature,

@@ -17,30 +17,14 @@ struct StreamAttentionShape {
   int64_t B, H, M, N, S, D;
 };
 
-inline StreamAttentionShape check_stream_attention_inputs(
-    const char* op, const at::Tensor& q, const at::Tensor& k_prefix, const at::Tensor& v_prefix,
-    const at::Tensor& k_stream, const at::Tensor& v_stream,
-    const std::optional<at::Tensor>& prefix_mask, double scale, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, H, M, D], got shape ", q.sizes());
-  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
-  TORCH_CHECK(k_prefix.dim() == 4 && k_prefix.size(0) == B && k_prefix.size(1) == H &&
-                  k_prefix.size(3) == D,
-              op, ": k_prefix must have shape [B, H, N, D] = [", B, ", ", H, ", N, ", D,
-              "], got ", k_prefix.sizes());
-  const int64_t N = k_prefix.size(2);
-  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(), op, ": v_prefix must have the shape of k_prefix ",
-              k_prefix.sizes(), ", got ", v_prefix.sizes());
-  TORCH_CHECK(k_stream.dim() == 5 && k_stream.size(0) == B && k_stream.size(1) == H &&
-                  k_stream.size(2) == M && k_stream.size(4) == D,
-              op, ": k_stream must have shape [B, H, M, S, D] = [", B, ", ", H, ", ", M, ", S, ", D,
-              "], got ", k_stream.sizes());
-  const int64_t S = k_stream.size(3);
-  TORCH_CHECK(S >= 1, op, ": k_stream must hold S >= 1 keys per stream (the current reasoning "
-              "token is its own key), got S = ", S);
-  TORCH_CHECK(v_stream.sizes() == k_stream.sizes(), op, ": v_stream must have the shape of k_stream ",
-              k_stream.sizes(), ", got ", v_stream.sizes());
-
+// Dtypes, devices, prefix_mask [B, N], scale, dropout_p and seed: the checks
+// both forms of the op (stream_attention_*, causal_stream_attention_*) share.
+inline void check_attention_common(const char* op, const at::Tensor& q, const at::Tensor& k_prefix,
+                                   const at::Tensor& v_prefix, const at::Tensor& k_stream,
+                                   const at::Tensor& v_stream,
+                                   const std::optional<at::Tensor>& prefix_mask, int64_t B, int64_t N,
+                                   double scale, double dropout_p,
+                                   const std::optional<at::Tensor>& seed) {
   const auto st = q.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
               ": q must be float32, float64, bfloat16 or float16, got ", st);
@@ -72,6 +56,34 @@ inline StreamAttentionShape check_stream_attention_inputs(
                 ": seed must be an int64 tensor of 1 element, got ", seed->scalar_type(),
                 " of shape ", seed->sizes());
   }
+}
+
+inline StreamAttentionShape check_stream_attention_inputs(
+    const char* op, const at::Tensor& q, const at::Tensor& k_prefix, const at::Tensor& v_prefix,
+    const at::Tensor& k_stream, const at::Tensor& v_stream,
+    const std::optional<at::Tensor>& prefix_mask, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, H, M, D], got shape ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
+  TORCH_CHECK(k_prefix.dim() == 4 && k_prefix.size(0) == B && k_prefix.size(1) == H &&
+                  k_prefix.size(3) == D,
+              op, ": k_prefix must have shape [B, H, N, D] = [", B, ", ", H, ", N, ", D,
+              "], got ", k_prefix.sizes());
+  const int64_t N = k_prefix.size(2);
+  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(), op, ": v_prefix must have the shape of k_prefix ",
+              k_prefix.sizes(), ", got ", v_prefix.sizes());
+  TORCH_CHECK(k_stream.dim() == 5 && k_stream.size(0) == B && k_stream.size(1) == H &&
+                  k_stream.size(2) == M && k_stream.size(4) == D,
+              op, ": k_stream must have shape [B, H, M, S, D] = [", B, ", ", H, ", ", M, ", S, ", D,
+              "], got ", k_stream.sizes());
+  const int64_t S = k_stream.size(3);
+  TORCH_CHECK(S >= 1, op, ": k_stream must hold S >= 1 keys per stream (the current reasoning "
+              "token is its own key), got S = ", S);
+  TORCH_CHECK(v_stream.sizes() == k_stream.sizes(), op, ": v_stream must have the shape of k_stream ",
+              k_stream.sizes(), ", got ", v_stream.sizes());
+
+  check_attention_common(op, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, B, N, scale,
+                         dropout_p, seed);
   return {B, H, M, N, S, D};
 }
 
@@ -93,6 +105,58 @@ inline void check_stream_attention_bwd_inputs(const at::Tensor& grad_o, const at
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                   lse.size(2) == q.size(2),
               op, ": lse must have shape [B, H, M] = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
+  TORCH_CHECK(grad_o.device() == q.device() && o.device() == q.device() && lse.device() == q.device(),
+              op, ": grad_o, o and lse must be on ", q.device(), " (as q), got ", grad_o.device(),
+              ", ", o.device(), " and ", lse.device());
+}
+
+// Shapes of the causal-prefix form: q [B,H,N,M,D], prefix [B,H,N,D], stream
+// [B,H,N,M,S,D] (the M streams of every prefix end n; see
+// csrc/causal_stream_attention.cpp).
+inline StreamAttentionShape check_causal_stream_attention_inputs(
+    const char* op, const at::Tensor& q, const at::Tensor& k_prefix, const at::Tensor& v_prefix,
+    const at::Tensor& k_stream, const at::Tensor& v_stream,
+    const std::optional<at::Tensor>& prefix_mask, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(q.dim() == 5, op, ": q must be 5-D [B, H, N, M, D], got shape ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), M = q.size(3), D = q.size(4);
+  TORCH_CHECK(k_prefix.dim() == 4 && k_prefix.size(0) == B && k_prefix.size(1) == H &&
+                  k_prefix.size(2) == N && k_prefix.size(3) == D,
+              op, ": k_prefix must have shape [B, H, N, D] = [", B, ", ", H, ", ", N, ", ", D,
+              "], got ", k_prefix.sizes());
+  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(), op, ": v_prefix must have the shape of k_prefix ",
+              k_prefix.sizes(), ", got ", v_prefix.sizes());
+  TORCH_CHECK(k_stream.dim() == 6 && k_stream.size(0) == B && k_stream.size(1) == H &&
+                  k_stream.size(2) == N && k_stream.size(3) == M && k_stream.size(5) == D,
+              op, ": k_stream must have shape [B, H, N, M, S, D] = [", B, ", ", H, ", ", N, ", ", M,
+              ", S, ", D, "], got ", k_stream.sizes());
+  const int64_t S = k_stream.size(4);
+  TORCH_CHECK(S >= 1, op, ": k_stream must hold S >= 1 keys per stream (the current reasoning "
+              "token is its own key), got S = ", S);
+  TORCH_CHECK(v_stream.sizes() == k_stream.sizes(), op, ": v_stream must have the shape of k_stream ",
+              k_stream.sizes(), ", got ", v_stream.sizes());
+  check_attention_common(op, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, B, N, scale,
+                         dropout_p, seed);
+  return {B, H, M, N, S, D};
+}
+
+// The extra arguments of the causal backward: grad_o and o of q's shape and
+// dtype, lse [B,H,N,M] in the accumulation dtype.
+inline void check_causal_stream_attention_bwd_inputs(const at::Tensor& grad_o, const at::Tensor& q,
+                                                     const at::Tensor& o, const at::Tensor& lse) {
+  const char* op = "causal_stream_attention_bwd";
+  TORCH_CHECK(grad_o.sizes() == q.sizes(), op, ": grad_o must have the shape of q ", q.sizes(),
+              ", got ", grad_o.sizes());
+  TORCH_CHECK(o.sizes() == q.sizes(), op, ": o must have the shape of q ", q.sizes(), ", got ",
+              o.sizes());
+  TORCH_CHECK(grad_o.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type(), op,
+              ": grad_o and o must have the dtype of q (", q.scalar_type(), "), got ",
+              grad_o.scalar_type(), " and ", o.scalar_type());
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == lse_type, op, ": lse must be ", lse_type, " for ",
+              q.scalar_type(), " inputs, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 4 && lse.sizes() == q.sizes().slice(0, 4), op,
+              ": lse must have shape [B, H, N, M] = ", q.sizes().slice(0, 4), ", got ", lse.sizes());
   TORCH_CHECK(grad_o.device() == q.device() && o.device() == q.device() && lse.device() == q.device(),
               op, ": grad_o, o and lse must be on ", q.device(), " (as q), got ", grad_o.device(),
               ", ", o.device(), " and ", lse.device());

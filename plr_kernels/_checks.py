@@ -106,3 +106,13 @@ def check_targets(target, batch: int, num_items: int, exclude_index, device) -> 
     check_index_range("target", target, 0, num_items)
     if exclude_index is not None and bool((target == exclude_index).any()):
         raise ValueError(f"target: expected no entry equal to exclude_index={exclude_index}, got one")
+
+
+def check_attention_scalars(scale, dropout_p, seed) -> None:
+    """``scale`` None or > 0, ``dropout_p`` in [0, 1), ``seed`` None or an int."""
+    if scale is not None:
+        check_positive("scale", scale)
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected None or an int, got {type(seed).__name__}")

@@ -111,6 +111,16 @@ def _register_fakes() -> None:
                                    dropout_p, seed):
         return tuple(t.new_empty(t.shape) for t in (q, k_prefix, v_prefix, k_stream, v_stream))
 
+    @register_fake("plr_kernels::causal_stream_attention_fwd")
+    def _causal_stream_attention_fwd_fake(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
+                                          dropout_p, seed):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=_stats_dtype(q))
+
+    @register_fake("plr_kernels::causal_stream_attention_bwd")
+    def _causal_stream_attention_bwd_fake(grad_o, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o,
+                                          lse, scale, dropout_p, seed):
+        return tuple(t.new_empty(t.shape) for t in (q, k_prefix, v_prefix, k_stream, v_stream))
+
     @register_fake("plr_kernels::vocab_forward")
     def _vocab_forward_fake(x, item_emb, target, temperature, exclude_index):
         dt = _stats_dtype(x)

@@ -60,6 +60,7 @@ def stream_attention(
     seed: Optional[int] = None,
     dropout_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    causal_prefix: bool = False,
 ):
     """One reasoning step of one layer (PLR Eq. 4-5), all M streams at once.
 
@@ -74,7 +75,14 @@ def stream_attention(
     ``dropout_p`` and rescales by ``1/(1-p)``; the keep-mask ``[B,H,M,N+S]``
     (prefix keys first) is drawn from ``seed`` or taken from ``dropout_mask``.
     A fully padded prefix is fine: the stream's own keys are always valid.
+
+    ``causal_prefix=True``: the same step for every prefix end n = 0..N-1 of
+    one encoder pass (see :func:`causal_prefix_stream_attention`).
     """
+    if causal_prefix:
+        return causal_prefix_stream_attention(
+            q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask=prefix_mask, scale=scale,
+            dropout_p=dropout_p, seed=seed, dropout_mask=dropout_mask, return_lse=return_lse)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # Scores against the shared prefix [B,H,M,N] and the own stream [B,H,M,S].
@@ -93,6 +101,68 @@ def stream_attention(
     n = k_prefix.shape[2]
     o = torch.einsum("bhmn,bhnd->bhmd", probs[..., :n], v_prefix) + torch.einsum(
         "bhms,bhmsd->bhmd", probs[..., n:], v_stream
+    )
+    if return_lse:
+        return o, (lse if q.dtype == torch.float64 else lse.float())
+    return o
+
+
+def causal_prefix_stream_attention(
+    q: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    k_stream: torch.Tensor,
+    v_stream: torch.Tensor,
+    *,
+    prefix_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """PLR Eq. 4-5 for every prefix of a sequence at once (the causal-prefix form).
+
+    Under causal attention with start-anchored positions, the encoder output
+    at position n is h_0 of the prefix 1..n and its KV cache is the sequence's
+    cache cut at n. Shapes: ``q [B,H,N,M,D]`` (the M stream queries of every
+    prefix end n); ``k_prefix, v_prefix [B,H,N,D]`` (the sequence's cache,
+    shared by all n and m); ``k_stream, v_stream [B,H,N,M,S,D]`` (stream m of
+    position n: its own tokens 1..S, the current one included);
+    ``prefix_mask [B,N]`` bool, True = valid key. Returns ``o [B,H,N,M,D]``
+    (and ``lse [B,H,N,M]`` when ``return_lse``, fp32; fp64 for fp64 inputs).
+
+    Query (b,h,n,m) attends to the prefix keys j <= n with ``prefix_mask[b,j]``
+    and to ``k_stream[b,h,n,m,:]``, never to another stream or another
+    position's stream tokens. Written with the explicit boolean mask over
+    ``[prefix keys | stream keys]``: scores, mask, softmax, dropout on the
+    probabilities (keep-mask ``[B,H,N,M,N+S]``, prefix keys first, drawn from
+    ``seed`` or taken from ``dropout_mask``), matmul with the values.
+    """
+    b, h, n, m, d = q.shape
+    s = k_stream.shape[4]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.cat([
+        torch.einsum("bhnmd,bhjd->bhnmj", q, k_prefix),   # [B,H,N,M,N] every prefix key
+        torch.einsum("bhnmd,bhnmsd->bhnms", q, k_stream),  # [B,H,N,M,S] own stream only
+    ], dim=-1) * scale
+    # allowed[b, n, j]: prefix key j is valid and j <= n (the cache cut at n);
+    # the S own-stream keys are always allowed.
+    pos = torch.arange(n, device=q.device)
+    allowed = (pos[None, :] <= pos[:, None]).expand(b, n, n)
+    if prefix_mask is not None:
+        allowed = allowed & prefix_mask[:, None, :]
+    allowed = torch.cat([allowed, allowed.new_ones(b, n, s)], dim=-1)  # [B,N,N+S]
+    scores = _upcast_half(scores.masked_fill(~allowed[:, None, :, None, :], float("-inf")))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    if dropout_mask is not None or dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = dropout_keep_mask(probs.shape, dropout_p, seed, probs.device)
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    probs = probs.to(q.dtype)
+    o = torch.einsum("bhnmj,bhjd->bhnmd", probs[..., :n], v_prefix) + torch.einsum(
+        "bhnms,bhnmsd->bhnmd", probs[..., n:], v_stream
     )
     if return_lse:
         return o, (lse if q.dtype == torch.float64 else lse.float())

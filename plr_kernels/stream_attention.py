@@ -233,12 +233,7 @@ def check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefi
     )
     if prefix_mask is not None:
         _checks.check_tensor("prefix_mask", prefix_mask, dtypes=(torch.bool,), shape=(b, n), device=q.device)
-    if scale is not None:
-        _checks.check_positive("scale", scale)
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed: expected None or an int, got {type(seed).__name__}")
+    _checks.check_attention_scalars(scale, dropout_p, seed)
 
 
 def stream_attention(
@@ -252,6 +247,7 @@ def stream_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
+    causal_prefix: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of M stream queries over a shared prefix and their own streams.
@@ -265,6 +261,13 @@ def stream_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout on the probabilities (training).
         seed: seed of the dropout mask (None: the global generator).
+        causal_prefix: the same step for every prefix end of one encoder
+            pass (training on all prefixes of a sequence): ``q [B,H,N,M,D]``,
+            ``k_stream, v_stream [B,H,N,M,S,D]``, ``k_prefix, v_prefix
+            [B,H,N,D]`` read once per (b, h); query (b,h,n,m) attends to the
+            valid prefix keys j <= n and to ``k_stream[b,h,n,m]``; returns
+            ``o [B,H,N,M,D]``. See
+            :func:`plr_kernels.causal_stream_attention.causal_stream_attention`.
         backend: ``auto | triton | cuda | cpu | torch``. ``triton``: CUDA
             tensors (or CPU tensors under ``TRITON_INTERPRET=1``), forward and
             backward; ``cpu``: the compiled C++ kernel for CPU tensors, forward
@@ -276,8 +279,20 @@ def stream_attention(
             mask on ``triton`` and ``cpu``.
 
     Returns:
-        ``o [B, H, M, D]``.
+        ``o [B, H, M, D]`` (``[B, H, N, M, D]`` with ``causal_prefix``).
     """
+    if not isinstance(causal_prefix, bool):
+        raise TypeError(f"causal_prefix: expected a bool, got {type(causal_prefix).__name__}")
+    if causal_prefix:
+        from .causal_stream_attention import causal_stream_attention
+
+        return causal_stream_attention(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask=prefix_mask,
+                                       scale=scale, dropout_p=dropout_p, seed=seed, backend=backend)
     check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
     impl = IMPLS[_backend_name(backend, q.device.type, q.device.index)]
     return impl(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, float(dropout_p), seed)
+
+
+# The causal-prefix form (stream_attention(..., causal_prefix=True)) registers
+# its custom ops on import; it reuses the autograd helpers above.
+from . import causal_stream_attention as _causal  # noqa: E402,F401
