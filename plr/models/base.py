@@ -14,10 +14,13 @@ import torch.nn as nn
 import plr_kernels
 
 from ..backbones import backbone_class
-from ..validation import check_item_seq, check_positive_int, check_probability
+from ..validation import check_item_seq, check_positive_int, check_probability, check_sequence_target
 
 PADDING = 0
-CHECKPOINT_FORMAT = "plr-checkpoint-v1"
+# v2: the SASRec backbone counts positions from the first real item; a v1
+# checkpoint (positions over the left-padded array) loads with positions="end".
+CHECKPOINT_FORMAT = "plr-checkpoint-v2"
+LEGACY_FORMATS = ("plr-checkpoint-v1",)
 _REGISTRY: Dict[str, type] = {}
 
 
@@ -66,6 +69,16 @@ class SequentialRecommender(nn.Module):
                                                  dropout, attn_dropout, layer_norm_eps, **(backbone_args or {}))
 
     # -- configuration and weights -------------------------------------------------
+
+    def _legacy_positions(self) -> None:
+        """A plr-checkpoint-v1 model: its SASRec backbone counted positions over
+        the left-padded array; keep that (and in its config, for a re-save)."""
+        from ..backbones.sasrec import SASRecBackbone
+
+        if type(self.backbone) is SASRecBackbone:
+            self.backbone.positions = "end"
+            self.backbone.causal_sequences = False
+            self._config["backbone_args"] = {**(self._config.get("backbone_args") or {}), "positions": "end"}
 
     def _init_weights(self) -> None:
         """N(0, 0.02) for linear and embedding weights, zero biases, unit LayerNorm."""
@@ -126,6 +139,43 @@ class SequentialRecommender(nn.Module):
         finally:
             self.train(was_training)
 
+    # -- sequence training mode ------------------------------------------------------
+
+    def supports_sequences(self) -> bool:
+        """Whether ``compute_sequence_loss`` is exact here: the model implements
+        ``sequence_loss`` and its backbone is causal with start-anchored
+        positions (``backbone.causal_sequences``)."""
+        return (type(self).sequence_loss is not SequentialRecommender.sequence_loss
+                and bool(getattr(self.backbone, "causal_sequences", False)))
+
+    def compute_sequence_loss(self, item_seq: torch.Tensor, target: torch.Tensor
+                              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of every prefix of a batch of sequences from one encoder pass.
+
+        ``item_seq [B, L]`` left-padded sequences (L <= max_len), ``target [B, L]``
+        the next item after each position (0 = none). Under causal attention
+        with start-anchored positions, the encoder output at position n is
+        ``h_0`` of the prefix ``0..n`` and its keys/values cut at n are that
+        prefix's KV cache, so this equals ``compute_loss`` on the R samples
+        (prefix ``0..n`` of row b, ``target[b, n]``) for the R nonzero targets,
+        taken in row-major order (b, then n), and means over them.
+        """
+        if not self.supports_sequences():
+            raise ValueError(f"train.samples: 'sequence' needs a causal backbone with start-anchored positions and "
+                             f"a model that implements it (sasrec, erl, prl, plr on the sasrec backbone); got "
+                             f"{type(self).__name__} on {type(self.backbone).__name__}; use 'prefix'")
+        target = check_sequence_target(target, item_seq, self.num_items)
+        item_seq = self.prepare(item_seq)
+        target = torch.nn.functional.pad(target.to(item_seq.device), (item_seq.shape[1] - target.shape[1], 0))
+        rows = target.nonzero(as_tuple=True)
+        return self.sequence_loss(item_seq, rows, target[rows])
+
+    def sequence_loss(self, item_seq: torch.Tensor, rows: Tuple[torch.Tensor, torch.Tensor], target: torch.Tensor
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``compute_sequence_loss`` on checked inputs: ``item_seq [B, max_len]``,
+        ``rows = (b [R], n [R])`` the prefix ends, ``target [R]`` (no host syncs)."""
+        raise NotImplementedError
+
     # -- checkpoints ---------------------------------------------------------------
 
     def config(self) -> Dict[str, Any]:
@@ -150,7 +200,7 @@ class SequentialRecommender(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no checkpoint at {path!r}")
         payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS):
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
         saved = _REGISTRY.get(payload["class"]) or _import_model_class(payload["class"])
         if saved is None:
@@ -158,6 +208,8 @@ class SequentialRecommender(nn.Module):
         if not issubclass(saved, cls):
             raise TypeError(f"path: checkpoint holds a {payload['class']}, not a {cls.__name__}")
         model = saved(**payload["config"])
+        if payload["format"] in LEGACY_FORMATS:
+            model._legacy_positions()
         model.load_state_dict(payload["state_dict"])
         return model, payload.get("extra", {})
 
