@@ -35,6 +35,10 @@ class DataConfig:
     k_core: Optional[int] = None
 
 
+TRAIN_SAMPLES = ("sequence", "prefix")
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 200
@@ -48,6 +52,19 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     progress: bool = True
     device: str = "auto"  # "auto" (cuda when available, else cpu) | "cpu" | "cuda" | "cuda:N"
+    # "sequence": one encoder pass per training sequence trains on all its prefixes
+    # (plr.data.SequenceSamples); "prefix": every prefix is its own sample.
+    samples: str = "prefix"
+    compile: bool = False  # run the training step's model forward + loss under torch.compile
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights, fp32 loss statistics)
+
+    def __post_init__(self):
+        if self.samples not in TRAIN_SAMPLES:
+            raise ValueError(f"train.samples: expected one of {list(TRAIN_SAMPLES)}, got {self.samples!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"train.compile: expected true or false, got {self.compile!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision: expected one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
