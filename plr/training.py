@@ -87,6 +87,12 @@ class Trainer:
             self.model.backbone.attach_dataset(dataset)
         self.model.to(resolve_device(self.train_cfg.device))
         self.train_samples = self._train_samples(dataset)
+        self._sequence_loss, self._prefix_loss = self.model.sequence_loss, self.model.compute_loss
+        if self.train_cfg.compile:
+            # The sequence-mode loss traces without graph breaks (tests/test_compiled_training.py);
+            # R (targets per batch) varies, hence dynamic shapes. Prefix mode's input checks break the graph.
+            self._sequence_loss = torch.compile(self.model.sequence_loss, dynamic=True)
+            self._prefix_loss = torch.compile(self.model.compute_loss, dynamic=True)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_cfg.lr,
                                           weight_decay=self.train_cfg.weight_decay)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
@@ -155,12 +161,17 @@ class Trainer:
         item_seq, target = self.train_samples.gather(idx)
         device = self.model.device
         item_seq, target = item_seq.to(device), target.to(device)
-        if self.train_cfg.samples == "sequence":
-            loss, parts = self.model.compute_sequence_loss(item_seq, target)
-            n_targets = int((target != 0).sum())
-        else:
-            loss, parts = self.model.compute_loss(item_seq, target)
-            n_targets = int(target.shape[0])
+        # bf16: autocast runs the linear layers and attention in bf16; the weights
+        # stay fp32 (Adam's master copy), LayerNorm outputs and so the vocabulary
+        # pass (loss statistics) stay fp32.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.train_cfg.precision == "bf16"):
+            if self.train_cfg.samples == "sequence":
+                args = self.model.prepare_sequences(item_seq, target)
+                loss, parts = self._sequence_loss(*args)
+                n_targets = int(args[2].shape[0])
+            else:
+                loss, parts = self._prefix_loss(item_seq, target)
+                n_targets = int(target.shape[0])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.train_cfg.grad_clip:

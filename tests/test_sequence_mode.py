@@ -35,9 +35,11 @@ MODELS = {
 }
 
 
-def sequence_batch(lengths=(7, 3, 1, 5, 6)):
+def sequence_batch(lengths=(7, 3, 1, 5, 6), one_target_per_row=False):
     """Left-padded sequences of the given input lengths, the next item as the
-    target at each position, one target masked out."""
+    target at each position, one target masked out (with ``one_target_per_row``
+    a single target per row, at a random position: R <= B, where the in-batch
+    contrastive terms are one group, as a prefix batch)."""
     gen = torch.Generator().manual_seed(3)
     seq = torch.zeros(len(lengths), L, dtype=torch.long)
     tgt = torch.zeros_like(seq)
@@ -45,6 +47,11 @@ def sequence_batch(lengths=(7, 3, 1, 5, 6)):
         items = torch.randint(1, V + 1, (n + 1,), generator=gen)
         seq[b, L - n:], tgt[b, L - n:] = items[:n], items[1:]
     tgt[0, 3] = 0
+    if one_target_per_row:
+        keep = torch.zeros_like(tgt, dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            keep[b, L - n + int(torch.randint(0, n, (1,), generator=gen))] = True
+        tgt = tgt * keep
     return seq, tgt
 
 
@@ -59,13 +66,23 @@ def as_prefix_samples(seq, tgt):
     return hist, tgt[rows]
 
 
+CASES = [(name, False) for name in MODELS] + [("plr", True), ("prl", True)]
+
+
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_sequence_loss_equals_prefix_loss_and_gradients(name, kernels):
+@pytest.mark.parametrize("name,contrastive", CASES)
+def test_sequence_loss_equals_prefix_loss_and_gradients(name, contrastive, kernels):
+    """All targets of a batch (R > B: the contrastive terms off), or one per
+    row (R <= B: PLR's L_RCL and PRL's contrastive term on, one group)."""
+    args = dict(MODELS[name])
+    if name == "plr" and not contrastive:
+        args["rcl_weight"] = 0.0
+    if name == "prl" and not contrastive:
+        args["noise_std"] = 0.0
     torch.manual_seed(1)
-    model = model_class(name)(V, max_len=L, kernels=kernels, **TINY, **MODELS[name]).double()
+    model = model_class(name)(V, max_len=L, kernels=kernels, **TINY, **args).double()
     model.train()
-    seq, tgt = sequence_batch()
+    seq, tgt = sequence_batch(one_target_per_row=contrastive)
     hist, target = as_prefix_samples(seq, tgt)
     params = list(model.parameters())
     torch.manual_seed(5)
@@ -78,8 +95,10 @@ def test_sequence_loss_equals_prefix_loss_and_gradients(name, kernels):
     assert abs(loss_s.item() - loss_p.item()) < 1e-10
     for key in parts_p:
         assert abs(parts_s[key].item() - parts_p[key].item()) < 1e-10, key
-    if name in ("plr", "prl"):
+    if contrastive:
         assert parts_s["rcl"].item() > 0  # the contrastive term is on and compared
+    else:
+        assert int((tgt != 0).sum()) > seq.shape[0]
     checked = 0
     for p, gs, gp in zip(params, grads_s, grads_p):
         assert (gs is None) == (gp is None)
@@ -87,6 +106,20 @@ def test_sequence_loss_equals_prefix_loss_and_gradients(name, kernels):
             assert torch.allclose(gs, gp, rtol=0, atol=1e-10), p.shape
             checked += int(gs.abs().max() > 0)
     assert checked >= len(params) // 2  # most gradients are nonzero, so the comparison bites
+
+
+@pytest.mark.parametrize("group_size", [1, 4, 7, 30])
+def test_grouped_contrastive_loss_is_the_mean_over_groups(group_size):
+    from plr.losses import grouped_contrastive_loss, reasoning_contrastive_loss
+
+    a, b = torch.randn(2, 13, 2, 3, 5, dtype=torch.float64).unbind(0)
+    order = torch.randperm(13)
+    got = grouped_contrastive_loss(a, b, order, group_size)
+    chunks = order.split(group_size)
+    want = sum(len(c) * reasoning_contrastive_loss(a[c], b[c]) for c in chunks) / 13
+    assert abs(got.item() - want.item()) < 1e-12
+    if group_size >= 13:  # one group: the plain in-batch loss, whatever the order
+        assert abs(got.item() - reasoning_contrastive_loss(a, b).item()) < 1e-12
 
 
 def test_sequence_loss_is_not_prefix_loss_with_end_anchored_positions():

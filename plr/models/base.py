@@ -160,6 +160,11 @@ class SequentialRecommender(nn.Module):
         (prefix ``0..n`` of row b, ``target[b, n]``) for the R nonzero targets,
         taken in row-major order (b, then n), and means over them.
         """
+        return self.sequence_loss(*self.prepare_sequences(item_seq, target))
+
+    def prepare_sequences(self, item_seq: torch.Tensor, target: torch.Tensor):
+        """Checks of ``compute_sequence_loss`` -> the arguments of ``sequence_loss``:
+        ``(item_seq [B, max_len], rows = (b [R], n [R]), target [R])``."""
         if not self.supports_sequences():
             raise ValueError(f"train.samples: 'sequence' needs a causal backbone with start-anchored positions and "
                              f"a model that implements it (sasrec, erl, prl, plr on the sasrec backbone); got "
@@ -168,7 +173,7 @@ class SequentialRecommender(nn.Module):
         item_seq = self.prepare(item_seq)
         target = torch.nn.functional.pad(target.to(item_seq.device), (item_seq.shape[1] - target.shape[1], 0))
         rows = target.nonzero(as_tuple=True)
-        return self.sequence_loss(item_seq, rows, target[rows])
+        return item_seq, rows, target[rows]
 
     def sequence_loss(self, item_seq: torch.Tensor, rows: Tuple[torch.Tensor, torch.Tensor], target: torch.Tensor
                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -212,6 +217,13 @@ class SequentialRecommender(nn.Module):
             model._legacy_positions()
         model.load_state_dict(payload["state_dict"])
         return model, payload.get("extra", {})
+
+
+def position_major(rows: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The order of the sequence-mode rows ``(b [R], n [R])`` (row-major) by
+    position n, then sequence b: groups of consecutive rows then mix sequences."""
+    b_idx, n_idx = rows
+    return torch.argsort(n_idx * (int(b_idx.shape[0]) + 1) + b_idx)
 
 
 def _import_model_class(class_name: str) -> Optional[type]:

@@ -23,9 +23,9 @@ import torch.nn as nn
 import plr_kernels
 from plr_kernels.vocab_pass import reasoning_losses
 
-from ..losses import reasoning_contrastive_loss
+from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
-from .base import PADDING, ModelOutput, SequentialRecommender
+from .base import PADDING, ModelOutput, SequentialRecommender, position_major
 from .reasoning import stream_reasoning, stream_reasoning_rows
 
 KL_OBJECTIVES = ("diversity", "consistency")
@@ -142,12 +142,15 @@ class PLRModel(SequentialRecommender):
     def sequence_loss(self, item_seq, rows, target):
         """Eq. 11 over every prefix end ``rows`` of one encoder pass (see
         ``compute_sequence_loss``): L_NIP and L_KL per row, meaned over the R
-        rows. L_RCL (Eq. 8) is the in-batch InfoNCE over the R rows: a row's
-        negatives are the other prefixes of the batch (of its own and of other
-        sequences), so it equals prefix mode on a batch made of exactly these R
-        prefix samples; the second view is a second pass over the sequences."""
+        rows. L_RCL (Eq. 8) is the in-batch InfoNCE over the rows, in groups of
+        B rows (B = sequences in the batch; ``plr.losses.grouped_contrastive_loss``):
+        rows ordered by position, then sequence, so a group holds prefixes of
+        different sequences and costs what a prefix batch of B samples does. With
+        R <= B it equals prefix mode on a batch made of exactly these R prefix
+        samples; the second view is a second pass over the sequences."""
         out = self.forward_rows(item_seq, rows)
-        return self._loss(out, target, lambda: self.forward_rows(item_seq, rows).states)
+        return self._loss(out, target, lambda: self.forward_rows(item_seq, rows).states,
+                          rcl_groups=(position_major(rows), item_seq.shape[0]))
 
     def _kl_and_nip(self, states: torch.Tensor, z_rea: torch.Tensor, target: torch.Tensor
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,14 +170,18 @@ class PLRModel(SequentialRecommender):
         )
         return nip, nip, torch.zeros((), dtype=nip.dtype, device=nip.device)
 
-    def _loss(self, out: ModelOutput, target: torch.Tensor, second_view: Callable[[], torch.Tensor]
-              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _loss(self, out: ModelOutput, target: torch.Tensor, second_view: Callable[[], torch.Tensor],
+              rcl_groups=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Eq. 11 from the output of one pass; ``second_view()`` runs the second
-        dropout view of the states for L_RCL."""
+        dropout view of the states for L_RCL; ``rcl_groups = (order, size)``
+        takes its negatives within groups of rows (sequence mode)."""
         loss, nip, kl = self._kl_and_nip(out.states, out.z_rea, target)
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
             # Eq. 8: a second pass draws independent dropout masks.
-            rcl = reasoning_contrastive_loss(out.states, second_view())
+            if rcl_groups is None:
+                rcl = reasoning_contrastive_loss(out.states, second_view())
+            else:
+                rcl = grouped_contrastive_loss(out.states, second_view(), *rcl_groups)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "kl": kl.detach(), "rcl": rcl.detach()}

@@ -59,9 +59,9 @@ import torch.nn as nn
 import plr_kernels
 from plr_kernels.vocab_pass import reasoning_losses
 
-from ..losses import reasoning_contrastive_loss
+from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
-from .base import PADDING, ModelOutput, SequentialRecommender
+from .base import PADDING, ModelOutput, SequentialRecommender, position_major
 from .reasoning import stream_reasoning, stream_reasoning_rows
 
 
@@ -259,14 +259,17 @@ class ReaRecPRLModel(_ReaRecBase):
 
     def sequence_loss(self, item_seq, rows, target):
         """The PRL loss of every prefix end ``rows`` of one encoder pass, meaned
-        over the rows; the contrastive term's in-batch negatives are the other
-        rows (prefix mode on a batch of exactly these R prefixes: with the same
-        generator state the noise is the same, row r drawing what sample r does)."""
+        over the rows; the contrastive term takes its in-batch negatives within
+        groups of B rows ordered by position, then sequence
+        (``plr.losses.grouped_contrastive_loss``, as PLR's L_RCL). With R <= B it is
+        prefix mode on a batch of exactly these R prefixes (with the same generator
+        state the noise is the same, row r drawing what sample r does)."""
         prefix = self.backbone.encode(item_seq)
         return self._loss(prefix.hidden[rows], self.reason_rows(prefix, rows), target,
-                          lambda: self.reason_rows(prefix, rows, self.noise_std))
+                          lambda: self.reason_rows(prefix, rows, self.noise_std),
+                          rcl_groups=(position_major(rows), item_seq.shape[0]))
 
-    def _loss(self, h0, states, target, noisy_view: Callable[[], torch.Tensor]
+    def _loss(self, h0, states, target, noisy_view: Callable[[], torch.Tensor], rcl_groups=None
               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         outputs = self.step_outputs(h0, states)  # [B,K+1,d]
         # Progressive temperature annealing: CE of step k at tau_k; the final step
@@ -280,6 +283,9 @@ class ReaRecPRLModel(_ReaRecBase):
         if self.training and self.noise_std > 0 and self.rcl_weight > 0:
             # Reasoning-aware contrastive learning: the noisy view re-runs only the
             # reasoning steps over the same prefix cache; InfoNCE clean vs noisy h_k.
-            rcl = reasoning_contrastive_loss(states, noisy_view(), temperature=self.rcl_temperature)
+            if rcl_groups is None:
+                rcl = reasoning_contrastive_loss(states, noisy_view(), temperature=self.rcl_temperature)
+            else:
+                rcl = grouped_contrastive_loss(states, noisy_view(), *rcl_groups, temperature=self.rcl_temperature)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "pl": pl.detach(), "rcl": rcl.detach()}
