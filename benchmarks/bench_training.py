@@ -4,8 +4,9 @@ vs torch.compile, at two sizes, on Beauty, in one process and one run.
 Time per epoch = (optimiser steps per epoch) x (median step time over
 ``--steps`` timed steps after ``--warmup`` untimed ones); a step is what
 ``plr.training.Trainer.train_step`` does (gather, forward + loss, backward,
-Adam). Peak memory of one step: the CPU allocator's high-water mark over the
-step from the profiler's memory events (CUDA: ``max_memory_allocated``).
+Adam). Peak memory of one step: on the CPU the growth of the resident set's
+high-water mark over the step (Linux ``/proc/self/clear_refs``), on CUDA
+``max_memory_allocated`` above what was allocated before.
 The configurations run interleaved (round-robin over the timed steps), so a
 change in machine load hits all of them alike.
 
@@ -15,6 +16,7 @@ change in machine load hits all of them alike.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import json
 import platform
@@ -87,14 +89,22 @@ class Config:
             torch.cuda.reset_peak_memory_stats()
             self.step()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
-        live = peak = 0
-        for e in events:
-            live += e.cpu_memory_usage
-            peak = max(peak, live)
-        return peak / 2**20
+        # CPU (Linux): the resident-set high-water mark over the step, reset before
+        # it through /proc/self/clear_refs, minus the resident set before it.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap memory back first
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        self.step()
+        return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def main():
