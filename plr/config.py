@@ -35,7 +35,7 @@ class DataConfig:
     k_core: Optional[int] = None
 
 
-TRAIN_SAMPLES = ("sequence", "prefix")
+TRAIN_SAMPLES = ("auto", "sequence", "prefix")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -53,8 +53,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # "auto" (cuda when available, else cpu) | "cpu" | "cuda" | "cuda:N"
     # "sequence": one encoder pass per training sequence trains on all its prefixes
-    # (plr.data.SequenceSamples); "prefix": every prefix is its own sample.
-    samples: str = "prefix"
+    # (plr.data.SequenceSamples); "prefix": every prefix is its own sample; "auto":
+    # sequence where the model supports it (model.supports_sequences()), else prefix.
+    samples: str = "auto"
     compile: bool = False  # run the training step's model forward + loss under torch.compile
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights, fp32 loss statistics)
 

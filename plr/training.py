@@ -100,7 +100,10 @@ class Trainer:
                       "finished": False}
 
     def _train_samples(self, dataset):
-        """``dataset.train`` (prefix samples) or its sequences (``train.samples: sequence``)."""
+        """``dataset.train`` (prefix samples) or its sequences (``train.samples: sequence``;
+        ``auto``: sequence where the model supports it)."""
+        if self.train_cfg.samples == "auto":
+            self.train_cfg.samples = "sequence" if self.model.supports_sequences() else "prefix"
         if self.train_cfg.samples == "prefix":
             return dataset.train
         if not self.model.supports_sequences():
