@@ -48,6 +48,10 @@ class DataConfig:
     k_core: Optional[int] = key(None, Int(min=1), nullable=True)
 
 
+TRAIN_SAMPLES = ("auto", "sequence", "prefix")
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = key(200, Int(min=1))
@@ -64,6 +68,12 @@ class TrainConfig:
     device: str = key("auto", Str())
     # Stop when |loss| or |a loss part| exceeds this (plr/guards.py); null: only non-finite values stop.
     divergence_limit: Optional[float] = key(1.0e4, Float(min=0.0, min_open=True), nullable=True)
+    # "sequence": one encoder pass per training sequence trains on all its prefixes
+    # (plr.data.SequenceSamples); "prefix": every prefix is its own sample; "auto":
+    # sequence where the model supports it (model.supports_sequences()), else prefix.
+    samples: str = key("auto", Choice(*TRAIN_SAMPLES))
+    compile: bool = key(False, Bool())  # the training step's model forward + loss under torch.compile
+    precision: str = key("fp32", Choice(*PRECISIONS))  # bf16: autocast; fp32 master weights and loss statistics
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .data import check_usable
 from .errors import UserError
 from .evaluation import evaluate
 from .models import build_model, model_class
+from .data.dataset import SequenceSamples
 from .models.base import SequentialRecommender, atomic_torch_save
 
 LAST = "last.pt"
@@ -89,11 +90,32 @@ class Trainer:
         if hasattr(self.model.backbone, "attach_dataset"):
             self.model.backbone.attach_dataset(dataset)
         self.model.to(resolve_device(self.train_cfg.device))
+        self.train_samples = self._train_samples(dataset)
+        self._sequence_loss, self._prefix_loss = self.model.sequence_loss, self.model.compute_loss
+        if self.train_cfg.compile:
+            # The sequence-mode loss traces without graph breaks (tests/test_compiled_training.py);
+            # R (targets per batch) varies, hence dynamic shapes. Prefix mode's input checks break the graph.
+            self._sequence_loss = torch.compile(self.model.sequence_loss, dynamic=True)
+            self._prefix_loss = torch.compile(self.model.compute_loss, dynamic=True)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_cfg.lr,
                                           weight_decay=self.train_cfg.weight_decay)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
                       "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0,
                       "finished": False}
+
+    def _train_samples(self, dataset):
+        """``dataset.train`` (prefix samples) or its sequences (``train.samples: sequence``;
+        ``auto``: sequence where the model supports it)."""
+        if self.train_cfg.samples == "auto":
+            self.train_cfg.samples = "sequence" if self.model.supports_sequences() else "prefix"
+        if self.train_cfg.samples == "prefix":
+            return dataset.train
+        if not self.model.supports_sequences():
+            raise ValueError(f"train.samples: 'sequence' needs a causal backbone with start-anchored positions and a "
+                             f"model that implements it (sasrec, erl, prl, plr on the sasrec backbone); got "
+                             f"{self.cfg['model']['name']} on {type(self.model.backbone).__name__}; set "
+                             f"train.samples=prefix")
+        return SequenceSamples.from_prefix_samples(dataset.train)
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -133,17 +155,30 @@ class Trainer:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.train_cfg.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.dataset.train), generator=gen)
+        return torch.randperm(len(self.train_samples), generator=gen)
 
     def steps_per_epoch(self) -> int:
-        steps = math.ceil(len(self.dataset.train) / self.train_cfg.batch_size)
+        steps = math.ceil(len(self.train_samples) / self.train_cfg.batch_size)
         cap = self.train_cfg.max_steps_per_epoch
         return min(steps, cap) if cap else steps
 
     def train_step(self, idx: torch.Tensor) -> Dict[str, float]:
-        item_seq, target = self.dataset.train.gather(idx)
+        """One optimiser step on samples ``idx``; returns the loss parts and
+        ``targets`` (how many next-item targets the step trained on)."""
+        item_seq, target = self.train_samples.gather(idx)
         device = self.model.device
-        loss, parts = self.model.compute_loss(item_seq.to(device), target.to(device))
+        item_seq, target = item_seq.to(device), target.to(device)
+        # bf16: autocast runs the linear layers and attention in bf16; the weights
+        # stay fp32 (Adam's master copy), LayerNorm outputs and so the vocabulary
+        # pass (loss statistics) stay fp32.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.train_cfg.precision == "bf16"):
+            if self.train_cfg.samples == "sequence":
+                args = self.model.prepare_sequences(item_seq, target)
+                loss, parts = self._sequence_loss(*args)
+                n_targets = int(args[2].shape[0])
+            else:
+                loss, parts = self._prefix_loss(item_seq, target)
+                n_targets = int(target.shape[0])
         values = guards.check_step(loss, parts, epoch=self.state["epoch"], step=self.state["step_in_epoch"],
                                    limit=self.train_cfg.divergence_limit)  # before the weights change
         self.optimizer.zero_grad(set_to_none=True)
@@ -151,19 +186,24 @@ class Trainer:
         if self.train_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
-        return values
+        return {**values, "targets": n_targets}
 
     def run_epoch(self, epoch: int) -> Dict[str, float]:
+        """One epoch; the losses are means over its targets (comparable between
+        ``train.samples`` modes: each step's loss is a mean over its targets)."""
         order = self.epoch_order(epoch)
         bs, steps = self.train_cfg.batch_size, self.steps_per_epoch()
         sums: Dict[str, float] = {}
+        targets = 0
         bar = tqdm(range(self.state["step_in_epoch"], steps), desc=f"epoch {epoch}", leave=False,
                    disable=None if self.train_cfg.progress else True, initial=self.state["step_in_epoch"], total=steps)
         started = time.perf_counter()
         for step in bar:
             parts = self.train_step(order[step * bs:(step + 1) * bs])
+            n = parts.pop("targets")
+            targets += n
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums.get(k, 0.0) + v * n
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
             self.state["step_in_epoch"] = step + 1
             self.state["global_step"] += 1
@@ -172,8 +212,7 @@ class Trainer:
                 started = time.perf_counter()
                 self.save_state()
         self.state["train_seconds"] += time.perf_counter() - started
-        done = max(1, len(bar))
-        return {k: v / done for k, v in sums.items()}
+        return {k: v / max(1, targets) for k, v in sums.items()}
 
     def fit(self, resume: bool = False, test: bool = True) -> Dict[str, Any]:
         """Train until ``epochs`` or early stopping, then test the best model
@@ -203,8 +242,10 @@ class Trainer:
                                   "pass --resume to continue it, or choose another --out")
         metric = self.eval_cfg.metric
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"model {self.cfg['model']['name']} ({n_params:,} parameters), {len(self.dataset.train):,} "
-                 f"training samples, {self.steps_per_epoch()} steps/epoch")
+        samples = (f"{len(self.dataset.train):,} training samples" if self.train_cfg.samples == "prefix" else
+                   f"{len(self.train_samples):,} training sequences ({self.train_samples.num_targets():,} targets)")
+        self.log(f"model {self.cfg['model']['name']} ({n_params:,} parameters), {samples}, "
+                 f"{self.steps_per_epoch()} steps/epoch")
         while not self.state["finished"] and self.state["epoch"] < self.train_cfg.epochs:
             epoch = self.state["epoch"]
             losses = self.run_epoch(epoch)

@@ -7,7 +7,10 @@ Each block serves two callers:
   **shared prefix KV cache** of PLR;
 * ``forward_step`` runs the M new reasoning tokens of one step (one per
   stream) against that cache and the streams' own cached keys/values, through
-  ``plr_kernels.stream_attention`` (stream-isolated causal attention, Eq. 4-5).
+  ``plr_kernels.stream_attention`` (stream-isolated causal attention, Eq. 4-5);
+* ``forward_step_rows`` runs that step for many prefix ends of one encoder
+  pass at once (sequence training: every position n of a sequence is the end
+  of a prefix), through ``stream_attention(..., causal_prefix=True)``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 
 import plr_kernels
 
-StreamCache = Optional[Tuple[torch.Tensor, torch.Tensor]]  # k, v [B,H,M,S,Dh]
+StreamCache = Optional[Tuple[torch.Tensor, torch.Tensor]]  # k, v [B,H,M,S,Dh] ([R,H,M,S,Dh] for rows)
+Rows = Tuple[torch.Tensor, torch.Tensor]  # (sequence index [R], position index [R]) of the prefix ends
 
 
 class MultiHeadAttention(nn.Module):
@@ -80,6 +84,45 @@ class MultiHeadAttention(nn.Module):
         )
         return self._output(x, ctx), (k_stream, v_stream)
 
+    def forward_step_rows(self, x, rows: Rows, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
+        """One reasoning step for R prefix ends of one encoder pass.
+
+        ``x [R,M,d]``: the new token of every stream of row r, whose prefix is
+        positions ``0..n_r`` of sequence ``b_r`` (``rows = (b [R], n [R])``);
+        ``k_prefix, v_prefix [B,H,N,Dh]`` the keys/values of the whole
+        sequences, ``prefix_mask [B,N]``. The projections and the output run
+        on the R rows only; the attention scatters them into the
+        ``[B,H,N,M,...]`` layout of ``stream_attention(causal_prefix=True)``
+        (rows not in ``rows`` get zero queries and keys, and their outputs
+        are dropped, so they contribute no gradient). -> ``(y [R,M,d], cache)``.
+        """
+        b_idx, n_idx = rows
+        batch, heads, length, _ = k_prefix.shape
+        q = self._heads(self.query(x))  # [R,H,M,Dh]
+        k_new = self._heads(self.key(x))[..., None, :]  # [R,H,M,1,Dh]
+        v_new = self._heads(self.value(x))[..., None, :]
+        if cache is None:
+            k_stream, v_stream = k_new, v_new
+        else:
+            k_stream = torch.cat([cache[0], k_new], dim=3)
+            v_stream = torch.cat([cache[1], v_new], dim=3)
+
+        def dense(t: torch.Tensor) -> torch.Tensor:  # [R,H,...] -> [B,H,N,...], zero off the rows
+            return scatter_rows(t.new_zeros(batch, heads, length, *t.shape[2:]), b_idx, n_idx, t)
+
+        ctx = plr_kernels.stream_attention(
+            dense(q), k_prefix, v_prefix, dense(k_stream), dense(v_stream),
+            prefix_mask=prefix_mask, dropout_p=self.attn_dropout if self.training else 0.0,
+            causal_prefix=True, backend=backend,
+        )
+        return self._output(x, ctx[b_idx, :, n_idx]), (k_stream, v_stream)
+
+
+def scatter_rows(out: torch.Tensor, b_idx: torch.Tensor, n_idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``out[b_idx[r], :, n_idx[r]] = t[r]``, out of place and differentiable
+    (``aten.index_put`` with ``None`` = the whole head dimension)."""
+    return torch.ops.aten.index_put(out, [b_idx, None, n_idx], t)
+
 
 class FeedForward(nn.Module):
     """dense -> GELU -> dense -> dropout -> residual + LayerNorm."""
@@ -107,4 +150,8 @@ class TransformerBlock(nn.Module):
 
     def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
         y, cache = self.attention.forward_step(x, k_prefix, v_prefix, prefix_mask, cache, backend)
+        return self.feed_forward(y), cache
+
+    def forward_step_rows(self, x, rows: Rows, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
+        y, cache = self.attention.forward_step_rows(x, rows, k_prefix, v_prefix, prefix_mask, cache, backend)
         return self.feed_forward(y), cache

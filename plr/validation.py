@@ -62,6 +62,29 @@ def check_target(target, batch: int, num_items: int, device) -> torch.Tensor:
     return target.long()
 
 
+def check_sequence_target(target, item_seq: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Sequence-mode targets ``[B, L]`` aligned with the histories ``item_seq
+    [B, L]`` (before padding to max_len): the next item after each position,
+    0 = no target; a target only where there is an item. Returned as int64."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target: expected a torch.Tensor of item ids, got {type(target).__name__}")
+    if target.dtype not in INT_DTYPES:
+        raise TypeError(f"target: expected an int64 or int32 tensor, got dtype {target.dtype}")
+    if target.shape != item_seq.shape:
+        raise ValueError(f"target: expected shape {list(item_seq.shape)} (one per position of item_seq), "
+                         f"got {list(target.shape)}")
+    if target.device != item_seq.device:
+        raise ValueError(f"target: expected a tensor on {item_seq.device} (as item_seq), got {target.device}")
+    lo, hi = int(target.min()), int(target.max())
+    if lo < 0 or hi > num_items:
+        raise ValueError(f"target: expected ids in [0, {num_items}] (0 = no target), got {lo if lo < 0 else hi}")
+    if hi == 0:
+        raise ValueError("target: expected at least one target (a nonzero id), got none")
+    if bool(((target != 0) & (item_seq == 0)).any()):
+        raise ValueError("target: expected targets only at positions holding an item, got one at a padding position")
+    return target.long()
+
+
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")

@@ -57,8 +57,10 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
 
 
 def check_index_range(name: str, idx: torch.Tensor, low: int, high: int) -> None:
-    """All entries of ``idx`` must lie in ``[low, high)``."""
-    if idx.numel() == 0:
+    """All entries of ``idx`` must lie in ``[low, high)``. Value checks read the
+    data (a host sync): skipped while torch.compile traces, where the caller
+    (e.g. ``SequentialRecommender.prepare_sequences``) checked the values eagerly."""
+    if idx.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < low or hi >= high:
@@ -104,7 +106,7 @@ def check_targets(target, batch: int, num_items: int, exclude_index, device) -> 
     """``target [B]`` int64 item ids in ``[0, V)``, none equal to ``exclude_index``."""
     check_tensor("target", target, ndim=1, dtypes=INDEX_DTYPES, shape=(batch,), device=device)
     check_index_range("target", target, 0, num_items)
-    if exclude_index is not None and bool((target == exclude_index).any()):
+    if exclude_index is not None and not torch.compiler.is_compiling() and bool((target == exclude_index).any()):
         raise ValueError(f"target: expected no entry equal to exclude_index={exclude_index}, got one")
 
 

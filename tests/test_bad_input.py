@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import cli_error
+from plr.models.base import CHECKPOINT_FORMAT
 from plr import config, guards
 from plr.cli import main
 from plr.data import build_dataset, check_usable, dataset_stats, read_interactions
@@ -150,7 +151,8 @@ def test_diverged_run_stops_with_one_line_and_no_scores(capsys, data, tmp_path):
 
 
 def _trainer(data, out, *extra):
-    cfg = config.resolve("sasrec", None, TINY + ["train.epochs=2", *extra], str(data))
+    # prefix samples: the poisoned loss below is compute_loss (sequence mode calls sequence_loss)
+    cfg = config.resolve("sasrec", None, TINY + ["train.epochs=2", "train.samples=prefix", *extra], str(data))
     ds = build_dataset(read_interactions(data, fmt="sequences"), max_len=8, split="loo")
     return Trainer(cfg, ds, out, log_to_console=False)
 
@@ -173,6 +175,7 @@ def _poison(trainer, at_epoch, value, part=None):
         return loss, parts
 
     trainer.model.compute_loss = compute_loss
+    trainer._prefix_loss = compute_loss  # the trainer binds the loss once, at construction
     return seen
 
 
@@ -265,7 +268,7 @@ def test_unreadable_checkpoint_is_one_line(capsys, data, run, tmp_path, kind):
     else:
         torch.save({"f": np.random.default_rng(0)}, path)  # not loadable with weights_only
     line = cli_error(capsys, ["evaluate", "--checkpoint", path, "--data", data])
-    assert str(path) in line and ("not a readable plr checkpoint" in line or "plr-checkpoint-v1" in line)
+    assert str(path) in line and ("not a readable plr checkpoint" in line or CHECKPOINT_FORMAT in line)
 
 
 def test_recommend_never_prints_the_no_candidate_slot(capsys, run):

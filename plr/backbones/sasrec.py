@@ -44,6 +44,9 @@ class TransformerBackbone(nn.Module):
     def __init__(self, num_items, max_len, num_positions, hidden_size, num_layers, num_heads, inner_size,
                  dropout, attn_dropout, layer_norm_eps):
         super().__init__()
+        # True when one causal pass over a sequence gives h_0 of every prefix
+        # (start-anchored positions, causal attention): plr's sequence training mode.
+        self.causal_sequences = False
         self.num_items = num_items
         self.max_len = max_len
         self.num_heads = num_heads
@@ -63,8 +66,10 @@ class TransformerBackbone(nn.Module):
                 table.weight[0].zero_()
 
     def embed(self, item_vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """X_0 = dropout(LN(v + P[positions])) for ``item_vectors [B,L,d]``."""
-        return self.input_dropout(self.input_norm(item_vectors + self.position_embedding(positions)[None]))
+        """X_0 = dropout(LN(v + P[positions])) for ``item_vectors [B,L,d]``;
+        ``positions`` is ``[L]`` (shared by all rows) or ``[B,L]``."""
+        pos = self.position_embedding(positions)
+        return self.input_dropout(self.input_norm(item_vectors + (pos[None] if positions.dim() == 1 else pos)))
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
         """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
@@ -76,11 +81,33 @@ class TransformerBackbone(nn.Module):
         return x, keys, values
 
 
+POSITION_ANCHORS = ("start", "end")
+
+
+def start_positions(key_mask: torch.Tensor) -> torch.Tensor:
+    """``[B,N]`` valid items of left-padded rows -> ``[B,N]`` position ids
+    counted from each row's first real item (ReaRec); padding gets 0 (it is
+    masked out of every attention over real items)."""
+    return (key_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
 class SASRecBackbone(TransformerBackbone):
+    """SASRec encoder. ``positions="start"`` (default, ReaRec) counts positions
+    from the first real item, so the encoding of a prefix does not depend on
+    the padding before it, and under causal attention the output at position
+    t of one pass over a sequence *is* ``h_0`` of its prefix 1..t
+    (``causal_sequences``: the sequence training mode relies on it).
+    ``"end"`` counts them over the left-padded array (last slot = max_len - 1):
+    the layout of checkpoints written before plr-checkpoint-v2."""
+
     def __init__(self, num_items, max_len, hidden_size, num_layers, num_heads, inner_size,
-                 dropout, attn_dropout, layer_norm_eps):
+                 dropout, attn_dropout, layer_norm_eps, positions: str = "start"):
         super().__init__(num_items, max_len, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps)
+        if positions not in POSITION_ANCHORS:
+            raise ValueError(f"positions: expected one of {list(POSITION_ANCHORS)}, got {positions!r}")
+        self.positions = positions
+        self.causal_sequences = positions == "start"
         # Row 0 is the padding item; the table is tied with the output layer.
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
 
@@ -89,8 +116,12 @@ class SASRecBackbone(TransformerBackbone):
         return self.item_embedding.weight
 
     def input_embedding(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """X_0 = dropout(LN(E[items] + P)), positions over the left-padded array."""
-        return self.embed(self.item_embedding(item_seq), torch.arange(item_seq.shape[1], device=item_seq.device))
+        """X_0 = dropout(LN(E[items] + P)) for left-padded ``item_seq [B,N]``."""
+        if self.positions == "start":
+            positions = start_positions(item_seq != 0)
+        else:
+            positions = torch.arange(item_seq.shape[1], device=item_seq.device)
+        return self.embed(self.item_embedding(item_seq), positions)
 
     def encode(self, item_seq: torch.Tensor) -> PrefixEncoding:
         """``item_seq [B,N]`` left-padded ids -> H_enc and the prefix KV cache."""

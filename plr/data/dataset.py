@@ -29,7 +29,8 @@ import torch
 
 from .interactions import Interactions, as_ids
 
-__all__ = ["build_dataset", "check_usable", "SequenceDataset", "TrainSamples", "EvalSamples", "k_core_filter", "gather_histories"]
+__all__ = ["build_dataset", "check_usable", "SequenceDataset", "TrainSamples", "SequenceSamples", "EvalSamples",
+           "k_core_filter", "gather_histories"]
 
 SPLITS = ("auto", "loo", "time", "predefined")
 
@@ -97,6 +98,95 @@ class TrainSamples(torch.utils.data.Dataset):
         stop = n - n % batch_size if drop_last else n
         for b in range(0, stop, batch_size):
             yield self.gather(order[b:b + batch_size])
+
+
+class SequenceSamples:
+    """Training sequences for the sequence mode (``train.samples: sequence``):
+    each sample is a window of a user's training sequence, input items
+    ``flat[start:end-1]`` (left-padded to ``max_len``) and at every position the
+    next item as its target, so one encoder pass trains on every prefix.
+
+    Built from the prefix samples of a :class:`TrainSamples` by
+    :meth:`from_prefix_samples`: the same targets, each predicted exactly once.
+    A sequence of ``n <= max_len + 1`` items is one window (every target then
+    sees the same history as its prefix sample). A longer one is cut into
+    windows of ``max_len + 1`` items starting every ``stride = max_len -
+    max_len // 2`` items (the last one may be shorter); in each window the
+    targets an earlier window already predicts are ignored (target 0), so a
+    target sees at least ``max_len // 2 + 1`` items of history (its prefix
+    sample sees ``min(t, max_len)``).
+    """
+
+    def __init__(self, flat: torch.Tensor, start: torch.Tensor, end: torch.Tensor, first_target: torch.Tensor,
+                 max_len: int, user: Optional[torch.Tensor] = None):
+        self.flat, self.start, self.end, self.first_target = flat, start, end, first_target
+        self.user = user
+        self.max_len = max_len
+
+    @classmethod
+    def from_prefix_samples(cls, samples: TrainSamples) -> "SequenceSamples":
+        """Group the prefix samples into per-user sequences and cut windows.
+
+        Sample i is ``flat[start_i:end_i] -> target_i``; it continues sample
+        i-1 when the users match and ``end_i = end_{i-1} + 1``; a sequence needs
+        ``target_i = flat[end_i]`` (the next item of the flat array). Data with
+        given histories (Amazon 2023) has no such sequences: an error.
+        """
+        n, max_len = len(samples), samples.max_len
+        if n == 0:
+            raise ValueError("samples: expected training samples, got none")
+        start, end = samples.start.cpu().numpy(), samples.end.cpu().numpy()
+        flat, target = samples.flat.cpu(), samples.target.cpu().numpy()
+        in_flat = end < flat.shape[0]
+        if not in_flat.all() or not (flat.numpy()[np.minimum(end, flat.shape[0] - 1)] == target).all():
+            raise ValueError("train.samples: 'sequence' needs training samples that are the prefixes of per-user "
+                             "sequences (target = the item after the history), but this dataset's histories are "
+                             "given per sample (e.g. Amazon 2023); use train.samples=prefix")
+        user = samples.user.cpu().numpy() if samples.user is not None else np.zeros(n, dtype=np.int64)
+        new = np.ones(n, dtype=bool)
+        new[1:] = (user[1:] != user[:-1]) | (end[1:] != end[:-1] + 1)
+        seq_id = np.cumsum(new) - 1
+        heads = np.flatnonzero(new)
+        s_start = start[heads]  # the first sample's history is the untruncated start
+        s_stop = np.append(end[heads[1:] - 1], end[-1]) + 1  # items flat[s_start:s_stop], targets from s_start+1
+        s_user = user[heads]
+        del seq_id
+        stride = max_len - max_len // 2
+        lengths = s_stop - s_start
+        counts = np.where(lengths <= max_len + 1, 1, 1 + -(-(lengths - max_len - 1) // stride))
+        owner = np.repeat(np.arange(len(heads)), counts)
+        k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        w_start = s_start[owner] + k * stride
+        w_end = np.minimum(w_start + max_len + 1, s_stop[owner])
+        first = np.where(k == 0, w_start + 1, w_start + max_len + 1 - stride)  # first flat index predicted here
+        as_t = (lambda a: torch.from_numpy(a.astype(np.int64)))
+        return cls(samples.flat, as_t(w_start), as_t(w_end), as_t(first), max_len, user=as_t(s_user[owner]))
+
+    def __len__(self) -> int:
+        return int(self.start.shape[0])
+
+    def num_targets(self) -> int:
+        """How many (prefix, next item) targets the windows hold in all."""
+        return int((self.end - self.first_target).sum())
+
+    def gather(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(item_seq ``[n, max_len]`` left-padded inputs, target ``[n, max_len]``
+        the next item after each position, 0 = none) for sample ``indices``."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        start, end, first = self.start[idx], self.end[idx], self.first_target[idx]
+        item_seq = gather_histories(self.flat, start, end - 1, self.max_len)
+        pos = end.unsqueeze(1) - self.max_len + torch.arange(self.max_len, dtype=end.dtype, device=end.device)
+        target = self.flat.index_select(0, pos.clamp(0, self.flat.shape[0] - 1).view(-1)).view_as(pos)
+        return item_seq, target.masked_fill_(pos < first.unsqueeze(1), 0)
+
+    def __getitem__(self, i):
+        seq, tgt = self.gather(torch.tensor([int(i) % len(self)]))
+        return seq[0], tgt[0]
+
+    def to(self, device) -> "SequenceSamples":
+        mv = (lambda t: None if t is None else t.to(device))
+        return SequenceSamples(mv(self.flat), mv(self.start), mv(self.end), mv(self.first_target), self.max_len,
+                               user=mv(self.user))
 
 
 @dataclass

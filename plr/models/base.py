@@ -14,10 +14,13 @@ import torch.nn as nn
 import plr_kernels
 
 from ..backbones import backbone_class
-from ..validation import check_item_seq, check_positive_int, check_probability
+from ..validation import check_item_seq, check_positive_int, check_probability, check_sequence_target
 
 PADDING = 0
-CHECKPOINT_FORMAT = "plr-checkpoint-v1"
+# v2: the SASRec backbone counts positions from the first real item; a v1
+# checkpoint (positions over the left-padded array) loads with positions="end".
+CHECKPOINT_FORMAT = "plr-checkpoint-v2"
+LEGACY_FORMATS = ("plr-checkpoint-v1",)
 _REGISTRY: Dict[str, type] = {}
 
 
@@ -66,6 +69,16 @@ class SequentialRecommender(nn.Module):
                                                  dropout, attn_dropout, layer_norm_eps, **(backbone_args or {}))
 
     # -- configuration and weights -------------------------------------------------
+
+    def _legacy_positions(self) -> None:
+        """A plr-checkpoint-v1 model: its SASRec backbone counted positions over
+        the left-padded array; keep that (and in its config, for a re-save)."""
+        from ..backbones.sasrec import SASRecBackbone
+
+        if type(self.backbone) is SASRecBackbone:
+            self.backbone.positions = "end"
+            self.backbone.causal_sequences = False
+            self._config["backbone_args"] = {**(self._config.get("backbone_args") or {}), "positions": "end"}
 
     def _init_weights(self) -> None:
         """N(0, 0.02) for linear and embedding weights, zero biases, unit LayerNorm."""
@@ -131,6 +144,48 @@ class SequentialRecommender(nn.Module):
         finally:
             self.train(was_training)
 
+    # -- sequence training mode ------------------------------------------------------
+
+    def supports_sequences(self) -> bool:
+        """Whether ``compute_sequence_loss`` is exact here: the model implements
+        ``sequence_loss`` and its backbone is causal with start-anchored
+        positions (``backbone.causal_sequences``)."""
+        return (type(self).sequence_loss is not SequentialRecommender.sequence_loss
+                and bool(getattr(self.backbone, "causal_sequences", False)))
+
+    def compute_sequence_loss(self, item_seq: torch.Tensor, target: torch.Tensor
+                              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of every prefix of a batch of sequences from one encoder pass.
+
+        ``item_seq [B, L]`` left-padded sequences (L <= max_len), ``target [B, L]``
+        the next item after each position (0 = none). Under causal attention
+        with start-anchored positions, the encoder output at position n is
+        ``h_0`` of the prefix ``0..n`` and its keys/values cut at n are that
+        prefix's KV cache, so this equals ``compute_loss`` on the R samples
+        (prefix ``0..n`` of row b, ``target[b, n]``) for the R nonzero targets,
+        taken in row-major order (b, then n), and means over them.
+        """
+        return self.sequence_loss(*self.prepare_sequences(item_seq, target))
+
+    def prepare_sequences(self, item_seq: torch.Tensor, target: torch.Tensor):
+        """Checks of ``compute_sequence_loss`` -> the arguments of ``sequence_loss``:
+        ``(item_seq [B, max_len], rows = (b [R], n [R]), target [R])``."""
+        if not self.supports_sequences():
+            raise ValueError(f"train.samples: 'sequence' needs a causal backbone with start-anchored positions and "
+                             f"a model that implements it (sasrec, erl, prl, plr on the sasrec backbone); got "
+                             f"{type(self).__name__} on {type(self.backbone).__name__}; use 'prefix'")
+        target = check_sequence_target(target, item_seq, self.num_items)
+        item_seq = self.prepare(item_seq)
+        target = torch.nn.functional.pad(target.to(item_seq.device), (item_seq.shape[1] - target.shape[1], 0))
+        rows = target.nonzero(as_tuple=True)
+        return item_seq, rows, target[rows]
+
+    def sequence_loss(self, item_seq: torch.Tensor, rows: Tuple[torch.Tensor, torch.Tensor], target: torch.Tensor
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``compute_sequence_loss`` on checked inputs: ``item_seq [B, max_len]``,
+        ``rows = (b [R], n [R])`` the prefix ends, ``target [R]`` (no host syncs)."""
+        raise NotImplementedError
+
     # -- checkpoints ---------------------------------------------------------------
 
     def config(self) -> Dict[str, Any]:
@@ -161,7 +216,7 @@ class SequentialRecommender(nn.Module):
                              f"{' '.join(str(exc).split()[:12])}); expected a {CHECKPOINT_FORMAT} file "
                              "written by model.save (e.g. RUN_DIR/best.pt)") from None
         keys = ("class", "config", "state_dict")
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or \
+        if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS) or \
                 any(k not in payload for k in keys):
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
         saved = _REGISTRY.get(payload["class"]) or _import_model_class(payload["class"])
@@ -170,6 +225,8 @@ class SequentialRecommender(nn.Module):
         if not issubclass(saved, cls):
             raise TypeError(f"path: checkpoint holds a {payload['class']}, not a {cls.__name__}")
         model = saved(**payload["config"])
+        if payload["format"] in LEGACY_FORMATS:
+            model._legacy_positions()
         model.load_state_dict(payload["state_dict"])
         return model, payload.get("extra", {})
 
@@ -177,6 +234,13 @@ class SequentialRecommender(nn.Module):
         """Names of the parameters and buffers holding NaN or infinite values."""
         tensors = list(self.named_parameters()) + list(self.named_buffers())
         return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def position_major(rows: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The order of the sequence-mode rows ``(b [R], n [R])`` (row-major) by
+    position n, then sequence b: groups of consecutive rows then mix sequences."""
+    b_idx, n_idx = rows
+    return torch.argsort(n_idx * (int(b_idx.shape[0]) + 1) + b_idx)
 
 
 def _import_model_class(class_name: str) -> Optional[type]:

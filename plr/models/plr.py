@@ -26,7 +26,7 @@ has none, i.e. 1); the scoring temperature of L_NIP stays ``temperature``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,10 +34,10 @@ import torch.nn as nn
 import plr_kernels
 from plr_kernels.vocab_pass import reasoning_losses
 
-from ..losses import reasoning_contrastive_loss
+from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
-from .base import PADDING, ModelOutput, SequentialRecommender
-from .reasoning import stream_reasoning
+from .base import PADDING, ModelOutput, SequentialRecommender, position_major
+from .reasoning import stream_reasoning, stream_reasoning_rows
 
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
@@ -141,10 +141,24 @@ class PLRModel(SequentialRecommender):
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         prefix = self.backbone.encode(item_seq)
-        h0 = prefix.hidden[:, -1]
-        states = self.reason(prefix)
-        z_streams = states.mean(dim=1)  # Eq. 6: z_m = mean_t h_{t,m}   [B,M,d]
-        gate = torch.softmax(self.gate(h0), dim=-1)  # Eq. 9             [B,M]
+        return self._aggregate(prefix.hidden[:, -1], self.reason(prefix))
+
+    def forward_rows(self, item_seq: torch.Tensor, rows) -> ModelOutput:
+        """Sequence mode: the ModelOutput of the R prefixes ``0..n_r`` of
+        sequences ``b_r`` (``rows = (b [R], n [R])``) from one encoder pass over
+        ``item_seq [B, max_len]``; each row equals ``forward_prepared`` of that
+        prefix alone (causal backbone, start-anchored positions)."""
+        prefix = self.backbone.encode(item_seq)
+        h0 = prefix.hidden[rows]  # [R,d]: h_0 of every prefix
+        h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
+        states = stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
+                                       self.reasoning_input, self.kernels)
+        return self._aggregate(h0, states)
+
+    def _aggregate(self, h0: torch.Tensor, states: torch.Tensor) -> ModelOutput:
+        """Eq. 6, 9, 10 from ``h0 [R,d]`` and the states ``[R,T,M,d]``."""
+        z_streams = states.mean(dim=1)  # Eq. 6: z_m = mean_t h_{t,m}   [R,M,d]
+        gate = torch.softmax(self.gate(h0), dim=-1)  # Eq. 9             [R,M]
         z_rea = (gate[..., None] * z_streams).sum(dim=1)
         z_final = h0 + z_rea  # Eq. 10: dual-process inference
         return ModelOutput(h0=h0, z_final=z_final, states=states, gate=gate, z_rea=z_rea)
@@ -166,33 +180,59 @@ class PLRModel(SequentialRecommender):
         item_seq = self.prepare(item_seq)
         out = self.forward_prepared(item_seq)
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
+        return self._loss(out, target, lambda: self.forward_prepared(item_seq).states)
+
+    def sequence_loss(self, item_seq, rows, target):
+        """Eq. 11 over every prefix end ``rows`` of one encoder pass (see
+        ``compute_sequence_loss``): L_NIP and L_KL per row, meaned over the R
+        rows. L_RCL (Eq. 8) is the in-batch InfoNCE over the rows, in groups of
+        B rows (B = sequences in the batch; ``plr.losses.grouped_contrastive_loss``):
+        rows ordered by position, then sequence, so a group holds prefixes of
+        different sequences and costs what a prefix batch of B samples does. With
+        R <= B it equals prefix mode on a batch made of exactly these R prefix
+        samples; the second view is a second pass over the sequences."""
+        out = self.forward_rows(item_seq, rows)
+        return self._loss(out, target, lambda: self.forward_rows(item_seq, rows).states,
+                          rcl_groups=(position_major(rows), item_seq.shape[0]))
+
+    def _kl_and_nip(self, states: torch.Tensor, z_rea: torch.Tensor, target: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(nip + kl term, nip, kl)``, means over the rows: Eq. 7 over the K = T*M
+        states of each row and L_NIP of ``z_rea``, from one pass over the item table
+        (plr_kernels.vocab_pass.reasoning_losses)."""
         if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
-            # Eq. 7 over the K = T*M states of each user and L_NIP of z_rea, from one
-            # pass over the item table (plr_kernels.vocab_pass.reasoning_losses). The
-            # pass scores every row at ``temperature``; feeding the states scaled by
-            # temperature / kl_temperature gives Eq. 7 at kl_temperature exactly.
-            states = out.states.flatten(1, 2)
+            # The pass scores every row at ``temperature``; feeding the states scaled
+            # by temperature / kl_temperature gives Eq. 7 at kl_temperature exactly.
+            states = states.flatten(1, 2)
             if self.kl_temperature != self.temperature:
                 states = states * (self.temperature / self.kl_temperature)
             kl, nip = reasoning_losses(
-                states, out.z_rea, self.item_emb, target, temperature=self.temperature,
+                states, z_rea, self.item_emb, target, temperature=self.temperature,
                 exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.kernels,
             )
             # The diversity term, per user: c tanh(KL / c) (bounded) or KL (literal).
             term = self.kl_margin * torch.tanh(kl / self.kl_margin) if self.kl_bounded else kl
             kl, nip = kl.mean(), nip.mean()
-            loss = nip + self.kl_sign * self.kl_weight * term.mean()
-        else:
-            nip = plr_kernels.linear_cross_entropy(
-                out.z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
-                backend=self.kernels,
-            )
-            loss = nip
-            kl = torch.zeros((), dtype=nip.dtype, device=nip.device)
+            return nip + self.kl_sign * self.kl_weight * term.mean(), nip, kl
+        nip = plr_kernels.linear_cross_entropy(
+            z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
+            backend=self.kernels,
+        )
+        return nip, nip, torch.zeros((), dtype=nip.dtype, device=nip.device)
+
+    def _loss(self, out: ModelOutput, target: torch.Tensor, second_view: Callable[[], torch.Tensor],
+              rcl_groups=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Eq. 11 from the output of one pass; ``second_view()`` runs the second
+        dropout view of the states for L_RCL; ``rcl_groups = (order, size)``
+        takes its negatives within groups of rows (sequence mode)."""
+        loss, nip, kl = self._kl_and_nip(out.states, out.z_rea, target)
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
             # Eq. 8: a second pass draws independent dropout masks.
-            rcl = reasoning_contrastive_loss(out.states, self.forward_prepared(item_seq).states,
-                                             temperature=self.rcl_temperature)
+            if rcl_groups is None:
+                rcl = reasoning_contrastive_loss(out.states, second_view(), temperature=self.rcl_temperature)
+            else:
+                rcl = grouped_contrastive_loss(out.states, second_view(), *rcl_groups,
+                                               temperature=self.rcl_temperature)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "kl": kl.detach(), "rcl": rcl.detach()}

@@ -51,7 +51,7 @@ products / 0.07). The equations are written out, not cited by number.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,10 +59,10 @@ import torch.nn as nn
 import plr_kernels
 from plr_kernels.vocab_pass import reasoning_losses
 
-from ..losses import reasoning_contrastive_loss
+from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
-from .base import PADDING, ModelOutput, SequentialRecommender
-from .reasoning import stream_reasoning
+from .base import PADDING, ModelOutput, SequentialRecommender, position_major
+from .reasoning import stream_reasoning, stream_reasoning_rows
 
 
 def _check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -110,6 +110,12 @@ class _ReaRecBase(SequentialRecommender):
         h_start = prefix.hidden[:, -1:, :]  # [B,1,d]: one stream, starting at h_0
         return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps,
                                 lambda h, step: self.reasoning_input(h, step, noise_std), self.kernels)
+
+    def reason_rows(self, prefix, rows, noise_std: float = 0.0) -> torch.Tensor:
+        """Sequence mode: ``reason`` for the R prefix ends ``rows`` of one pass -> ``[R,K,1,d]``."""
+        h_start = prefix.hidden[rows][:, None, :]  # [R,1,d]
+        return stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
+                                     lambda h, step: self.reasoning_input(h, step, noise_std), self.kernels)
 
     @staticmethod
     def step_outputs(h0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -162,6 +168,17 @@ class ReaRecERLModel(_ReaRecBase):
         item_seq = self.prepare(item_seq)
         out = self.forward_prepared(item_seq)
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
+        return self._loss(out, target)
+
+    def sequence_loss(self, item_seq, rows, target):
+        """The ERL loss of every prefix end ``rows`` of one encoder pass, meaned over the rows."""
+        prefix = self.backbone.encode(item_seq)
+        h0 = prefix.hidden[rows]
+        states = self.reason_rows(prefix, rows)  # [R,K,1,d]
+        z = self.step_outputs(h0, states).mean(dim=1)
+        return self._loss(ModelOutput(h0=h0, z_final=z, states=states, z_rea=z), target)
+
+    def _loss(self, out: ModelOutput, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self.kl_weight > 0:
             # KL over the K+1 step distributions and CE of their mean from one pass over E.
             kl, nip = reasoning_losses(
@@ -238,7 +255,22 @@ class ReaRecPRLModel(_ReaRecBase):
         prefix = self.backbone.encode(item_seq)
         h0 = prefix.hidden[:, -1]
         target = check_target(target, h0.shape[0], self.num_items, h0.device)
-        states = self.reason(prefix)
+        return self._loss(h0, self.reason(prefix), target, lambda: self.reason(prefix, self.noise_std))
+
+    def sequence_loss(self, item_seq, rows, target):
+        """The PRL loss of every prefix end ``rows`` of one encoder pass, meaned
+        over the rows; the contrastive term takes its in-batch negatives within
+        groups of B rows ordered by position, then sequence
+        (``plr.losses.grouped_contrastive_loss``, as PLR's L_RCL). With R <= B it is
+        prefix mode on a batch of exactly these R prefixes (with the same generator
+        state the noise is the same, row r drawing what sample r does)."""
+        prefix = self.backbone.encode(item_seq)
+        return self._loss(prefix.hidden[rows], self.reason_rows(prefix, rows), target,
+                          lambda: self.reason_rows(prefix, rows, self.noise_std),
+                          rcl_groups=(position_major(rows), item_seq.shape[0]))
+
+    def _loss(self, h0, states, target, noisy_view: Callable[[], torch.Tensor], rcl_groups=None
+              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         outputs = self.step_outputs(h0, states)  # [B,K+1,d]
         # Progressive temperature annealing: CE of step k at tau_k; the final step
         # at tau is the prediction, the earlier ones the progressive-learning term.
@@ -251,7 +283,9 @@ class ReaRecPRLModel(_ReaRecBase):
         if self.training and self.noise_std > 0 and self.rcl_weight > 0:
             # Reasoning-aware contrastive learning: the noisy view re-runs only the
             # reasoning steps over the same prefix cache; InfoNCE clean vs noisy h_k.
-            noisy = self.reason(prefix, self.noise_std)
-            rcl = reasoning_contrastive_loss(states, noisy, temperature=self.rcl_temperature)
+            if rcl_groups is None:
+                rcl = reasoning_contrastive_loss(states, noisy_view(), temperature=self.rcl_temperature)
+            else:
+                rcl = grouped_contrastive_loss(states, noisy_view(), *rcl_groups, temperature=self.rcl_temperature)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "pl": pl.detach(), "rcl": rcl.detach()}

@@ -40,3 +40,26 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
         h_prev = x
         states.append(x)
     return torch.stack(states, dim=1)
+
+
+def stream_reasoning_rows(layers, prefix, rows, h_start: torch.Tensor, num_steps: int,
+                          step_input: Callable[[torch.Tensor, int], torch.Tensor], kernels: str) -> torch.Tensor:
+    """:func:`stream_reasoning` for R prefix ends of one encoder pass.
+
+    ``prefix`` encodes whole sequences ``[B,N]`` (causal, start-anchored
+    positions); row r = ``(b_r, n_r)`` of ``rows`` is the prefix made of
+    positions ``0..n_r`` of sequence ``b_r``, whose prefix KV cache is the
+    sequence's cache cut at ``n_r`` (``stream_attention(causal_prefix=True)``).
+    ``h_start [R,M,d]``; returns ``[R,T,M,d]``, row r equal to what
+    :func:`stream_reasoning` gives for that prefix encoded on its own.
+    """
+    caches = [None] * len(layers)
+    h_prev, states = h_start, []
+    for step in range(num_steps):
+        x = step_input(h_prev, step)
+        for i, layer in enumerate(layers):
+            x, caches[i] = layer.forward_step_rows(x, rows, prefix.keys[i], prefix.values[i], prefix.key_mask,
+                                                   caches[i], kernels)
+        h_prev = x
+        states.append(x)
+    return torch.stack(states, dim=1)

@@ -33,3 +33,11 @@ class SASRecModel(SequentialRecommender):
             out.h0, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING, backend=self.kernels
         )
         return nip, {"nip": nip.detach()}
+
+    def sequence_loss(self, item_seq, rows, target):
+        """CE of ``h_0`` of every prefix end ``rows`` of one encoder pass (SASRec's own training)."""
+        h0 = self.backbone.encode(item_seq).hidden[rows]
+        nip = plr_kernels.linear_cross_entropy(
+            h0, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING, backend=self.kernels
+        )
+        return nip, {"nip": nip.detach()}
