@@ -342,3 +342,40 @@ def test_bad_targets_and_configs_name_the_argument():
         small_plr(readout="z")
     with pytest.raises(ValueError, match=r"hidden_size.*num_heads=3"):
         small_plr(hidden_size=13)
+
+
+@pytest.mark.parametrize("sequence", [False, True])
+def test_reasoning_rcl_view_reuses_the_prefix_encoding(sequence, monkeypatch):
+    """rcl_view="reasoning": one encoder pass; with dropout off both views equal the
+    full second pass (so the two RCL values agree exactly)."""
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    values = {}
+    for view in ("full", "reasoning"):
+        torch.manual_seed(0)
+        model = small_plr(kl_weight=0.1, rcl_weight=1.0, rcl_view=view, dropout=0.0, attn_dropout=0.0,
+                          reasoning_dropout=0.0).double().train()
+        calls = []
+        encode = model.backbone.encode
+        monkeypatch.setattr(model.backbone, "encode", lambda s: calls.append(1) or encode(s))
+        if sequence:
+            seq_full = model.prepare(seq)
+            tgt = torch.where(seq_full.roll(-1, dims=1) > 0, seq_full.roll(-1, dims=1), 0)
+            tgt[:, -1] = target
+            tgt[seq_full == 0] = 0
+            loss, parts = model.compute_sequence_loss(seq_full, tgt)
+        else:
+            loss, parts = model.compute_loss(seq, target)
+        values[view] = (loss.detach(), parts["rcl"])
+        assert len(calls) == (2 if view == "full" else 1)
+    torch.testing.assert_close(values["full"], values["reasoning"])
+
+
+def test_reasoning_rcl_view_redraws_dropout_in_the_reasoning_only():
+    model = small_plr(kl_weight=0.0, rcl_weight=1.0, rcl_view="reasoning", dropout=0.0, attn_dropout=0.0,
+                      reasoning_dropout=0.5).double().train()
+    _, parts = model.compute_loss(histories(), torch.randint(1, NUM_ITEMS + 1, (5,)))
+    model.reasoning_dropout.p = 0.0
+    _, same = model.compute_loss(histories(), torch.randint(1, NUM_ITEMS + 1, (5,)))
+    assert parts["rcl"] != same["rcl"]
+    with pytest.raises(ValueError, match=r"rcl_view.*'half'"):
+        small_plr(rcl_view="half")

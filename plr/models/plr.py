@@ -42,6 +42,7 @@ from .reasoning import stream_reasoning, stream_reasoning_rows
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
 READOUTS = ("final", "rea", "h0")
+RCL_VIEWS = ("full", "reasoning")
 
 
 class PLRModel(SequentialRecommender):
@@ -64,6 +65,11 @@ class PLRModel(SequentialRecommender):
         kl_detach_target: stop the gradient through log p_j in Eq. 7 (ReaRec-ERL).
         rcl_weight: w_rcl of Eq. 11; 0 disables the second dropout view.
         rcl_temperature: the InfoNCE temperature of Eq. 8 on cosine similarities.
+        rcl_view: how the second dropout view of Eq. 8 is drawn: ``"full"`` a
+            second forward pass (encoder and reasoning), ``"reasoning"`` the first
+            pass's prefix encoding (h_0 and KV cache) reused, dropout redrawn in
+            the reasoning tokens only (half the cost; the views differ in the
+            reasoning, which is what Eq. 8 regularises).
         reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
         readout: the vector inference scores with: ``"final"`` = h_0 + z_rea
             (Eq. 10, dual process), ``"rea"`` = z_rea, ``"h0"`` = h_0.
@@ -75,7 +81,8 @@ class PLRModel(SequentialRecommender):
                  num_streams: int = 2, num_steps: int = 2, temperature: float = 0.07,
                  kl_weight: float = 0.1, kl_objective: str = "diversity", kl_form: str = "bounded",
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
-                 rcl_weight: float = 1.0, rcl_temperature: float = 1.0, reasoning_dropout: float = 0.2,
+                 rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "full",
+                 reasoning_dropout: float = 0.2,
                  readout: str = "final", kernels: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
@@ -86,7 +93,8 @@ class PLRModel(SequentialRecommender):
             layer_norm_eps=layer_norm_eps, num_streams=num_streams, num_steps=num_steps,
             temperature=temperature, kl_weight=kl_weight, kl_objective=kl_objective, kl_form=kl_form,
             kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
-            rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, reasoning_dropout=reasoning_dropout,
+            rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, rcl_view=rcl_view,
+            reasoning_dropout=reasoning_dropout,
             readout=readout, kernels=kernels, backbone=backbone, backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
@@ -98,6 +106,8 @@ class PLRModel(SequentialRecommender):
             raise ValueError(f"kl_objective: expected one of {list(KL_OBJECTIVES)}, got {kl_objective!r}")
         if kl_form not in KL_FORMS:
             raise ValueError(f"kl_form: expected one of {list(KL_FORMS)}, got {kl_form!r}")
+        if rcl_view not in RCL_VIEWS:
+            raise ValueError(f"rcl_view: expected one of {list(RCL_VIEWS)}, got {rcl_view!r}")
         if readout not in READOUTS:
             raise ValueError(f"readout: expected one of {list(READOUTS)}, got {readout!r}")
         for name, value in (("kl_margin", kl_margin), ("rcl_temperature", rcl_temperature),
@@ -112,6 +122,7 @@ class PLRModel(SequentialRecommender):
         self.kl_detach_target = bool(kl_detach_target)
         self.rcl_weight = float(rcl_weight)
         self.rcl_temperature = float(rcl_temperature)
+        self.rcl_view = rcl_view
         self.readout = readout
 
         # Eq. 3: one learnable trigger token tau_m per stream.
@@ -140,7 +151,9 @@ class PLRModel(SequentialRecommender):
                                 self.kernels)
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
-        prefix = self.backbone.encode(item_seq)
+        return self._reason_last(self.backbone.encode(item_seq))
+
+    def _reason_last(self, prefix) -> ModelOutput:
         return self._aggregate(prefix.hidden[:, -1], self.reason(prefix))
 
     def forward_rows(self, item_seq: torch.Tensor, rows) -> ModelOutput:
@@ -148,7 +161,9 @@ class PLRModel(SequentialRecommender):
         sequences ``b_r`` (``rows = (b [R], n [R])``) from one encoder pass over
         ``item_seq [B, max_len]``; each row equals ``forward_prepared`` of that
         prefix alone (causal backbone, start-anchored positions)."""
-        prefix = self.backbone.encode(item_seq)
+        return self._reason_rows(self.backbone.encode(item_seq), rows)
+
+    def _reason_rows(self, prefix, rows) -> ModelOutput:
         h0 = prefix.hidden[rows]  # [R,d]: h_0 of every prefix
         h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
         states = stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
@@ -178,8 +193,11 @@ class PLRModel(SequentialRecommender):
         with ``z_rea`` only; the padding item is in no softmax.
         """
         item_seq = self.prepare(item_seq)
-        out = self.forward_prepared(item_seq)
+        prefix = self.backbone.encode(item_seq)
+        out = self._reason_last(prefix)
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
+        if self.rcl_view == "reasoning":  # Eq. 8's second view: reasoning dropout redrawn
+            return self._loss(out, target, lambda: self._reason_last(prefix).states)
         return self._loss(out, target, lambda: self.forward_prepared(item_seq).states)
 
     def sequence_loss(self, item_seq, rows, target):
@@ -191,8 +209,11 @@ class PLRModel(SequentialRecommender):
         different sequences and costs what a prefix batch of B samples does. With
         R <= B it equals prefix mode on a batch made of exactly these R prefix
         samples; the second view is a second pass over the sequences."""
-        out = self.forward_rows(item_seq, rows)
-        return self._loss(out, target, lambda: self.forward_rows(item_seq, rows).states,
+        prefix = self.backbone.encode(item_seq)
+        out = self._reason_rows(prefix, rows)
+        second_view = (lambda: self._reason_rows(prefix, rows).states) if self.rcl_view == "reasoning" else \
+            (lambda: self.forward_rows(item_seq, rows).states)
+        return self._loss(out, target, second_view,
                           rcl_groups=(position_major(rows), item_seq.shape[0]))
 
     def _kl_and_nip(self, states: torch.Tensor, z_rea: torch.Tensor, target: torch.Tensor
