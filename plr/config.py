@@ -46,6 +46,7 @@ class DataConfig:
     split_time: Optional[List[float]] = key(None, ListOf(Float(), min_len=2, max_len=2), nullable=True)
     min_rating: Optional[float] = key(None, Float(), nullable=True)
     k_core: Optional[int] = key(None, Int(min=1), nullable=True)
+    encoding: str = key("utf-8", Str())  # text encoding of the data files (e.g. latin-1)
 
 
 TRAIN_SAMPLES = ("auto", "sequence", "prefix")
@@ -100,7 +101,16 @@ def _check_eval(values: Dict[str, Any]) -> None:
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-SECTION_CHECKS = {"train": _check_train, "eval": _check_eval}
+def _check_data(values: Dict[str, Any]) -> None:
+    from .data.readers import check_encoding
+
+    try:
+        check_encoding(values["encoding"])
+    except ValueError as exc:
+        raise UserError(str(exc), "fix data.encoding in the config or with --set data.encoding=...") from None
+
+
+SECTION_CHECKS = {"data": _check_data, "train": _check_train, "eval": _check_eval}
 
 
 def shipped_config(model_name: str) -> Dict[str, Any]:

@@ -140,7 +140,7 @@ class Trainer:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("format") != STATE_FORMAT:
             raise ValueError(f"run_dir: {path} is not a plr training state")
-        if saved["config"] != self.cfg:
+        if same_config(saved["config"]) != self.cfg:
             raise ValueError(f"run_dir: {path} was written with another config; resume with the same "
                              f"config (see {self.run_dir / 'config.yaml'}) or use a new --out")
         self.model.load_state_dict(saved["model"])
@@ -329,6 +329,15 @@ def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
     return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume, test=test)
 
 
+def same_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved run config with the defaults of keys added since it was written
+    filled in, so that a newer plr resumes an older run of the same settings."""
+    try:
+        return config_mod.check(saved)
+    except ValueError:
+        return saved
+
+
 def check_run_dir(run_dir: Path, cfg: Dict[str, Any], resume: bool) -> None:
     """Refuse, before anything is written, a run directory that holds another
     run (without ``resume``) or a training state of another config (with it)."""
@@ -345,9 +354,10 @@ def check_run_dir(run_dir: Path, cfg: Dict[str, Any], resume: bool) -> None:
                         "choose another --out") from None
     if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
         raise UserError(f"run_dir: {last} is not a plr training state", "choose another --out")
-    if saved["config"] != cfg:
-        changed = sorted(f"{sec}.{k}" for sec in set(cfg) | set(saved["config"])
-                         for k in set(cfg.get(sec, {})) | set(saved["config"].get(sec, {}))
-                         if cfg.get(sec, {}).get(k) != saved["config"].get(sec, {}).get(k))
+    old = same_config(saved["config"])
+    if old != cfg:
+        changed = sorted(f"{sec}.{k}" for sec in set(cfg) | set(old)
+                         for k in set(cfg.get(sec, {})) | set(old.get(sec, {}))
+                         if cfg.get(sec, {}).get(k) != old.get(sec, {}).get(k))
         raise UserError(f"run_dir: {last} was written with another config (changed: {changed})",
                         f"resume with the same config (see {Path(run_dir) / 'config.yaml'}) or use a new --out")

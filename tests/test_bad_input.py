@@ -356,3 +356,26 @@ def test_stats_report_duplicates_not_negative_sparsity(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(UserError, match="train.batch_size"):
         main(["train", "--model", "sasrec", "--data", str(tmp_path / "x"), "--set", "train.batch_size=0", "--debug"])
+
+
+def test_data_encoding_reads_a_latin1_file_and_an_unknown_one_is_refused(tmp_path, capsys):
+    from plr.data import read_interactions
+
+    path = tmp_path / "latin1.csv"
+    rows = ["user,item,timestamp"] + [f"u{u},caf\u00e9{i},{10 * u + i}" for u in range(3) for i in range(4)]
+    path.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(Exception, match=r"not valid utf-8.*--set data.encoding=latin-1"):
+        read_interactions(path)
+    inter = read_interactions(path, encoding="latin-1")
+    assert sorted(set(map(str, inter.item))) == [f"caf\u00e9{i}" for i in range(4)]
+    line = cli_error(capsys, ["train", "--model", "sasrec", "--data", path, "--set", "data.encoding=klingon"])
+    assert "data.encoding" in line and "klingon" in line
+
+
+def test_a_run_written_before_a_new_config_key_still_resumes(tmp_path):
+    from plr.training import same_config
+
+    cfg = config.resolve("sasrec", None, TINY, "x")
+    old = {sec: dict(v) for sec, v in cfg.items()}
+    del old["data"]["encoding"]  # a run directory written before data.encoding existed
+    assert same_config(old) == cfg

@@ -7,6 +7,7 @@ integer, else str); ``plr.data.dataset.build_dataset`` remaps them.
 
 from __future__ import annotations
 
+import contextvars
 import gzip
 import io
 import zlib
@@ -107,8 +108,14 @@ class Interactions:
 
 # ----------------------------------------------------------------------------- helpers
 
-def open_text(path, encoding: str = "utf-8"):
+# The text encoding of data files when a reader names none: ``read_interactions(...,
+# encoding=...)`` (``data.encoding``) sets it for the duration of one read.
+DEFAULT_ENCODING: contextvars.ContextVar = contextvars.ContextVar("plr_data_encoding", default="utf-8")
+
+
+def open_text(path, encoding: Optional[str] = None):
     """Open a text file for reading; gzip (by suffix or magic bytes) is transparent."""
+    encoding = encoding or DEFAULT_ENCODING.get()
     path = Path(path)
     with open(path, "rb") as fh:
         magic = fh.read(2)
@@ -117,10 +124,11 @@ def open_text(path, encoding: str = "utf-8"):
     return open(path, "r", encoding=encoding, newline="")
 
 
-def read_text(path, encoding: str = "utf-8") -> str:
-    """The whole (possibly gzipped) file as one string. Undecodable bytes, a
-    byte-order mark and a truncated or corrupt gzip file are ``DataFormatError``s
-    naming the file (and the line)."""
+def read_text(path, encoding: Optional[str] = None) -> str:
+    """The whole (possibly gzipped) file as one string (``encoding``: default
+    ``DEFAULT_ENCODING``, utf-8). Undecodable bytes, a byte-order mark and a
+    truncated or corrupt gzip file are ``DataFormatError``s naming the file (and the line)."""
+    encoding = encoding or DEFAULT_ENCODING.get()
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -135,8 +143,9 @@ def read_text(path, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataFormatError(path, line, f"bytes {raw[exc.start:exc.start + 4]!r} are not valid {encoding} "
-                              f"(the encoding plr reads); convert the file, e.g. "
-                              f"iconv -f latin1 -t {encoding} FILE > FILE.{encoding.replace('-', '')}") from None
+                              f"(the encoding tried, data.encoding); name the file's encoding, e.g. "
+                              f"--set data.encoding=latin-1, or convert the file, e.g. "
+                              f"iconv -f latin1 -t utf-8 FILE > FILE.utf8") from None
     if text.startswith("\ufeff"):
         raise DataFormatError(path, 1, "the file starts with a byte-order mark (BOM), which would become part of "
                               "the first column name; save it as UTF-8 without BOM (e.g. sed -i '1s/^\\xEF\\xBB"
@@ -148,7 +157,7 @@ def read_text(path, encoding: str = "utf-8") -> str:
 STREAM_ERRORS = (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error)
 
 
-def explain_read_error(path, exc: BaseException, encoding: str = "utf-8"):
+def explain_read_error(path, exc: BaseException, encoding: Optional[str] = None):
     """Raise the ``DataFormatError`` of ``read_text`` (file, line, what to do) for
     an error met while streaming ``path``; re-raise ``exc`` if there is none."""
     read_text(path, encoding)

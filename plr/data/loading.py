@@ -10,11 +10,12 @@ from .readers import read_interactions
 
 def load_dataset(data_cfg: Dict[str, Any], parts: Sequence[str] = ("train", "valid", "test")) -> SequenceDataset:
     """Read ``data_cfg["path"]`` (format detected unless ``format`` says), split it
-    as the section says (``max_len``, ``split``, ``min_rating``, ``k_core``,
+    as the section says (``encoding``, ``max_len``, ``split``, ``min_rating``, ``k_core``,
     ``split_time``) and check that ``parts`` are non-empty (``check_usable``)."""
     if not data_cfg.get("path"):
         raise ValueError("data.path: expected a dataset file or folder (--data PATH), got none")
-    inter = read_interactions(data_cfg["path"], fmt=data_cfg.get("format", "auto"))
+    inter = read_interactions(data_cfg["path"], fmt=data_cfg.get("format", "auto"),
+                              encoding=data_cfg.get("encoding", "utf-8"))
     dataset = build_dataset(inter, max_len=data_cfg["max_len"], split=data_cfg["split"],
                             min_rating=data_cfg.get("min_rating"), k_core=data_cfg.get("k_core"),
                             split_time=data_cfg.get("split_time"))

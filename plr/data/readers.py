@@ -19,6 +19,8 @@ and the 1-based line number.
 
 from __future__ import annotations
 
+import codecs
+
 import csv
 import io
 import re
@@ -27,7 +29,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .interactions import (STREAM_ERRORS, DataFormatError, Interactions, as_ids, explain_read_error, ids_like,
+from .interactions import (DEFAULT_ENCODING, STREAM_ERRORS, DataFormatError, Interactions, as_ids, explain_read_error, ids_like,
                            open_text, read_text, split_lines,
                            to_float)
 
@@ -487,7 +489,7 @@ def _data_files(folder: Path) -> List[Path]:
 
 
 def read_interactions(path, fmt: str = "auto", sep: Optional[str] = None, columns: Optional[dict] = None,
-                      **options) -> Interactions:
+                      encoding: str = "utf-8", **options) -> Interactions:
     """Read an interaction log (see the module docstring for the formats).
 
     Args:
@@ -496,6 +498,8 @@ def read_interactions(path, fmt: str = "auto", sep: Optional[str] = None, column
         sep: field separator for "table" (None = detect).
         columns: for "table", explicit column names (or indices) for
             "user", "item", "timestamp", "rating".
+        encoding: the text encoding of the files (``data.encoding``); files of
+            a known other encoding (GroupLens ``::`` files: ISO-8859-1) keep theirs.
         **options: passed to the amazon2023 reader (``min_rating``, ``min_history``,
             ``require_train_items``).
     Raises:
@@ -504,7 +508,25 @@ def read_interactions(path, fmt: str = "auto", sep: Optional[str] = None, column
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
-    path = Path(path)
+    check_encoding(encoding)
+    token = DEFAULT_ENCODING.set(encoding)
+    try:
+        return _read_interactions(Path(path), fmt, sep, columns, **options)
+    finally:
+        DEFAULT_ENCODING.reset(token)
+
+
+def check_encoding(encoding) -> str:
+    """``encoding`` if Python knows it, else a ``ValueError`` naming ``data.encoding``."""
+    try:
+        codecs.lookup(str(encoding))
+    except LookupError:
+        raise ValueError(f"data.encoding: expected a text encoding Python knows (utf-8, latin-1, cp1252, ...), "
+                         f"got {encoding!r}") from None
+    return encoding
+
+
+def _read_interactions(path: Path, fmt: str, sep, columns, **options) -> Interactions:
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt != "amazon2023" and not path.exists():
