@@ -14,6 +14,7 @@ autograd here; every backend draws the same dropout mask for the same seed.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -212,6 +213,13 @@ def _backend_name(backend: str, device_type: str, device_index: Optional[int]) -
     constant under torch.compile: which kernels _C holds cannot change while
     the process runs, and the lookup (torch._C dispatcher queries) is not
     traceable by dynamo."""
+    return _resolve_backend_name(backend, device_type, device_index, _dispatch.triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_backend_name(backend: str, device_type: str, device_index: Optional[int], interpreting: bool) -> str:
+    """``_backend_name``, resolved once per (backend, device, TRITON_INTERPRET):
+    the dispatcher queries cost more than a small reasoning step's kernel."""
     impl = _dispatch.resolve("stream_attention", backend, torch.device(device_type, device_index), IMPLS,
                              kernel="stream_attention_fwd")
     return next(name for name, fn in IMPLS.items() if fn is impl)
