@@ -52,18 +52,23 @@ def triton_interpreting() -> bool:
 
 
 def resolve(op: str, backend: str, device: torch.device, impls: Dict[str, Callable],
-            kernel: Optional[str] = None) -> Callable:
+            kernel: Optional[str] = None, cuda_order: Optional[tuple] = None) -> Callable:
     """The implementation of ``op`` to run for ``backend`` on ``device``.
 
     ``impls`` maps backend names to callables; the ``torch`` entry is required.
     ``kernel``: the compiled ``torch.ops.plr_kernels`` op behind the ``cpu`` /
     ``cuda`` entries when its name is not ``op`` (e.g. ``vocab_forward``).
+    ``cuda_order``: the preference of ``auto`` for CUDA tensors when it is
+    not the default (triton, cuda, torch).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     found = available(op, impls, device, kernel)
     if backend == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        if device.type == "cuda":
+            order = tuple(cuda_order or ("triton", "cuda")) + ("torch",)
+        else:
+            order = ("cpu", "torch")
         return next(found[name] for name in order if name in found)
     if backend in found:
         return found[backend]
