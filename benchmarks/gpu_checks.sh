@@ -15,5 +15,5 @@ python3 -c "import plr_kernels as K; print(K._extension.build_info(), K.extensio
 timeout 180 python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda_kernels.py \
     "tests/test_stream_attention_cpu.py" -k "cuda or triton or gpu" 2>&1 | tee "$OUT/tests.log" | tail -25
 timeout 150 python3 benchmarks/bench_cuda_inference.py --out "$OUT/cuda_inference.json" 2>&1 | tee "$OUT/cuda_inference.log" | tail -60
-timeout 100 python3 benchmarks/bench_serving.py --device cuda --rounds 3 --min-run-time 0.1 \
+timeout 100 python3 benchmarks/bench_serving.py --device cuda --rounds 3 --min-run-time 0.1 --no-http \
     --json "$OUT/serving_gpu.json" 2>&1 | tee "$OUT/serving_gpu.log" | tail -20
