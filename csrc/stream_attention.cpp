@@ -140,11 +140,42 @@ struct Inputs {
   Dropout drop;
 };
 
+// Element strides of a prefix cache [B, H, N, D] whose rows (D) are
+// contiguous: the forward reads k_prefix / v_prefix in place in any such
+// layout -- e.g. the head-split view [B, N, H, D] -> [B, H, N, D] that the
+// encoder's projections give -- instead of copying them contiguous first.
+struct RowLayout {
+  int64_t b, h, n;
+  template <typename T>
+  inline const T* row(const T* base, int64_t bi, int64_t hi, int64_t ni) const {
+    return base + bi * b + hi * h + ni * n;
+  }
+};
+
+inline RowLayout row_layout(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// `count` rows of D values, `stride` apart, as acc_t rows: the input itself
+// (same stride) when it already is acc_t, else widened into `scratch`
+// (stride D). Returns the row pointer and sets `out_stride`.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* rows_as_acc(const scalar_t* src, int64_t stride, int64_t count, int64_t D, acc_t* scratch,
+                                int64_t& out_stride) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    out_stride = stride;
+    return src;
+  } else {
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t i = 0; i < D; ++i) scratch[r * D + i] = static_cast<acc_t>(src[r * stride + i]);
+    out_stride = D;
+    return scratch;
+  }
+}
+
 // ------------------------------------------------------------------- forward
 
 template <typename scalar_t>
-void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, const scalar_t* VP,
-                    const scalar_t* KS, const scalar_t* VS, scalar_t* O,
+void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, RowLayout kl, const scalar_t* VP,
+                    RowLayout vl, const scalar_t* KS, const scalar_t* VS, scalar_t* O,
                     std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
@@ -154,10 +185,10 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, con
 
   at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q(M * D), acc(M * D), m_i(M), l_i(M), p(M * kTile), sc(std::max(S, int64_t{1}));
-    std::vector<acc_t> kbuf(kTile * D), vbuf(D), sbuf(S * D);
+    std::vector<acc_t> kbuf(kTile * D), vbuf(kTile * D), sbuf(S * D);
     std::vector<char> valid(kTile);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H;
+      const int64_t b = bh / H, h = bh % H;
       const acc_t* qa = as_acc(Q + bh * M * D, M * D, q.data());
       if (qa != q.data()) std::copy(qa, qa + M * D, q.begin());
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -173,12 +204,14 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, con
           n_valid += valid[t];
         }
         if (n_valid == 0) continue;  // a padded tile adds exp(-inf) = 0 to every sum
-        const acc_t* k = as_acc(KP + (bh * N + n0) * D, nt * D, kbuf.data());
+        int64_t ks = 0, vs = 0;  // row strides of the tile as read
+        const acc_t* k = rows_as_acc(kl.row(KP, b, h, n0), kl.n, nt, D, kbuf.data(), ks);
+        const acc_t* v = rows_as_acc(vl.row(VP, b, h, n0), vl.n, nt, D, vbuf.data(), vs);
         for (int64_t m = 0; m < M; ++m) {
           acc_t* pm = p.data() + m * kTile;
           acc_t tile_max = neg_inf;
           for (int64_t t = 0; t < nt; ++t) {
-            pm[t] = valid[t] ? scale * dot(q.data() + m * D, k + t * D, D) : neg_inf;
+            pm[t] = valid[t] ? scale * dot(q.data() + m * D, k + t * ks, D) : neg_inf;
             tile_max = std::max(tile_max, pm[t]);
           }
           // Online softmax: m_new >= a finite valid score, so exp never sees inf - inf.
@@ -197,10 +230,9 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, con
         }
         for (int64_t t = 0; t < nt; ++t) {
           if (!valid[t]) continue;
-          const acc_t* v = as_acc(VP + (bh * N + n0 + t) * D, D, vbuf.data());
           for (int64_t m = 0; m < M; ++m) {
             const acc_t pv = p[m * kTile + t];
-            if (pv != acc_t(0)) axpy(acc.data() + m * D, pv, v, D);
+            if (pv != acc_t(0)) axpy(acc.data() + m * D, pv, v + t * vs, D);
           }
         }
       }
@@ -354,14 +386,17 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
   auto o = at::empty(q.sizes(), q.options());
   auto lse = at::empty({shape.B, shape.H, shape.M}, q.options().dtype(lse_type));
   if (shape.B * shape.H * shape.M == 0) return {o, lse};
-  const auto qc = q.contiguous(), kpc = k_prefix.contiguous(), vpc = v_prefix.contiguous();
+  const auto qc = q.contiguous();
+  // The prefix cache is read in place when its rows are contiguous (any B/H/N strides).
+  const auto kpc = k_prefix.stride(3) == 1 ? k_prefix : k_prefix.contiguous();
+  const auto vpc = v_prefix.stride(3) == 1 ? v_prefix : v_prefix.contiguous();
   const auto ksc = k_stream.contiguous(), vsc = v_stream.contiguous();
   const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
   const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(),
-                             vpc.const_data_ptr<scalar_t>(), ksc.const_data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(), row_layout(kpc),
+                             vpc.const_data_ptr<scalar_t>(), row_layout(vpc), ksc.const_data_ptr<scalar_t>(),
                              vsc.const_data_ptr<scalar_t>(), o.mutable_data_ptr<scalar_t>(),
                              lse.mutable_data_ptr<acc_t>());
   });

@@ -6,7 +6,9 @@ for every backend that runs here, and it follows weight updates."""
 import pytest
 import torch
 
+import plr_kernels
 from plr import PLRModel
+from plr_kernels import _extension, reference
 from plr.models.rearec import ReaRecERLModel
 
 BACKENDS = ["torch", "auto"]
@@ -73,3 +75,28 @@ def test_stacked_projection_follows_weight_changes():
     assert fast[1].dtype == torch.float32 and torch.equal(fast[1], slow[1])
     # the cache is no state: checkpoints keep their layout
     assert not any("qkv" in key for key in model.state_dict())
+
+
+@pytest.mark.skipif(not _extension.has_kernel("stream_attention_fwd", "CPU"), reason="plr_kernels._C not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_cpu_kernel_reads_a_strided_prefix_in_place_with_the_same_result(dtype, dropout_p):
+    """The encoder's prefix K/V are head-split views [B,N,H,D] -> [B,H,N,D]; the
+    CPU forward reads them without copying and gives the bits of the contiguous call."""
+    g = torch.Generator().manual_seed(7)
+    b, h, m, n, s, d = 3, 2, 5, 97, 2, 33
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q, ks, vs = rnd(b, h, m, d), rnd(b, h, m, s, d), rnd(b, h, m, s, d)
+    kp, vp = rnd(b, n, h, d).transpose(1, 2), rnd(b, n, h, d).transpose(1, 2)
+    assert not kp.is_contiguous()
+    mask = torch.rand(b, n, generator=g) > 0.3
+    mask[1] = False  # a fully padded prefix row
+    args = dict(prefix_mask=mask, dropout_p=dropout_p, seed=11, backend="cpu")
+    strided = plr_kernels.stream_attention(q, kp, vp, ks, vs, **args)
+    assert torch.equal(strided, plr_kernels.stream_attention(q, kp.contiguous(), vp.contiguous(), ks, vs, **args))
+    if dtype == torch.float64 and dropout_p == 0.0:
+        want = reference.stream_attention(q, kp, vp, ks, vs, prefix_mask=mask)
+        torch.testing.assert_close(strided, want, rtol=1e-12, atol=1e-12)

@@ -32,10 +32,11 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
     """
     caches = [None] * len(layers)
     keys, values = prefix.keys, prefix.values
-    if num_steps > 1 and kernels != "torch" and not torch.is_grad_enabled():
-        # Inference: the compiled kernels read the prefix cache contiguous; lay
-        # it out so once per layer instead of once per step (the reference
-        # reads any layout; its einsum rounds layout-dependently, so it is left as is).
+    if num_steps > 1 and kernels != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
+        # Inference on a GPU: the CUDA forward reads the prefix cache contiguous;
+        # lay it out so once per layer instead of once per step. (The CPU kernel
+        # and Triton read the head-split layout in place; the reference reads any
+        # layout, and its einsum rounds layout-dependently, so it is left as is.)
         keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
     h_prev, states = h_start, []
     for step in range(num_steps):
