@@ -123,7 +123,13 @@ inline void scale_row(acc_t* __restrict__ y, acc_t a, int64_t D) {
 // -ffp-contract=off) -- so both versions give the same bits; AVX2 only
 // processes eight floats per instruction instead of four. Plain functions on
 // raw pointers (no inline library code is instantiated for AVX2).
-__attribute__((target("avx2"))) void prefix_scores_avx2(const float* __restrict__ q,
+#if defined(__x86_64__) || defined(__i386__)
+#define PLR_AVX2 __attribute__((target("avx2")))
+#else  // no AVX2 elsewhere: the same loops for the baseline ISA, never chosen
+#define PLR_AVX2
+#endif
+
+PLR_AVX2 void prefix_scores_avx2(const float* __restrict__ q,
                                                         const float* __restrict__ k, int64_t stride,
                                                         int64_t nt, int64_t D, float* __restrict__ out) {
   for (int64_t t = 0; t < nt; ++t) {
@@ -139,7 +145,7 @@ __attribute__((target("avx2"))) void prefix_scores_avx2(const float* __restrict_
 }
 
 // acc_m += P_mt v_t for t ascending (valid keys, P != 0), m = 0..M-1.
-__attribute__((target("avx2"))) void prefix_values_avx2(float* __restrict__ acc, const float* __restrict__ p,
+PLR_AVX2 void prefix_values_avx2(float* __restrict__ acc, const float* __restrict__ p,
                                                         int64_t p_stride, int64_t M, const float* __restrict__ v,
                                                         int64_t stride, const char* valid, int64_t nt,
                                                         int64_t D) {
@@ -156,8 +162,12 @@ __attribute__((target("avx2"))) void prefix_values_avx2(float* __restrict__ acc,
 }
 
 inline bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
+#else
+  return false;
+#endif
 }
 
 // `count` rows of D values as acc_t: the input itself when it already is
