@@ -1,7 +1,9 @@
 """Backend selection, per op: ``auto | triton | cuda | cpu | torch``.
 
 ``auto`` picks Triton for CUDA tensors when a Triton kernel exists for the op,
-then the compiled CUDA kernel, else the reference; for CPU tensors the compiled
+then the compiled CUDA kernel, else the reference (an op may pass its own
+order, ``cuda_order``: stream_attention's inference puts the CUDA kernel
+first; topk on a GPU times its candidates, plr_kernels/_autotune.py); for CPU tensors the compiled
 C++ kernel when ``plr_kernels._C`` is built and has the op, else the reference.
 A backend asked for by name that cannot run is an error, never a silent
 fallback (DESIGN.md section 2).
