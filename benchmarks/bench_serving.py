@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serving.py [--items 12101 --hist 50 --batches 1 64 1024]
                                        [--device cpu] [--json OUT.json]
+                                       [--http-clients 1 4 16 --http-requests 100 | --no-http]
     pytest benchmarks --benchmark-disable          # tiny smoke test (CI)
 
 One call of ``model.recommend(histories, k=10)`` -- encode the history, reason
@@ -20,15 +21,30 @@ of the machine hit all of them alike), each round the median of
 ``torch.utils.benchmark`` blocked runs. Reported: median latency per call and
 the ratios PLR / SASRec (DESIGN 7 target for M=2, T=2: within +5%) and
 reference / compiled.
+
+HTTP (``plr serve``, FastAPI + uvicorn, in a subprocess on 127.0.0.1): a
+PLR M=2, T=2 checkpoint of the same size is served twice, micro-batched
+(``--max-batch 64``, 2 ms) and one request at a time (``--max-batch 1``);
+1, 4 and 16 concurrent clients (asyncio + httpx, one connection each) send
+``--http-requests`` requests each of random full histories, k=10. Reported:
+p50 / p99 latency and requests/s, the rounds of both servers interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import random
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -103,17 +119,115 @@ def ratios(rows):
 
 
 def compiled_backends(device):
-    import plr_kernels as K
-    from plr_kernels import _dispatch
+    """What ``kernels="auto"`` ran: stream_attention's inference backend, and
+    topk's (on a GPU the measured choice of each shape class, made during the run)."""
+    import importlib
 
-    ops = {"stream_attention": K.stream_attention, "topk": K.topk}
-    found = {}
-    for op in ops:
-        module = __import__(f"plr_kernels.{op}", fromlist=["IMPLS"])
-        kernel = "stream_attention_fwd" if op == "stream_attention" else op
-        impl = _dispatch.resolve(op, "auto", torch.device(device), module.IMPLS, kernel=kernel)
-        found[op] = next(name for name, fn in module.IMPLS.items() if fn is impl)
+    from plr_kernels import _autotune, _dispatch
+
+    sa = importlib.import_module("plr_kernels.stream_attention")  # the module, not the op of that name
+    topk = importlib.import_module("plr_kernels.topk")
+
+    dev = torch.device(device)
+    found = {"stream_attention": sa._backend_name("auto", dev.type, dev.index, True)}
+    if dev.type == "cuda":
+        found["topk"] = sorted({name for key, name in _autotune.choices().items() if key[0] == "topk"})
+    else:
+        impl = _dispatch.resolve("topk", "auto", dev, topk.IMPLS)
+        found["topk"] = next(name for name, fn in topk.IMPLS.items() if fn is impl)
     return found
+
+
+# -- HTTP: plr serve in a subprocess -------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def start_server(checkpoint, max_batch, device):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "plr.cli", "serve", "--checkpoint", str(checkpoint), "--port",
+                             "0", "--max-batch", str(max_batch), "--device", device],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "http://127.0.0.1:" in line:
+            return proc, line.strip().rsplit(" ", 1)[-1]
+    proc.wait()
+    raise RuntimeError(f"plr serve exited with {proc.returncode}:\n{''.join(log)}")
+
+
+async def load(url, clients, requests, histories, k):
+    """``clients`` concurrent connections, ``requests`` sequential requests each
+    -> (latencies in s, wall s). Every answer must be a 200 with k items."""
+    import httpx
+
+    async def client(c, http):
+        out = []
+        for i in range(requests):
+            body = {"history": histories[(c * requests + i) % len(histories)], "k": k, "exclude_history": False}
+            t0 = time.perf_counter()
+            r = await http.post(url + "/recommend", json=body)
+            out.append(time.perf_counter() - t0)
+            if r.status_code != 200 or len(r.json()["items"]) != k:
+                raise RuntimeError(f"bad answer {r.status_code}: {r.text[:200]}")
+        return out
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # TCP_NODELAY as curl sets it: without it the request body waits for the
+    # server's delayed ACK of the headers (~40 ms per request on Linux).
+    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[NODELAY])
+    async with httpx.AsyncClient(timeout=120, transport=transport) as http:
+        for _ in range(3):  # warm-up
+            await http.post(url + "/recommend", json={"history": histories[0], "k": k})
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*(client(c, http) for c in range(clients)))
+        return [x for run in runs for x in run], time.perf_counter() - t0
+
+
+def run_http(num_items, hist, hidden, k, client_counts, requests, rounds, device):
+    import httpx
+
+    torch.manual_seed(0)
+    model = build("PLR M=2,T=2", "auto", num_items, hist, hidden, "cpu", torch.float32)
+    rng = random.Random(0)
+    histories = [[rng.randint(1, num_items) for _ in range(hist)] for _ in range(256)]
+    servers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "plr.pt"
+        model.save(str(checkpoint))
+        try:
+            for name, max_batch in (("micro-batched", 64), ("one at a time", 1)):
+                servers[name] = start_server(checkpoint, max_batch, device)
+            for _, url in servers.values():
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        if httpx.get(url + "/health", timeout=2).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"plr serve at {url} did not answer /health")
+                    time.sleep(0.2)
+            stats = {(name, c): ([], []) for name in servers for c in client_counts}
+            for _ in range(rounds):
+                for c in client_counts:
+                    for name, (_, url) in servers.items():
+                        lat, wall = asyncio.run(load(url, c, requests, histories, k))
+                        stats[(name, c)][0].extend(lat)
+                        stats[(name, c)][1].append(len(lat) / wall)
+        finally:
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    rows = []
+    for (name, c), (lat, rates) in stats.items():
+        q = statistics.quantiles(lat, n=100)
+        rows.append(dict(server=name, clients=c, requests=len(lat), p50_ms=1e3 * q[49], p99_ms=1e3 * q[98],
+                         requests_per_s=statistics.median(rates)))
+    return rows
 
 
 def main(argv=None):
@@ -128,6 +242,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--http-requests", type=int, default=100, help="sequential requests per client")
+    p.add_argument("--http-rounds", type=int, default=2, help="interleaved rounds of both servers")
+    p.add_argument("--no-http", action="store_true", help="skip the plr serve figures")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     rows = run(args.items, args.hist, args.batches, args.hidden, args.k, args.rounds, args.min_run_time,
@@ -148,19 +266,37 @@ def main(argv=None):
     for r in ratios(rows):
         if "vs_sasrec" in r:
             print(f"  batch {r['batch']:>5} {r['ops']:<6} {r['model']:<13} {r['vs_sasrec']:.3f}")
+    http = []
+    if not args.no_http:
+        http = run_http(args.items, args.hist, args.hidden, args.k, args.http_clients, args.http_requests,
+                        args.http_rounds, args.device)
+        print(f"plr serve (PLR M=2,T=2, FastAPI + uvicorn on 127.0.0.1, {args.http_requests} requests per "
+              f"client x {args.http_rounds} rounds):")
+        print(f"{'server':<14} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
+        for r in http:
+            print(f"{r['server']:<14} {r['clients']:>7} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                  f"{r['requests_per_s']:>8.1f}")
+        by = {(r["server"], r["clients"]): r["requests_per_s"] for r in http}
+        for c in args.http_clients:
+            print(f"  {c:>2} clients: micro-batched / one at a time = "
+                  f"{by[('micro-batched', c)] / by[('one at a time', c)]:.2f}x requests/s")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, torch=torch.__version__, args=vars(args) | {
-            "json": str(args.json)}, backends=backends, rows=rows, ratios=ratios(rows)), indent=2))
+            "json": str(args.json)}, backends=backends, rows=rows, ratios=ratios(rows), http=http), indent=2))
 
 
 def test_serving_smoke(tmp_path):
     """CI: the script runs end to end at a tiny size (no timing claims)."""
     out = tmp_path / "serving.json"
     main(["--items", "97", "--hist", "7", "--batches", "1", "3", "--hidden", "16", "--rounds", "1",
-          "--min-run-time", "0.01", "--json", str(out)])
+          "--min-run-time", "0.01", "--http-clients", "1", "3", "--http-requests", "4", "--http-rounds", "1",
+          "--json", str(out)])
     data = json.loads(out.read_text())
     assert {r["model"] for r in data["rows"]} == set(MODELS)
     assert all(r["ms"] > 0 for r in data["rows"])
+    assert {(r["server"], r["clients"]) for r in data["http"]} == {
+        (s, c) for s in ("micro-batched", "one at a time") for c in (1, 3)}
+    assert all(r["requests"] == 4 * r["clients"] and r["requests_per_s"] > 0 for r in data["http"])
 
 
 if __name__ == "__main__":

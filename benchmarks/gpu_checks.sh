@@ -17,5 +17,5 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda_kernels
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda_causal_stream_attention.py 2>&1 \
     | tee "$OUT/tests_causal.log" | tail -15
 timeout 150 python3 benchmarks/bench_cuda_inference.py --out "$OUT/cuda_inference.json" 2>&1 | tee "$OUT/cuda_inference.log" | tail -60
-timeout 100 python3 benchmarks/bench_serving.py --device cuda --rounds 3 --min-run-time 0.1 \
+timeout 100 python3 benchmarks/bench_serving.py --device cuda --rounds 3 --min-run-time 0.1 --no-http \
     --json "$OUT/serving_gpu.json" 2>&1 | tee "$OUT/serving_gpu.log" | tail -20

@@ -52,6 +52,61 @@ constexpr int64_t kTile = 64;  // prefix keys per online-softmax step of the for
 
 using namespace attention_cpu;  // philox_uniform, Dropout, dot, axpy, ... (attention_cpu.h)
 
+// The two float32 inner loops of the forward, also compiled for AVX2 and
+// picked at run time when the CPU has it (the build itself targets the
+// baseline ISA). Same arithmetic in the same order as dot() / axpy() -- eight
+// lanes combined as dot() combines them, mul then add (no FMA contraction,
+// -ffp-contract=off) -- so both versions give the same bits; AVX2 only
+// processes eight floats per instruction instead of four. Plain functions on
+// raw pointers (no inline library code is instantiated for AVX2).
+#if defined(__x86_64__) || defined(__i386__)
+#define PLR_AVX2 __attribute__((target("avx2")))
+#else  // no AVX2 elsewhere: the same loops for the baseline ISA, never chosen
+#define PLR_AVX2
+#endif
+
+PLR_AVX2 void prefix_scores_avx2(const float* __restrict__ q,
+                                                        const float* __restrict__ k, int64_t stride,
+                                                        int64_t nt, int64_t D, float* __restrict__ out) {
+  for (int64_t t = 0; t < nt; ++t) {
+    const float* __restrict__ b = k + t * stride;
+    float lane[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+      for (int j = 0; j < 8; ++j) lane[j] += q[i + j] * b[i + j];
+    }
+    for (int j = 0; i < D; ++i, ++j) lane[j] += q[i] * b[i];
+    out[t] = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+  }
+}
+
+// acc_m += P_mt v_t for t ascending (valid keys, P != 0), m = 0..M-1.
+PLR_AVX2 void prefix_values_avx2(float* __restrict__ acc, const float* __restrict__ p,
+                                                        int64_t p_stride, int64_t M, const float* __restrict__ v,
+                                                        int64_t stride, const char* valid, int64_t nt,
+                                                        int64_t D) {
+  for (int64_t t = 0; t < nt; ++t) {
+    if (!valid[t]) continue;
+    const float* __restrict__ x = v + t * stride;
+    for (int64_t m = 0; m < M; ++m) {
+      const float a = p[m * p_stride + t];
+      if (a == 0.f) continue;
+      float* __restrict__ y = acc + m * D;
+      for (int64_t i = 0; i < D; ++i) y[i] += a * x[i];
+    }
+  }
+}
+
+inline bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+
 struct Inputs {
   int64_t B, H, M, N, S, D;
   const bool* mask;  // [B, N] or nullptr
@@ -59,24 +114,56 @@ struct Inputs {
   Dropout drop;
 };
 
+// Element strides of a prefix cache [B, H, N, D] whose rows (D) are
+// contiguous: the forward reads k_prefix / v_prefix in place in any such
+// layout -- e.g. the head-split view [B, N, H, D] -> [B, H, N, D] that the
+// encoder's projections give -- instead of copying them contiguous first.
+struct RowLayout {
+  int64_t b, h, n;
+  template <typename T>
+  inline const T* row(const T* base, int64_t bi, int64_t hi, int64_t ni) const {
+    return base + bi * b + hi * h + ni * n;
+  }
+};
+
+inline RowLayout row_layout(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// `count` rows of D values, `stride` apart, as acc_t rows: the input itself
+// (same stride) when it already is acc_t, else widened into `scratch`
+// (stride D). Returns the row pointer and sets `out_stride`.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* rows_as_acc(const scalar_t* src, int64_t stride, int64_t count, int64_t D, acc_t* scratch,
+                                int64_t& out_stride) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    out_stride = stride;
+    return src;
+  } else {
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t i = 0; i < D; ++i) scratch[r * D + i] = static_cast<acc_t>(src[r * stride + i]);
+    out_stride = D;
+    return scratch;
+  }
+}
+
 // ------------------------------------------------------------------- forward
 
 template <typename scalar_t>
-void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, const scalar_t* VP,
-                    const scalar_t* KS, const scalar_t* VS, scalar_t* O,
+void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, RowLayout kl, const scalar_t* VP,
+                    RowLayout vl, const scalar_t* KS, const scalar_t* VS, scalar_t* O,
                     std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
   const acc_t scale = static_cast<acc_t>(in.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
+  const bool avx2 = std::is_same_v<acc_t, float> && cpu_has_avx2();
 
   at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q(M * D), acc(M * D), m_i(M), l_i(M), p(M * kTile), sc(std::max(S, int64_t{1}));
-    std::vector<acc_t> kbuf(kTile * D), vbuf(D), sbuf(S * D);
+    std::vector<acc_t> kbuf(kTile * D), vbuf(kTile * D), sbuf(S * D);
     std::vector<char> valid(kTile);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H;
+      const int64_t b = bh / H, h = bh % H;
       const acc_t* qa = as_acc(Q + bh * M * D, M * D, q.data());
       if (qa != q.data()) std::copy(qa, qa + M * D, q.begin());
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -92,12 +179,20 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, con
           n_valid += valid[t];
         }
         if (n_valid == 0) continue;  // a padded tile adds exp(-inf) = 0 to every sum
-        const acc_t* k = as_acc(KP + (bh * N + n0) * D, nt * D, kbuf.data());
+        int64_t ks = 0, vs = 0;  // row strides of the tile as read
+        const acc_t* k = rows_as_acc(kl.row(KP, b, h, n0), kl.n, nt, D, kbuf.data(), ks);
+        const acc_t* v = rows_as_acc(vl.row(VP, b, h, n0), vl.n, nt, D, vbuf.data(), vs);
         for (int64_t m = 0; m < M; ++m) {
           acc_t* pm = p.data() + m * kTile;
           acc_t tile_max = neg_inf;
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (avx2) {  // every key of the tile scored, then masked: the same values
+              prefix_scores_avx2(q.data() + m * D, k, ks, nt, D, pm);
+              for (int64_t t = 0; t < nt; ++t) pm[t] = valid[t] ? scale * pm[t] : neg_inf;
+            }
+          }
           for (int64_t t = 0; t < nt; ++t) {
-            pm[t] = valid[t] ? scale * dot(q.data() + m * D, k + t * D, D) : neg_inf;
+            if (!avx2) pm[t] = valid[t] ? scale * dot(q.data() + m * D, k + t * ks, D) : neg_inf;
             tile_max = std::max(tile_max, pm[t]);
           }
           // Online softmax: m_new >= a finite valid score, so exp never sees inf - inf.
@@ -114,12 +209,14 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, con
           m_i[m] = m_new;
           if (alpha != acc_t(1)) scale_row(acc.data() + m * D, alpha, D);
         }
-        for (int64_t t = 0; t < nt; ++t) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (avx2) prefix_values_avx2(acc.data(), p.data(), kTile, M, v, vs, valid.data(), nt, D);
+        }
+        for (int64_t t = 0; t < nt && !avx2; ++t) {
           if (!valid[t]) continue;
-          const acc_t* v = as_acc(VP + (bh * N + n0 + t) * D, D, vbuf.data());
           for (int64_t m = 0; m < M; ++m) {
             const acc_t pv = p[m * kTile + t];
-            if (pv != acc_t(0)) axpy(acc.data() + m * D, pv, v, D);
+            if (pv != acc_t(0)) axpy(acc.data() + m * D, pv, v + t * vs, D);
           }
         }
       }
@@ -273,14 +370,17 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
   auto o = at::empty(q.sizes(), q.options());
   auto lse = at::empty({shape.B, shape.H, shape.M}, q.options().dtype(lse_type));
   if (shape.B * shape.H * shape.M == 0) return {o, lse};
-  const auto qc = q.contiguous(), kpc = k_prefix.contiguous(), vpc = v_prefix.contiguous();
+  const auto qc = q.contiguous();
+  // The prefix cache is read in place when its rows are contiguous (any B/H/N strides).
+  const auto kpc = k_prefix.stride(3) == 1 ? k_prefix : k_prefix.contiguous();
+  const auto vpc = v_prefix.stride(3) == 1 ? v_prefix : v_prefix.contiguous();
   const auto ksc = k_stream.contiguous(), vsc = v_stream.contiguous();
   const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
   const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(),
-                             vpc.const_data_ptr<scalar_t>(), ksc.const_data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(), row_layout(kpc),
+                             vpc.const_data_ptr<scalar_t>(), row_layout(vpc), ksc.const_data_ptr<scalar_t>(),
                              vsc.const_data_ptr<scalar_t>(), o.mutable_data_ptr<scalar_t>(),
                              lse.mutable_data_ptr<acc_t>());
   });

@@ -8,6 +8,7 @@
     plr compare RUN_A RUN_B [--metric ndcg@10]
     plr benchmark SUITE.yaml [--only RUN ...] [--out DIR] [--check | --report]
     plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
+    plr serve --checkpoint RUN_DIR/best.pt [--host 127.0.0.1] [--port 8000] [--max-batch 64] [--max-wait-ms 2]
     plr data stats PATH
     plr data download amazon2023 --category Video_Games --dest DIR
 
@@ -104,40 +105,40 @@ def cmd_evaluate(args) -> int:
 def cmd_recommend(args) -> int:
     import torch
 
+    from .serving.catalog import ItemCatalog, UnknownItemsError
+
     model, extra = _checkpoint(args.checkpoint)
-    raw_ids = extra.get("item_raw_ids")
-    titles = extra.get("item_titles") or []
+    catalog = ItemCatalog(model.num_items) if args.internal_ids else \
+        ItemCatalog.from_checkpoint_extra(model.num_items, extra)
     tokens = args.history.replace(",", " ").split()
     if not tokens:
         raise UserError("--history: needs at least one item id", 'e.g. --history "12 55 7"')
-    if raw_ids is not None and not args.internal_ids:
-        index = {r: i for i, r in enumerate(raw_ids) if r is not None}
-        missing = [t for t in tokens if t not in index]
-        if missing:
-            raise UserError(f"--history: item ids unknown to the checkpoint: {missing[:5]}",
-                            "use raw ids of the training data (or --internal-ids)")
-        ids = [index[t] for t in tokens]
-    else:
-        bad = [t for t in tokens if not t.isdigit() or not 1 <= int(t) <= model.num_items]
-        if bad:
-            raise UserError(f"--history: expected internal item ids in [1, {model.num_items}], got {bad[:5]}")
-        ids = [int(t) for t in tokens]
+    try:
+        ids = catalog.to_internal(tokens)
+    except UnknownItemsError as e:
+        hint = (f"internal ids are 1..{model.num_items}" if args.internal_ids
+                else "use raw ids of the training data (or --internal-ids)")
+        raise UserError(f"--history: item ids unknown to the checkpoint: {e.missing[:5]}", hint) from None
     most = model.num_items - (len(set(ids)) if args.exclude_history else 0)
     if not 1 <= args.k <= model.num_items:
         raise UserError(f"--k: expected an int in [1, {model.num_items}] (the number of items), got {args.k}")
     seq = torch.tensor([ids[-model.max_len:]], dtype=torch.long)
     scores, items = model.recommend(seq, k=args.k, exclude_history=args.exclude_history)
-    rows = []
-    for rank, (score, item) in enumerate(zip(scores[0].tolist(), items[0].tolist()), start=1):
-        if item < 0:  # no candidate left (history excluded): not an item
-            break
-        rows.append({"rank": rank, "item": raw_ids[item] if raw_ids and not args.internal_ids else item,
-                     "score": score, "title": titles[item] if item < len(titles) else ""})
+    raw, values, titles = catalog.describe(scores[0].tolist(), items[0].tolist())
+    rows = [{"rank": rank, "item": item, "score": score, "title": title}
+            for rank, (item, score, title) in enumerate(zip(raw, values, titles), start=1)]
     print(format_table(rows, ["rank", "item", "score", "title"]))
     if len(rows) < args.k:
         print(f"plr recommend: only {len(rows)} candidate item(s) left (of --k {args.k}; "
               f"{model.num_items - most} excluded as history)", file=sys.stderr)
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .serving.app import serve  # plr/serving/app.py (FastAPI + uvicorn: pip install ".[serve]")
+
+    return serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
+                 max_wait_ms=args.max_wait_ms, device=args.device)
 
 
 def cmd_compare(args) -> int:
@@ -264,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--exclude-history", action="store_true")
     rec.add_argument("--internal-ids", action="store_true", help="ids are the model's 1..num_items, not raw ids")
     rec.set_defaults(func=cmd_recommend)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /recommend), micro-batched")
+    srv.add_argument("--checkpoint", required=True)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
+    srv.add_argument("--max-batch", type=int, default=64, help="most requests per forward (1 = no batching)")
+    srv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a batch waits for more requests")
+    srv.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    srv.set_defaults(func=cmd_serve)
 
     cmp_ = sub.add_parser("compare", help="paired t-test between the per-user test metrics of two runs")
     cmp_.add_argument("run_a")

@@ -57,6 +57,42 @@ class MultiHeadAttention(nn.Module):
     def _output(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         return self.norm(x + self.out_dropout(self.dense(self._merge(ctx))))
 
+    def _step_qkv(self, x: torch.Tensor):
+        """q, k, v ``[B,H,M,Dh]`` of the new reasoning tokens ``x [B,M,d]``.
+
+        Without autograd (inference): the three projections in one batched GEMM
+        call (``baddbmm`` over the stacked weights, each product the same GEMM
+        as its Linear) and one copy into the head-major layout the attention
+        kernels read, instead of three calls and three copies. With autograd:
+        the three Linears, so training is unchanged."""
+        if torch.is_grad_enabled():
+            return self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        weight, bias = self._stacked_qkv()  # [3,d,d], [3,1,d]
+        *lead, m, d = x.shape
+        rows = x.reshape(-1, d)
+        qkv = torch.baddbmm(bias, rows.expand(3, *rows.shape), weight.transpose(1, 2))
+        # [3, B*M, d] -> [3, B, H, M, Dh], contiguous
+        qkv = qkv.view(3, *lead, m, self.num_heads, self.head_dim).transpose(-2, -3).contiguous()
+        return qkv.unbind(0)
+
+    def _stacked_qkv(self):
+        """``stack(W_q, W_k, W_v)`` ``[3,d,d]`` and ``stack(b_q, b_k, b_v)``
+        ``[3,1,d]``, rebuilt when a weight changed (an optimizer step or
+        load_state_dict bumps ``_version``; ``.to()`` gives new storage). The
+        cache holds aliases of the weights it was built from, so their storage
+        cannot be reused by other tensors meanwhile; it is no parameter and not
+        in the state_dict."""
+        params = (self.query.weight, self.key.weight, self.value.weight,
+                  self.query.bias, self.key.bias, self.value.bias)
+        cache = self.__dict__.get("_qkv_cache")
+        if cache is None or any(p.data_ptr() != a.data_ptr() or p._version != v or p.dtype != a.dtype
+                                for p, (a, v) in zip(params, cache[0])):
+            with torch.no_grad():
+                stacked = (torch.stack(params[:3]), torch.stack(params[3:])[:, None, :])
+            cache = ([(p.detach(), p._version) for p in params], stacked)
+            self.__dict__["_qkv_cache"] = cache
+        return cache[1]
+
     def forward_full(self, x: torch.Tensor, mask: torch.Tensor):
         """``x [B,L,d]``, ``mask [B,L,L]`` bool (True = may attend) -> ``(y, k, v)``."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
@@ -67,10 +103,9 @@ class MultiHeadAttention(nn.Module):
 
     def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
         """``x [B,M,d]``: one new token per stream -> ``(y [B,M,d], new cache)``."""
-        # [B,M,d] -> [B,H,M,1,Dh]: each stream's new token is its latest key.
-        q = self._heads(self.query(x))
-        k_new = self._heads(self.key(x))[..., None, :]
-        v_new = self._heads(self.value(x))[..., None, :]
+        # [B,M,d] -> q [B,H,M,Dh], k/v [B,H,M,1,Dh]: each stream's new token is its latest key.
+        q, k_new, v_new = self._step_qkv(x)
+        k_new, v_new = k_new[..., None, :], v_new[..., None, :]
         if cache is None:
             k_stream, v_stream = k_new, v_new
         else:

@@ -1,7 +1,9 @@
 """Backend selection, per op: ``auto | triton | cuda | cpu | torch``.
 
 ``auto`` picks Triton for CUDA tensors when a Triton kernel exists for the op,
-then the compiled CUDA kernel, else the reference; for CPU tensors the compiled
+then the compiled CUDA kernel, else the reference (an op may pass its own
+order, ``cuda_order``: stream_attention's inference puts the CUDA kernel
+first; topk on a GPU times its candidates, plr_kernels/_autotune.py); for CPU tensors the compiled
 C++ kernel when ``plr_kernels._C`` is built and has the op, else the reference.
 A backend asked for by name that cannot run is an error, never a silent
 fallback (DESIGN.md section 2).
@@ -52,18 +54,23 @@ def triton_interpreting() -> bool:
 
 
 def resolve(op: str, backend: str, device: torch.device, impls: Dict[str, Callable],
-            kernel: Optional[str] = None) -> Callable:
+            kernel: Optional[str] = None, cuda_order: Optional[tuple] = None) -> Callable:
     """The implementation of ``op`` to run for ``backend`` on ``device``.
 
     ``impls`` maps backend names to callables; the ``torch`` entry is required.
     ``kernel``: the compiled ``torch.ops.plr_kernels`` op behind the ``cpu`` /
     ``cuda`` entries when its name is not ``op`` (e.g. ``vocab_forward``).
+    ``cuda_order``: the preference of ``auto`` for CUDA tensors when it is
+    not the default (triton, cuda, torch).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     found = available(op, impls, device, kernel)
     if backend == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        if device.type == "cuda":
+            order = tuple(cuda_order or ("triton", "cuda")) + ("torch",)
+        else:
+            order = ("cpu", "torch")
         return next(found[name] for name in order if name in found)
     if backend in found:
         return found[backend]

@@ -14,6 +14,7 @@ autograd here; every backend draws the same dropout mask for the same seed.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -207,13 +208,29 @@ IMPLS["cuda"] = _cuda
 
 
 @torch.compiler.assume_constant_result
-def _backend_name(backend: str, device_type: str, device_index: Optional[int]) -> str:
+def _backend_name(backend: str, device_type: str, device_index: Optional[int], inference: bool) -> str:
     """The IMPLS entry that runs for ``backend`` on the device. A trace-time
     constant under torch.compile: which kernels _C holds cannot change while
     the process runs, and the lookup (torch._C dispatcher queries) is not
     traceable by dynamo."""
+    return _resolve_backend_name(backend, device_type, device_index, inference, _dispatch.triton_interpreting())
+
+
+# ``auto`` on a GPU for inference (no gradient, no dropout): the compiled CUDA
+# forward first. Measured on an H100 (benchmarks/RESULTS.md, issue 6; bf16,
+# H=2, D=128, N=50): 0.042 / 0.048 ms against Triton's 0.235 / 0.191 ms at
+# B=64, M=1 / 8, and 0.110 / 0.192 against 0.202 / 0.185 at B=1024.
+_CUDA_INFERENCE_ORDER = ("cuda", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_backend_name(backend: str, device_type: str, device_index: Optional[int], inference: bool,
+                          interpreting: bool) -> str:
+    """``_backend_name``, resolved once per (backend, device, inference, TRITON_INTERPRET):
+    the dispatcher queries cost more than a small reasoning step's kernel."""
     impl = _dispatch.resolve("stream_attention", backend, torch.device(device_type, device_index), IMPLS,
-                             kernel="stream_attention_fwd")
+                             kernel="stream_attention_fwd",
+                             cuda_order=_CUDA_INFERENCE_ORDER if inference else None)
     return next(name for name, fn in IMPLS.items() if fn is impl)
 
 
@@ -273,9 +290,10 @@ def stream_attention(
             backward; ``cpu``: the compiled C++ kernel for CPU tensors, forward
             and backward; ``cuda``: the compiled CUDA kernel, inference only
             (raises when a gradient is needed or ``dropout_p > 0``: train with
-            ``triton``); ``torch``: the reference. ``auto`` picks ``triton``
-            for CUDA tensors, ``cpu`` for CPU tensors when ``plr_kernels._C``
-            is built, else ``torch``. The same ``seed`` gives the same dropout
+            ``triton``); ``torch``: the reference. ``auto`` picks, for CUDA
+            tensors, ``cuda`` when no gradient is needed and ``dropout_p`` is 0
+            (it measured fastest), else ``triton``; ``cpu`` for CPU tensors
+            when ``plr_kernels._C`` is built; else ``torch``. The same ``seed`` gives the same dropout
             mask on ``triton`` and ``cpu``.
 
     Returns:
@@ -289,7 +307,9 @@ def stream_attention(
         return causal_stream_attention(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask=prefix_mask,
                                        scale=scale, dropout_p=dropout_p, seed=seed, backend=backend)
     check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
-    impl = IMPLS[_backend_name(backend, q.device.type, q.device.index)]
+    inference = dropout_p == 0.0 and not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k_prefix, v_prefix, k_stream, v_stream)))
+    impl = IMPLS[_backend_name(backend, q.device.type, q.device.index, inference)]
     return impl(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, float(dropout_p), seed)
 
 

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _dispatch, reference
+from . import _autotune, _dispatch, reference
 from .target_rank import check_rank_args
 
 
@@ -54,7 +54,10 @@ def topk(
         exclude_items: ``[B, L]`` int64 ids never returned for their row
             (e.g. the history); negative entries are ignored.
         backend: ``auto | triton | cpu | cuda | torch`` (``cpu`` / ``cuda``:
-            the compiled kernels of ``plr_kernels._C``).
+            the compiled kernels of ``plr_kernels._C``). ``auto``: for CUDA
+            tensors the faster of ``cuda`` and ``torch``, timed once per shape
+            class (plr_kernels._autotune); for CPU tensors ``cpu`` when built,
+            else ``torch``.
 
     Returns:
         ``(values [B, k], indices [B, k])``, best first; equal scores are
@@ -65,6 +68,30 @@ def topk(
     most = item_emb.shape[0] - (exclude_index is not None)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
         raise ValueError(f"k: expected an int in [1, {most}] (the number of candidate items), got {k!r}")
-    impl = _dispatch.resolve("topk", backend, z.device, IMPLS)
+    if backend == "auto" and z.device.type == "cuda":
+        impl = _fastest_on_gpu(z, item_emb, k, exclude_index, exclude_items)
+    else:
+        impl = _dispatch.resolve("topk", backend, z.device, IMPLS)
     with torch.no_grad():
         return impl(z, item_emb, k, exclude_index, exclude_items)
+
+
+# ``auto`` on a GPU: the compiled CUDA kernel or the reference (``torch.topk``
+# over the materialised scores), whichever measures faster for the shape
+# (plr_kernels/_autotune.py). Triton is not a candidate: it measured ~3.7 ms
+# slower than the reference at batch 1 on an H100 (benchmarks/RESULTS.md, issue 6).
+_GPU_CANDIDATES = ("cuda", "torch")
+
+
+def _fastest_on_gpu(z, item_emb, k, exclude_index, exclude_items):
+    found = _dispatch.available("topk", IMPLS, z.device)
+    candidates = {name: found[name] for name in _GPU_CANDIDATES if name in found}
+    key = ("topk", str(z.device), z.dtype, tuple(item_emb.shape), _autotune.size_bucket(z.shape[0]),
+           _autotune.size_bucket(k), exclude_items is not None)
+
+    def call(fn):
+        return lambda: fn(z, item_emb, k, exclude_index, exclude_items)
+
+    with torch.no_grad():
+        name = _autotune.fastest(key, {name: call(fn) for name, fn in candidates.items()}, z.device)
+    return candidates[name]

@@ -383,3 +383,33 @@ def test_topk_minus_inf_candidates_before_missing_slots():
     assert ids.tolist() == [[5, 2, 1, -1, -1], [1, 2, 5, -1, -1]]
     rv, ri = reference.topk(z, e, 5, exclude_index=0, exclude_items=hist)
     assert torch.equal(ri, ids) and torch.equal(rv, vals)
+
+
+# --------------------------------------------------------------------------
+# what ``auto`` runs on a GPU (issue 15)
+# --------------------------------------------------------------------------
+
+
+def test_auto_stream_attention_runs_the_cuda_kernel_for_inference_and_triton_for_training():
+    import importlib
+
+    sa = importlib.import_module("plr_kernels.stream_attention")  # the module, not the op of that name
+
+    assert sa._backend_name("auto", "cuda", torch.cuda.current_device(), True) == "cuda"
+    want = "triton" if "triton" in sa.IMPLS else "cuda"
+    assert sa._backend_name("auto", "cuda", torch.cuda.current_device(), False) == want
+
+
+def test_auto_topk_picks_the_cuda_kernel_or_torch_and_equals_the_reference():
+    from plr_kernels import _autotune
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    z = torch.randn(5, 64, generator=g, dtype=torch.float64).to(DEV)
+    e = torch.randn(301, 64, generator=g, dtype=torch.float64).to(DEV)
+    _autotune.clear()
+    values, ids = plr_kernels.topk(z, e, 7, exclude_index=0)
+    ref_v, ref_i = reference.topk(z, e, 7, exclude_index=0)
+    assert torch.equal(ids, ref_i)
+    torch.testing.assert_close(values, ref_v, rtol=1e-12, atol=1e-12)
+    picked = [name for key, name in _autotune.choices().items() if key[0] == "topk"]
+    assert picked and set(picked) <= {"cuda", "torch"}

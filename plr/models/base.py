@@ -124,22 +124,24 @@ class SequentialRecommender(nn.Module):
         return out.z_final
 
     @torch.no_grad()
-    def recommend(self, item_seq: torch.Tensor, k: int = 10, exclude_history: bool = False
+    def recommend(self, item_seq: torch.Tensor, k: int = 10, exclude_history=False
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items for each history, scored with ``inference_vector`` (``z_final``) in eval mode.
 
         ``item_seq [B, L]`` left-padded ids -> ``(scores [B,k], item ids [B,k])``.
         The padding item is never recommended; with ``exclude_history`` neither
-        is any item of the history.
+        is any item of the history (a bool for all rows, or a ``[B]`` bool
+        tensor choosing per row). A row left with fewer than ``k`` candidates
+        ends in ``(-inf, -1)`` entries.
         """
         was_training = self.training
         self.eval()
         try:
             item_seq = self.prepare(item_seq)
+            exclude = _history_exclusion(item_seq, exclude_history)
             z = self.inference_vector(self.forward_prepared(item_seq))
             return plr_kernels.topk(
-                z, self.item_emb, k, exclude_index=PADDING,
-                exclude_items=item_seq if exclude_history else None, backend=self.kernels,
+                z, self.item_emb, k, exclude_index=PADDING, exclude_items=exclude, backend=self.kernels,
             )
         finally:
             self.train(was_training)
@@ -241,6 +243,19 @@ def position_major(rows: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     position n, then sequence b: groups of consecutive rows then mix sequences."""
     b_idx, n_idx = rows
     return torch.argsort(n_idx * (int(b_idx.shape[0]) + 1) + b_idx)
+
+
+def _history_exclusion(item_seq: torch.Tensor, exclude_history) -> Optional[torch.Tensor]:
+    """``recommend``'s ``exclude_history`` (bool, or ``[B]`` bool per row) -> the
+    ``exclude_items`` of plr_kernels.topk (negative ids are ignored there)."""
+    if isinstance(exclude_history, torch.Tensor):
+        if exclude_history.dtype != torch.bool or exclude_history.shape != item_seq.shape[:1]:
+            raise ValueError(f"exclude_history: expected a bool or a bool tensor of shape [{item_seq.shape[0]}], "
+                             f"got a {exclude_history.dtype} tensor of shape {list(exclude_history.shape)}")
+        return item_seq.masked_fill(~exclude_history.to(item_seq.device)[:, None], -1)
+    if not isinstance(exclude_history, bool):
+        raise TypeError(f"exclude_history: expected a bool or a [B] bool tensor, got {type(exclude_history).__name__}")
+    return item_seq if exclude_history else None
 
 
 def _import_model_class(class_name: str) -> Optional[type]:

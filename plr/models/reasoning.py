@@ -31,12 +31,18 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
         ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (Eq. 5).
     """
     caches = [None] * len(layers)
+    keys, values = prefix.keys, prefix.values
+    if num_steps > 1 and kernels != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
+        # Inference on a GPU: the CUDA forward reads the prefix cache contiguous;
+        # lay it out so once per layer instead of once per step. (The CPU kernel
+        # and Triton read the head-split layout in place; the reference reads any
+        # layout, and its einsum rounds layout-dependently, so it is left as is.)
+        keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
     h_prev, states = h_start, []
     for step in range(num_steps):
         x = step_input(h_prev, step)
         for i, layer in enumerate(layers):
-            x, caches[i] = layer.forward_step(x, prefix.keys[i], prefix.values[i], prefix.key_mask, caches[i],
-                                              kernels)
+            x, caches[i] = layer.forward_step(x, keys[i], values[i], prefix.key_mask, caches[i], kernels)
         h_prev = x
         states.append(x)
     return torch.stack(states, dim=1)
