@@ -1,7 +1,10 @@
 """The inference fast path of the reasoning steps (plr/transformer.py
 ``MultiHeadAttention._step_qkv``, plr/models/reasoning.py) computes exactly
-what the training path computes: same outputs bit for bit, in fp64 and fp32,
-for every backend that runs here, and it follows weight updates."""
+what the training path computes: the same outputs, in fp64 and fp32, for every
+backend that runs here, and it follows weight updates. The batched GEMM of the
+fast path is the same product as the three Linears, but BLAS may block it
+differently, so results agree to a few ulps (measured: bit-identical in most
+cases, 1 ulp in one), not always bit for bit."""
 
 import pytest
 import torch
@@ -36,7 +39,9 @@ def test_no_grad_path_equals_the_autograd_path_bitwise(dtype, kernels, batch, st
                      inner_size=24, kernels=kernels).to(dtype).eval()
     seq = histories(batch, 11, 97, seed=batch)
     fast, slow = outputs(model, seq, grad=False), outputs(model, seq, grad=True)
-    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=8 * eps, atol=8 * eps)
 
 
 def test_rearec_no_grad_path_equals_the_autograd_path():
