@@ -356,6 +356,7 @@ def plot_curves(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]],
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     curves = {n: [h.get(f"valid_{metric}") for h in m.get("history", [])] for n, m in finished.items()}
     curves = {n: c for n, c in curves.items() if c and all(v is not None for v in c)}
@@ -365,6 +366,7 @@ def plot_curves(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]],
     for name, values in curves.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"{suite.name}: {ds_name}")
     ax.grid(alpha=0.3)
