@@ -28,15 +28,8 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import USER_ERRORS, UserError, one_line
+from .data.loading import load_dataset
 from .reporting import format_table
-
-
-def _load_dataset(data_cfg: dict, parts=("train", "valid", "test")):
-    from .data import load_dataset
-
-    if not data_cfg.get("path"):
-        raise UserError("--data: a dataset path is required", "pass --data PATH (or set data.path in the config)")
-    return load_dataset(data_cfg, parts)
 
 
 # -- commands ------------------------------------------------------------------------
@@ -60,7 +53,7 @@ def cmd_train(args) -> int:
         overrides[:0] = ([f"model.phase={args.phase}"] if args.phase else []) + \
             ([f"model.init_from={args.init}"] if args.init else [])
     cfg = config_mod.resolve(args.model, args.config, overrides, args.data)
-    dataset = _load_dataset(cfg["data"])
+    dataset = load_dataset(cfg["data"])
     out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.run_dir = out  # for the resume hint after Ctrl-C
     print(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}")
@@ -89,7 +82,7 @@ def cmd_evaluate(args) -> int:
     run_cfg = extra.get("run_config") or {}
     data_cfg = dict(run_cfg.get("data") or {"max_len": model.max_len, "split": "loo"})
     data_cfg["path"] = args.data
-    dataset = _load_dataset(data_cfg, parts=(args.split,))
+    dataset = load_dataset(data_cfg, parts=(args.split,))
     saved_ids = extra.get("item_raw_ids")
     now_ids = [None if r is None else str(r) for r in dataset.item_raw_ids]
     if saved_ids is not None and saved_ids != now_ids:
@@ -179,7 +172,7 @@ def cmd_tune(args) -> int:
     cfg = config_mod.resolve(args.model, args.config, list(args.set or []), args.data)
     space = load_space(args.space)  # a SpaceError is a one-line user error
     check_space(cfg, space)
-    dataset = _load_dataset(cfg["data"])
+    dataset = load_dataset(cfg["data"])
     print(f"plr tune: {args.model} on {dataset.name}, {args.trials} trials on validation {cfg['eval']['metric']} "
           f"-> {args.out}")
     best = tune(cfg, dataset, space, args.out, args.trials)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Sequence
 
+from ..errors import UserError
 from .dataset import SequenceDataset, build_dataset, check_usable
 from .readers import read_interactions
 
@@ -13,7 +14,7 @@ def load_dataset(data_cfg: Dict[str, Any], parts: Sequence[str] = ("train", "val
     as the section says (``encoding``, ``max_len``, ``split``, ``min_rating``, ``k_core``,
     ``split_time``) and check that ``parts`` are non-empty (``check_usable``)."""
     if not data_cfg.get("path"):
-        raise ValueError("data.path: expected a dataset file or folder (--data PATH), got none")
+        raise UserError("--data: a dataset path is required", "pass --data PATH (or set data.path in the config)")
     inter = read_interactions(data_cfg["path"], fmt=data_cfg.get("format", "auto"),
                               encoding=data_cfg.get("encoding", "utf-8"))
     dataset = build_dataset(inter, max_len=data_cfg["max_len"], split=data_cfg["split"],
