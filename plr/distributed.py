@@ -33,6 +33,10 @@ does with it:
 * Rank 0 alone writes checkpoints, the config, the log, ``metrics.json`` and
   the progress bar; the others wait at a barrier. The run directory must be on
   a file system every rank sees (one machine, or a shared file system).
+  Ctrl-C does not save a state (the ranks stop at different points): ``last.pt``
+  is the last periodic one (``train.save_every_steps``), resumed exactly.
+* Only ``plr train`` runs as several processes; models that train in phases of
+  their own (LARES) run as one.
 """
 
 from __future__ import annotations

@@ -217,11 +217,14 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> Dict[str, float]:
         """One epoch; the losses are means over its targets (comparable between
-        ``train.samples`` modes: each step's loss is a mean over its targets)."""
+        ``train.samples`` modes: each step's loss is a mean over its targets). The
+        running sums live in ``state`` (saved in ``last.pt``), so an epoch resumed
+        mid-way reports the means over all of its steps."""
         order = self.epoch_order(epoch)
         bs, steps = self.train_cfg.batch_size, self.steps_per_epoch()
-        sums: Dict[str, float] = {}
-        targets = 0
+        if self.state["step_in_epoch"] == 0:
+            self.state.update(epoch_sums={}, epoch_targets=0)
+        sums: Dict[str, float] = self.state.setdefault("epoch_sums", {})
         bar = tqdm(range(self.state["step_in_epoch"], steps), desc=f"epoch {epoch}", leave=False,
                    disable=None if self.train_cfg.progress and self.dist.is_main else True,
                    initial=self.state["step_in_epoch"], total=steps)
@@ -229,7 +232,7 @@ class Trainer:
         for step in bar:
             parts = self.train_step(order[step * bs:(step + 1) * bs])
             n = parts.pop("targets")
-            targets += n
+            self.state["epoch_targets"] = self.state.get("epoch_targets", 0) + n
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
@@ -240,7 +243,7 @@ class Trainer:
                 started = time.perf_counter()
                 self.save_state()
         self.state["train_seconds"] += time.perf_counter() - started
-        return {k: v / max(1, targets) for k, v in sums.items()}
+        return {k: v / max(1, self.state["epoch_targets"]) for k, v in sums.items()}
 
     def fit(self, resume: bool = False, test: bool = True) -> Dict[str, Any]:
         """Train until ``epochs`` or early stopping, then test the best model

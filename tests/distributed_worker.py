@@ -3,6 +3,7 @@
     python -m torch.distributed.run --nproc-per-node 2 ... tests/distributed_worker.py plr train ...
         ``python -m plr train ...``, with every file this rank opens for writing
         (open, os.replace, tempfile.mkstemp) listed in ``$PLR_TEST_WRITES/rank<RANK>.txt``
+        and its process id in ``$PLR_TEST_WRITES/pid-rank<RANK>``
     python -m torch.distributed.run --nproc-per-node 2 ... tests/distributed_worker.py grads OUT_DIR
         in float64: one ``Trainer.train_step`` per case of ``CASES`` on a global batch
         (gradients and loss values saved to ``OUT_DIR/<case>-rank<R>.pt``), the sharded
@@ -42,6 +43,7 @@ def case_config(name):
 
 
 def record_writes(folder: str, rank: str) -> None:
+    (Path(folder) / f"pid-rank{rank}").write_text(str(os.getpid()))  # for the test to kill this process
     log = open(Path(folder) / f"rank{rank}.txt", "a", buffering=1)
     real_open, real_replace, real_mkstemp = builtins.open, os.replace, tempfile.mkstemp
 

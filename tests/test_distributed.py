@@ -57,8 +57,12 @@ def finish(proc, timeout=TIMEOUT) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.terminate()  # torchrun stops its workers on SIGTERM (they run in sessions of their own)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
         raise AssertionError(f"torchrun did not finish in {timeout} s: {out.decode()[-3000:]}")
     return out.decode()
 
@@ -179,7 +183,9 @@ def test_two_process_run_ends_with_the_metrics_of_one_process(dataset, tmp_path)
     assert (diff > 0).mean() <= 0.02 and diff.max() <= 3, (diff > 0).sum()
 
 
-def kill_when_checkpointed(proc, state_path, min_step, timeout=TIMEOUT):
+def kill_when_checkpointed(proc, state_path, pid_files, min_step, timeout=TIMEOUT):
+    """SIGKILL the workers (ids in ``pid_files``; torchrun starts them in sessions of
+    their own) once ``last.pt`` holds a mid-epoch state at step >= ``min_step``."""
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -188,14 +194,16 @@ def kill_when_checkpointed(proc, state_path, min_step, timeout=TIMEOUT):
                     state = torch.load(state_path, weights_only=True)["state"]
                 except Exception:  # noqa: BLE001 - being replaced right now; atomic, so retry
                     state = None
-                if state and state["global_step"] >= min_step and not state["finished"]:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return state
+                if state and state["global_step"] >= min_step and state["step_in_epoch"] > 0 and not state["finished"]:
+                    for pid in pid_files:
+                        os.kill(int(pid.read_text()), signal.SIGKILL)
+                    finish(proc)  # torchrun sees its workers die and exits
+                    assert proc.returncode != 0
+                    return torch.load(state_path, weights_only=True)["state"]  # the last one written
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.terminate()
             proc.wait()
     raise AssertionError(f"training ended (rc={proc.returncode}) before it was killed: "
                          f"{proc.stdout.read().decode()[-3000:]}")
@@ -210,8 +218,10 @@ def test_rank_zero_writes_and_a_killed_two_process_run_resumes_exactly(tmp_path)
     writes.mkdir()
     out = tmp_path / "killed"
     killed = torchrun([WORKER, "plr", *cli_args(out, extra)], env={"PLR_TEST_WRITES": str(writes)}, cwd=tmp_path)
-    state = kill_when_checkpointed(killed, out / "last.pt", min_step=8)
-    assert 0 < state["step_in_epoch"] < 6 and state["epoch"] >= 1  # killed mid-epoch, after a checkpoint
+    state = kill_when_checkpointed(killed, out / "last.pt", [writes / "pid-rank0", writes / "pid-rank1"],
+                                   min_step=7)  # mid-epoch, after a checkpoint
+    assert 0 < state["step_in_epoch"] < 6 and state["epoch"] >= 1
+    assert not (out / "metrics.json").exists()  # it did not finish
     log = finish(full)
     assert full.returncode == 0, log[-3000:]
 
@@ -224,10 +234,11 @@ def test_rank_zero_writes_and_a_killed_two_process_run_resumes_exactly(tmp_path)
     resumed = torchrun(["-m", "plr", *cli_args(out, extra), "--resume"], cwd=tmp_path)
     log = finish(resumed)
     assert resumed.returncode == 0, log[-3000:]
+    assert f"resumed at epoch {state['epoch']}, step {state['step_in_epoch']}" in (out / "train.log").read_text()
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["best_epoch"] == b["best_epoch"]
-    assert [{k: v for k, v in h.items()} for h in a["history"]] == b["history"]
+    assert a["history"] == b["history"]
     wa = SequentialRecommender.load(str(tmp_path / "full" / "best.pt")).state_dict()
     wb = SequentialRecommender.load(str(out / "best.pt")).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -261,6 +272,14 @@ def test_bad_distributed_settings_are_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(UserError, match="WORLD_SIZE: expected an integer, got 'two'"):
         distributed.world_size_from_env()
+
+
+def test_models_trained_in_phases_refuse_several_processes(monkeypatch, dataset, tmp_path):
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Context(world_size=2))
+    cfg = config.resolve("lares", None, BASE, str(ML100K))
+    with pytest.raises(UserError, match=r"model: lares trains in phases .* not 2 \(WORLD_SIZE\)"):
+        train_run(cfg, dataset, tmp_path / "lares", log_to_console=False)
+    assert not (tmp_path / "lares").exists()
 
 
 def test_split_bounds_partition_exactly():
