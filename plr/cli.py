@@ -37,6 +37,7 @@ from .reporting import format_table
 
 def cmd_train(args) -> int:
     from . import config as config_mod
+    from . import distributed
     from .training import train_run
 
     if args.resume and not args.out:
@@ -53,13 +54,22 @@ def cmd_train(args) -> int:
         overrides[:0] = ([f"model.phase={args.phase}"] if args.phase else []) + \
             ([f"model.init_from={args.init}"] if args.init else [])
     cfg = config_mod.resolve(args.model, args.config, overrides, args.data)
-    dataset = load_dataset(cfg["data"])
-    out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.run_dir = out  # for the resume hint after Ctrl-C
-    print(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}")
-    metrics = train_run(cfg, dataset, out, resume=args.resume)
-    print(format_table([{"split": s, **metrics[s]} for s in ("valid", "test")],
-                       ["split"] + list(metrics["test"])))
+    ctx = distributed.setup(cfg["train"]["device"])  # torchrun: join the process group (plr/distributed.py)
+    try:
+        if ctx.active and not args.out:
+            raise UserError(f"--out: {ctx.world_size} processes (WORLD_SIZE) share one run directory; none given",
+                            "pass --out RUN_DIR")
+        dataset = load_dataset(cfg["data"])
+        out = Path(args.out or f"runs/{cfg['model']['name']}-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.run_dir = out  # for the resume hint after Ctrl-C
+        say = print if ctx.is_main else (lambda *a, **k: None)
+        say(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}"
+            + (f" ({ctx.world_size} processes)" if ctx.active else ""))
+        metrics = train_run(cfg, dataset, out, resume=args.resume)
+        say(format_table([{"split": s, **metrics[s]} for s in ("valid", "test")],
+                         ["split"] + list(metrics["test"])))
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -313,9 +323,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    from .distributed import check_command
     from .guards import TrainingDiverged
 
     try:
+        check_command(args.command)  # only plr train runs under torchrun
         return args.func(args)
     except KeyboardInterrupt:
         if debug:

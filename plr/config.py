@@ -56,7 +56,7 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass
 class TrainConfig:
     epochs: int = key(200, Int(min=1))
-    batch_size: int = key(2048, Int(min=1))
+    batch_size: int = key(2048, Int(min=1))  # the global batch: split over the processes under torchrun
     lr: float = key(1e-3, Float(min=0.0, min_open=True))
     weight_decay: float = key(0.0, Float(min=0.0))
     patience: int = key(10, Int(min=1))  # epochs without a better validation metric before stopping

@@ -2,6 +2,10 @@
 resumable checkpoints, a run directory with the resolved config, a log,
 ``metrics.json`` and per-user test ranks.
 
+Under ``torchrun`` every process runs a Trainer on its shard of each global
+batch (plr.distributed: DDP, gradients of the global mean loss, sharded
+evaluation, rank 0 writes the run directory).
+
 Resumption is exact: the order of the training samples of epoch ``e`` comes
 from a generator seeded with ``(seed, e)``, and ``last.pt`` holds the model,
 the optimiser, torch's RNG state (dropout) and the position inside the epoch,
@@ -23,10 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as config_mod
-from . import guards
+from . import distributed, guards
 from .data import check_usable
 from .errors import UserError
-from .evaluation import evaluate
 from .models import build_model, model_class
 from .data.dataset import SequenceSamples
 from .models.base import SequentialRecommender, atomic_torch_save
@@ -84,12 +87,15 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_to_console = log_to_console
+        self.dist = distributed.current()  # one process, or this rank of a torchrun group
+        self.dist.check_batch_size(self.train_cfg.batch_size)
         torch.manual_seed(self.train_cfg.seed)
         self.model: SequentialRecommender = build_model(self.cfg["model"], dataset.num_items, dataset.max_len)
         # Backbones that read more than ids (item text, UniSRec) take it from the dataset.
         if hasattr(self.model.backbone, "attach_dataset"):
             self.model.backbone.attach_dataset(dataset)
-        self.model.to(resolve_device(self.train_cfg.device))
+        self.model.to(self.dist.device(resolve_device(self.train_cfg.device)))
+        self.dist.seed_dropout(self.train_cfg.seed)
         self.train_samples = self._train_samples(dataset)
         self._sequence_loss, self._prefix_loss = self.model.sequence_loss, self.model.compute_loss
         if self.train_cfg.compile:
@@ -97,6 +103,9 @@ class Trainer:
             # R (targets per batch) varies, hence dynamic shapes. Prefix mode's input checks break the graph.
             self._sequence_loss = torch.compile(self.model.sequence_loss, dynamic=True)
             self._prefix_loss = torch.compile(self.model.compute_loss, dynamic=True)
+        # Several processes: the losses run through DDP (their backward averages the gradients).
+        self._sequence_loss, self._prefix_loss = self.dist.wrap_losses(self.model, self._sequence_loss,
+                                                                       self._prefix_loss)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_cfg.lr,
                                           weight_decay=self.train_cfg.weight_decay)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
@@ -120,6 +129,8 @@ class Trainer:
     # -- bookkeeping ---------------------------------------------------------------
 
     def log(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         with open(self.run_dir / "train.log", "a") as f:
             f.write(line + "\n")
@@ -127,10 +138,15 @@ class Trainer:
             tqdm.write(line)
 
     def save_state(self) -> None:
-        atomic_torch_save({"format": STATE_FORMAT, "model": self.model.state_dict(),
-                           "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                           "state": self.state, "config": self.cfg}, self.run_dir / LAST)
+        # Every rank's RNG state (dropout), written by rank 0; the others wait.
+        rng = self.dist.gather_objects(torch.get_rng_state())
+        cuda_rng = self.dist.gather_objects(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+        if self.dist.is_main:
+            atomic_torch_save({"format": STATE_FORMAT, "model": self.model.state_dict(),
+                               "optimizer": self.optimizer.state_dict(), "rng": rng[0], "cuda_rng": cuda_rng[0],
+                               "rng_per_rank": rng, "cuda_rng_per_rank": cuda_rng,
+                               "state": self.state, "config": self.cfg}, self.run_dir / LAST)
+        self.dist.barrier()
 
     def load_state(self) -> bool:
         """Resume from ``run_dir/last.pt``; False if there is none."""
@@ -143,11 +159,18 @@ class Trainer:
         if same_config(saved["config"]) != self.cfg:
             raise ValueError(f"run_dir: {path} was written with another config; resume with the same "
                              f"config (see {self.run_dir / 'config.yaml'}) or use a new --out")
+        rngs = saved.get("rng_per_rank", [saved["rng"]])
+        if len(rngs) != self.dist.world_size:
+            raise UserError(f"run_dir: {path} was written by {len(rngs)} process(es), this run has "
+                            f"{self.dist.world_size} (WORLD_SIZE); an exact resume needs every process's RNG state",
+                            f"resume with {len(rngs)} process(es) (torchrun --nproc-per-node {len(rngs)}) "
+                            "or use a new --out")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        if saved.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        torch.set_rng_state(rngs[self.dist.rank])
+        cuda_rng = saved.get("cuda_rng_per_rank", [saved.get("cuda_rng")])[self.dist.rank]
+        if cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.state = saved["state"]
         return True
 
@@ -164,7 +187,10 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> Dict[str, float]:
         """One optimiser step on samples ``idx``; returns the loss parts and
-        ``targets`` (how many next-item targets the step trained on)."""
+        ``targets`` (how many next-item targets the step trained on). With several
+        processes ``idx`` is the global batch: this rank trains on its shard, the
+        returned values are over all shards (plr.distributed)."""
+        idx, has_samples = self.dist.shard(idx)
         item_seq, target = self.train_samples.gather(idx)
         device = self.model.device
         item_seq, target = item_seq.to(device), target.to(device)
@@ -179,10 +205,11 @@ class Trainer:
             else:
                 loss, parts = self._prefix_loss(item_seq, target)
                 n_targets = int(target.shape[0])
+        loss, local_loss, parts, n_targets = self.dist.global_mean(loss, parts, n_targets * has_samples)
         values = guards.check_step(loss, parts, epoch=self.state["epoch"], step=self.state["step_in_epoch"],
                                    limit=self.train_cfg.divergence_limit)  # before the weights change
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        local_loss.backward()
         if self.train_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
@@ -190,18 +217,22 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> Dict[str, float]:
         """One epoch; the losses are means over its targets (comparable between
-        ``train.samples`` modes: each step's loss is a mean over its targets)."""
+        ``train.samples`` modes: each step's loss is a mean over its targets). The
+        running sums live in ``state`` (saved in ``last.pt``), so an epoch resumed
+        mid-way reports the means over all of its steps."""
         order = self.epoch_order(epoch)
         bs, steps = self.train_cfg.batch_size, self.steps_per_epoch()
-        sums: Dict[str, float] = {}
-        targets = 0
+        if self.state["step_in_epoch"] == 0:
+            self.state.update(epoch_sums={}, epoch_targets=0)
+        sums: Dict[str, float] = self.state.setdefault("epoch_sums", {})
         bar = tqdm(range(self.state["step_in_epoch"], steps), desc=f"epoch {epoch}", leave=False,
-                   disable=None if self.train_cfg.progress else True, initial=self.state["step_in_epoch"], total=steps)
+                   disable=None if self.train_cfg.progress and self.dist.is_main else True,
+                   initial=self.state["step_in_epoch"], total=steps)
         started = time.perf_counter()
         for step in bar:
             parts = self.train_step(order[step * bs:(step + 1) * bs])
             n = parts.pop("targets")
-            targets += n
+            self.state["epoch_targets"] = self.state.get("epoch_targets", 0) + n
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
@@ -212,7 +243,7 @@ class Trainer:
                 started = time.perf_counter()
                 self.save_state()
         self.state["train_seconds"] += time.perf_counter() - started
-        return {k: v / max(1, targets) for k, v in sums.items()}
+        return {k: v / max(1, self.state["epoch_targets"]) for k, v in sums.items()}
 
     def fit(self, resume: bool = False, test: bool = True) -> Dict[str, Any]:
         """Train until ``epochs`` or early stopping, then test the best model
@@ -220,11 +251,16 @@ class Trainer:
         ``metrics.json`` then has ``"test": null``).
 
         A step whose loss is non-finite or diverges (plr.guards) and Ctrl-C stop
-        the run with ``last.pt`` holding the last good state (resumable)."""
+        the run with ``last.pt`` holding the last good state (resumable). With
+        several processes Ctrl-C does not save (the ranks stop at different points,
+        a collective save could hang): ``last.pt`` is the last periodic state."""
         try:
             return self._fit(resume, test)
         except (guards.TrainingDiverged, KeyboardInterrupt) as exc:
             if self.state.get("finished"):
+                raise
+            if isinstance(exc, KeyboardInterrupt) and self.dist.active:
+                self.log(f"interrupted; the last periodic training state is in {self.run_dir / LAST}")
                 raise
             self.save_state()
             where = f"epoch {self.state['epoch']}, step {self.state['step_in_epoch']}"
@@ -249,12 +285,14 @@ class Trainer:
         while not self.state["finished"] and self.state["epoch"] < self.train_cfg.epochs:
             epoch = self.state["epoch"]
             losses = self.run_epoch(epoch)
-            valid = evaluate(self.model, self.dataset.valid, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
-                             exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties).metrics
+            valid = self.dist.evaluate(self.model, self.dataset.valid, ks=self.eval_cfg.ks,
+                                       batch_size=self.eval_cfg.batch_size,
+                                       exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties).metrics
             improved = math.isfinite(valid[metric]) and valid[metric] > self.state["best_metric"]
             if improved:
                 self.state.update(best_metric=valid[metric], best_epoch=epoch, bad_epochs=0, best_valid=valid)
-                self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
+                if self.dist.is_main:  # the others wait at save_state's barrier
+                    self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
             else:
                 self.state["bad_epochs"] += 1
             # train_seconds: cumulative training time (evaluation excluded) at the end of the epoch
@@ -271,7 +309,8 @@ class Trainer:
         self.save_state()
         if not test:
             metrics = self.summary(None)
-            write_json_atomic(metrics, self.run_dir / "metrics.json")
+            if self.dist.is_main:
+                write_json_atomic(metrics, self.run_dir / "metrics.json")
             return metrics
         return self.test()
 
@@ -284,16 +323,18 @@ class Trainer:
 
     def test(self) -> Dict[str, Any]:
         """Reload the best checkpoint, evaluate on the test samples, write metrics.json."""
+        self.dist.barrier()  # rank 0 has written best.pt
         if not (self.run_dir / BEST).is_file():
             raise UserError(f"run_dir: no best checkpoint in {self.run_dir} after {self.state['epoch']} epoch(s)",
                             "train at least one epoch (train.epochs >= 1)")
         best = SequentialRecommender.load(str(self.run_dir / BEST))
         best.to(self.model.device)
-        result = evaluate(best, self.dataset.test, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
-                          exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties)
-        save_ranks(self.run_dir / "test_ranks.csv", result.users, result.ranks)
+        result = self.dist.evaluate(best, self.dataset.test, ks=self.eval_cfg.ks, batch_size=self.eval_cfg.batch_size,
+                                    exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties)
         metrics = self.summary(result.metrics)
-        write_json_atomic(metrics, self.run_dir / "metrics.json")
+        if self.dist.is_main:
+            save_ranks(self.run_dir / "test_ranks.csv", result.users, result.ranks)
+            write_json_atomic(metrics, self.run_dir / "metrics.json")
         self.log("test " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
         return metrics
 
@@ -322,12 +363,18 @@ def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
     e.g. LARES) runs its own phases with the same arguments instead. ``test=False``
     never reads the test split (``Trainer.fit``)."""
     custom = getattr(model_class(config_mod.check(cfg)["model"]["name"]), "run_training", None)
+    ctx = distributed.current()
+    if custom is not None and ctx.active:
+        raise UserError(f"model: {cfg['model']['name']} trains in phases of its own and runs as one process, "
+                        f"not {ctx.world_size} (WORLD_SIZE)", "run it without torchrun")
     if custom is not None:
         return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console, test=test)
     run_dir = Path(run_dir)
     check_run_dir(run_dir, config_mod.check(cfg), resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
+    if ctx.is_main:
+        config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
+    ctx.barrier()  # every rank has checked run_dir before rank 0 writes into it
     return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume, test=test)
 
 
