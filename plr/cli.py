@@ -209,8 +209,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .backbones import BACKBONES
-    from .models import MODELS
+    from .registry import BACKBONES, MODELS
 
     parser = argparse.ArgumentParser(prog="plr", description="Parallel Latent Reasoning for sequential recommendation")
     parser.add_argument("--version", action="version", version=f"plr {__version__}")

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..validation import check_positive_int, check_probability
-from .sasrec import PrefixEncoding, TransformerBackbone, causal_mask
+from ..transformer import PrefixEncoding, TransformerBackbone, causal_mask
 
 GATE_NOISE_EPS = 1e-2  # UniSRec's noise_epsilon
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import plr_kernels
 
-from ..backbones import backbone_class
+from ..registry import backbone_class, model_class_named
 from ..validation import check_item_seq, check_positive_int, check_probability, check_sequence_target
 
 PADDING = 0
@@ -21,7 +21,6 @@ PADDING = 0
 # checkpoint (positions over the left-padded array) loads with positions="end".
 CHECKPOINT_FORMAT = "plr-checkpoint-v2"
 LEGACY_FORMATS = ("plr-checkpoint-v1",)
-_REGISTRY: Dict[str, type] = {}
 
 
 @dataclass
@@ -35,10 +34,6 @@ class ModelOutput:
 
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``forward_prepared`` and ``compute_loss``."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
 
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
@@ -221,7 +216,7 @@ class SequentialRecommender(nn.Module):
         if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS) or \
                 any(k not in payload for k in keys):
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
-        saved = _REGISTRY.get(payload["class"]) or _import_model_class(payload["class"])
+        saved = model_class_named(payload["class"])
         if saved is None:
             raise ValueError(f"path: checkpoint holds unknown model class {payload['class']!r}")
         if not issubclass(saved, cls):
@@ -256,16 +251,6 @@ def _history_exclusion(item_seq: torch.Tensor, exclude_history) -> Optional[torc
     if not isinstance(exclude_history, bool):
         raise TypeError(f"exclude_history: expected a bool or a [B] bool tensor, got {type(exclude_history).__name__}")
     return item_seq if exclude_history else None
-
-
-def _import_model_class(class_name: str) -> Optional[type]:
-    """Models are imported lazily (plr.models.MODELS): import the one named."""
-    from . import MODELS, model_class
-
-    for name, (_, cls) in MODELS.items():
-        if cls == class_name:
-            return model_class(name)
-    return None
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
