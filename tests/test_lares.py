@@ -26,8 +26,9 @@ from plr.data.dataset import TrainSamples
 from plr.demo import synthetic_histories, write_sequences
 from plr.evaluation import per_user_metric
 from plr.models import SequentialRecommender, build_model
-from plr.models.lares import (LARESModel, exact_kl, group_advantages, grpo_policy_loss, k3_kl, ranking_reward,
-                              sample_depth, sla_loss, tla_loss, tla_positive_mask, truncated_normal_state)
+from plr.models.lares import LARESModel, sample_depth, truncated_normal_state
+from plr.models.lares_objectives import (exact_kl, group_advantages, grpo_policy_loss, k3_kl, ranking_reward, sla_loss,
+                                         tla_loss, tla_positive_mask)
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ML100K = DATA / "ml-100k_recbole"
@@ -280,7 +281,7 @@ def test_rpt_loss_wiring(kl_kind):
         model.compute_loss(seq, target)
     model.start_rpt(spt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), spt.state_dict().values()))
-    assert not any(p.requires_grad for p in model._reference.parameters())
+    assert not any(p.requires_grad for p in model.spt_reference.parameters())
     loss, parts = model.compute_loss(seq, target)
     assert parts["kl"].abs().item() < 1e-5
     # Identical rollouts: every advantage is 0, so is the policy term.
@@ -307,7 +308,7 @@ def eval_on(model, seq, target):
     model.eval()
     with torch.no_grad():
         z = model(seq).z_final
-        logp = -model._ce(z, target).item()
+        logp = -model.cross_entropy(z, target).item()
         rank = plr_kernels.target_rank(z, model.item_emb, target, exclude_index=0, backend="torch")
     model.train()
     return logp, rank.double().median().item(), (1.0 / rank.double()).mean().item()
@@ -393,8 +394,8 @@ def test_rpt_trains_on_real_data(ml100k, spt_trained):
         opt.step()
         assert torch.isfinite(loss) and parts["kl"] >= 0 and 0 <= parts["reward"] <= 1
     assert rpt_objective(model, seq, target) < loss_before
-    frozen = expected_rollout_reward(model._reference.train(), seq, target)
-    model._reference.eval()
+    frozen = expected_rollout_reward(model.spt_reference.train(), seq, target)
+    model.spt_reference.eval()
     assert frozen == pytest.approx(reward_before)  # the reference stayed the SPT model
 
 
