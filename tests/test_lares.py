@@ -32,7 +32,7 @@ from plr.models.lares_objectives import (exact_kl, group_advantages, grpo_policy
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ML100K = DATA / "ml-100k_recbole"
-TINY = dict(max_len=8, hidden_size=16, inner_size=32, num_heads=2, dropout=0.1, kernels="torch")
+TINY = dict(max_len=8, hidden_size=16, inner_size=32, num_heads=2, dropout=0.1, backend="torch")
 
 
 def tiny_model(num_items=40, **kw):
@@ -317,7 +317,7 @@ def eval_on(model, seq, target):
 @pytest.fixture(scope="module")
 def spt_trained(ml100k):
     torch.manual_seed(0)
-    model = LARESModel(ml100k.num_items, max_len=20, hidden_size=32, inner_size=64, dropout=0.1, kernels="torch")
+    model = LARESModel(ml100k.num_items, max_len=20, hidden_size=32, inner_size=64, dropout=0.1, backend="torch")
     model.attach_training_data(ml100k.train)
     gen = torch.Generator().manual_seed(0)
     held_seq, held_target = ml100k.train.gather(torch.randperm(len(ml100k.train), generator=gen)[:256])
@@ -409,7 +409,7 @@ def synthetic(tmp_path_factory):
     return path
 
 
-CLI_TINY = ["model.hidden_size=16", "model.inner_size=32", "model.dropout=0.1", "model.kernels=torch",
+CLI_TINY = ["model.hidden_size=16", "model.inner_size=32", "model.dropout=0.1", "model.backend=torch",
             "model.group_size=2", "data.max_len=10", "data.format=sequences", "train.batch_size=32",
             "train.epochs=1", "train.max_steps_per_epoch=3", "train.progress=false", "eval.batch_size=256"]
 
@@ -475,7 +475,7 @@ def test_two_phase_runs_and_phase_errors(synthetic, tmp_path, capsys):
 
 def test_save_load_round_trip(tmp_path):
     model = build_model({"name": "lares", "hidden_size": 16, "inner_size": 32, "adapter": "gate",
-                         "num_core_layers": 2, "kernels": "torch"}, num_items=30, max_len=8)
+                         "num_core_layers": 2, "backend": "torch"}, num_items=30, max_len=8)
     model.eval()
     seq, _ = random_batch(num_items=30)
     model.save(str(tmp_path / "m.pt"), extra={"note": "x"})

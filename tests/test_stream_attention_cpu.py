@@ -356,7 +356,7 @@ def test_torch_compile_traces_without_graph_breaks():
 def small_model(kernels):
     torch.manual_seed(0)
     model = PLRModel(30, max_len=7, hidden_size=32, num_layers=2, num_heads=2, inner_size=24, num_streams=3,
-                     num_steps=2, dropout=0.0, reasoning_dropout=0.0, kernels=kernels)
+                     num_steps=2, dropout=0.0, reasoning_dropout=0.0, backend=kernels)
     return model.double()
 
 

@@ -261,7 +261,7 @@ def test_cuda_16_bit_and_fp32(dtype):
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_plr_model_losses_with_triton_kernels(detach):
-    # PLRModel(kernels="triton") computes L_NIP and L_KL through the fused pass
+    # PLRModel(backend="triton") computes L_NIP and L_KL through the fused pass
     # (and the Triton stream attention); same loss and gradients as "torch".
     import importlib
 
@@ -272,8 +272,8 @@ def test_plr_model_losses_with_triton_kernels(detach):
     kw = dict(max_len=6, hidden_size=16, num_layers=1, num_heads=2, inner_size=32, dropout=0.0,
               num_streams=2, num_steps=2, kl_weight=0.5, kl_detach_target=detach, rcl_weight=0.0)
     torch.manual_seed(1)
-    fused = PLRModel(40, kernels="triton", **kw).double().eval()
-    plain = PLRModel(40, kernels="torch", **kw).double().eval()
+    fused = PLRModel(40, backend="triton", **kw).double().eval()
+    plain = PLRModel(40, backend="torch", **kw).double().eval()
     plain.load_state_dict(fused.state_dict())
     seq = torch.tensor([[0, 0, 3, 7, 9, 2], [1, 5, 5, 8, 30, 39], [0, 0, 0, 0, 0, 11]])
     target = torch.tensor([4, 17, 40])

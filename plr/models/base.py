@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import plr_kernels
 
+from ..deprecations import upgrade_config, upgrade_model_args
 from ..registry import backbone_class, model_class_named
 from ..validation import check_item_seq, check_positive_int, check_probability, check_sequence_target
 
@@ -38,7 +39,7 @@ class SequentialRecommender(nn.Module):
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
-                 temperature: float = 0.07, kernels: str = "auto", backbone: str = "sasrec",
+                 temperature: float = 0.07, backend: str = "auto", backbone: str = "sasrec",
                  backbone_args: Optional[Dict[str, Any]] = None):
         super().__init__()
         check_positive_int("num_items", num_items)
@@ -51,12 +52,12 @@ class SequentialRecommender(nn.Module):
         attn_dropout = dropout if attn_dropout is None else check_probability("attn_dropout", attn_dropout)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-        if kernels not in plr_kernels.BACKENDS:
-            raise ValueError(f"kernels: expected one of {list(plr_kernels.BACKENDS)}, got {kernels!r}")
+        if backend not in plr_kernels.BACKENDS:
+            raise ValueError(f"backend: expected one of {list(plr_kernels.BACKENDS)}, got {backend!r}")
         self.num_items = num_items
         self.max_len = max_len
         self.temperature = float(temperature)
-        self.kernels = kernels
+        self.backend = backend
         if backbone_args is not None and not isinstance(backbone_args, dict):
             raise TypeError(f"backbone_args: expected a dict or None, got {type(backbone_args).__name__}")
         self.backbone_name = backbone
@@ -136,7 +137,7 @@ class SequentialRecommender(nn.Module):
             exclude = _history_exclusion(item_seq, exclude_history)
             z = self.inference_vector(self.forward_prepared(item_seq))
             return plr_kernels.topk(
-                z, self.item_emb, k, exclude_index=PADDING, exclude_items=exclude, backend=self.kernels,
+                z, self.item_emb, k, exclude_index=PADDING, exclude_items=exclude, backend=self.backend,
             )
         finally:
             self.train(was_training)
@@ -221,11 +222,14 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"path: checkpoint holds unknown model class {payload['class']!r}")
         if not issubclass(saved, cls):
             raise TypeError(f"path: checkpoint holds a {payload['class']}, not a {cls.__name__}")
-        model = saved(**payload["config"])
+        model = saved(**upgrade_model_args(payload["config"], "checkpoint config"))
         if payload["format"] in LEGACY_FORMATS:
             model._legacy_positions()
         model.load_state_dict(payload["state_dict"])
-        return model, payload.get("extra", {})
+        extra = dict(payload.get("extra") or {})
+        if "run_config" in extra:
+            extra["run_config"] = upgrade_config(extra["run_config"])
+        return model, extra
 
     def non_finite_weights(self) -> list:
         """Names of the parameters and buffers holding NaN or infinite values."""

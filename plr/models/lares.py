@@ -129,10 +129,10 @@ class LARESModel(SequentialRecommender):
                  tla_weight: float = 0.1, sla_weight: float = 0.1, cl_temperature: float = 1.0,
                  tla_positives: str = "sampled", group_size: int = 4, reward: str = "ndcg@10",
                  kl_weight: float = 0.1, kl_kind: str = "k3", advantage_eps: float = 1e-6,
-                 rpt_depth: Optional[int] = None, kernels: str = "auto", backbone: str = "sasrec",
+                 rpt_depth: Optional[int] = None, backend: str = "auto", backbone: str = "sasrec",
                  backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_pre_layers, num_heads, inner_size, dropout,
-                         attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
+                         attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_pre_layers=num_pre_layers,
             num_core_layers=num_core_layers, num_heads=num_heads, inner_size=inner_size, dropout=dropout,
@@ -142,7 +142,7 @@ class LARESModel(SequentialRecommender):
             final_norm=final_norm, phase=phase, tla_weight=tla_weight, sla_weight=sla_weight,
             cl_temperature=cl_temperature, tla_positives=tla_positives, group_size=group_size, reward=reward,
             kl_weight=kl_weight, kl_kind=kl_kind, advantage_eps=advantage_eps, rpt_depth=rpt_depth,
-            kernels=kernels, backbone=backbone, backbone_args=backbone_args,
+            backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         check_positive_int("num_core_layers", num_core_layers)
         self.max_depth = check_positive_int("max_depth", max_depth)
@@ -272,7 +272,7 @@ class LARESModel(SequentialRecommender):
     def cross_entropy(self, z: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Full-softmax next-item cross-entropy of ``z [N,d]`` at ``temperature`` (padding excluded)."""
         return plr_kernels.linear_cross_entropy(z, self.item_emb, target, temperature=self.temperature,
-                                                exclude_index=PADDING, reduction=reduction, backend=self.kernels)
+                                                exclude_index=PADDING, reduction=reduction, backend=self.backend)
 
     def spt_loss(self, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """CE at the final step + w_tla L_TLA + w_sla L_SLA (plr/models/lares_phases.py)."""

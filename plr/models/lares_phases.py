@@ -84,7 +84,7 @@ def rpt_loss(model, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch
     z = reps[:, -1]
     with torch.no_grad():
         rank = plr_kernels.target_rank(z.detach(), model.item_emb.detach(), tgt, exclude_index=PADDING,
-                                       backend=model.kernels)
+                                       backend=model.backend)
         rewards = ranking_reward(rank, model.reward).view(g, b).to(z.dtype)
         adv = group_advantages(rewards, model.advantage_eps)
     policy = grpo_policy_loss(step_logp, adv)

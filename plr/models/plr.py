@@ -49,7 +49,7 @@ class PLRModel(SequentialRecommender):
     """A backbone encoder (SASRec by default) + M parallel latent reasoning streams of T steps.
 
     Args (beyond the backbone's ``max_len, hidden_size, num_layers, num_heads,
-    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``):
+    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, backend``):
         num_streams: M, reasoning streams (>= 1).
         num_steps: T, latent steps per stream (>= 1).
         kl_weight: lambda of Eq. 11.
@@ -83,10 +83,10 @@ class PLRModel(SequentialRecommender):
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
                  rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "full",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", kernels: str = "auto",
+                 readout: str = "final", backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
-                         attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
+                         attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
@@ -95,7 +95,7 @@ class PLRModel(SequentialRecommender):
             kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
             rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, rcl_view=rcl_view,
             reasoning_dropout=reasoning_dropout,
-            readout=readout, kernels=kernels, backbone=backbone, backbone_args=backbone_args,
+            readout=readout, backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
         self.num_steps = check_positive_int("num_steps", num_steps)
@@ -148,7 +148,7 @@ class PLRModel(SequentialRecommender):
         h0 = prefix.hidden[:, -1]
         h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m
         return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps, self.reasoning_input,
-                                self.kernels)
+                                self.backend)
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         return self._reason_last(self.backbone.encode(item_seq))
@@ -167,7 +167,7 @@ class PLRModel(SequentialRecommender):
         h0 = prefix.hidden[rows]  # [R,d]: h_0 of every prefix
         h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
         states = stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
-                                       self.reasoning_input, self.kernels)
+                                       self.reasoning_input, self.backend)
         return self._aggregate(h0, states)
 
     def _aggregate(self, h0: torch.Tensor, states: torch.Tensor) -> ModelOutput:
@@ -229,7 +229,7 @@ class PLRModel(SequentialRecommender):
                 states = states * (self.temperature / self.kl_temperature)
             kl, nip = reasoning_losses(
                 states, z_rea, self.item_emb, target, temperature=self.temperature,
-                exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.kernels,
+                exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.backend,
             )
             # The diversity term, per user: c tanh(KL / c) (bounded) or KL (literal).
             term = self.kl_margin * torch.tanh(kl / self.kl_margin) if self.kl_bounded else kl
@@ -237,7 +237,7 @@ class PLRModel(SequentialRecommender):
             return nip + self.kl_sign * self.kl_weight * term.mean(), nip, kl
         nip = plr_kernels.linear_cross_entropy(
             z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
-            backend=self.kernels,
+            backend=self.backend,
         )
         return nip, nip, torch.zeros((), dtype=nip.dtype, device=nip.device)
 

@@ -16,7 +16,7 @@ import torch
 
 
 def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
-                     step_input: Callable[[torch.Tensor, int], torch.Tensor], kernels: str) -> torch.Tensor:
+                     step_input: Callable[[torch.Tensor, int], torch.Tensor], backend: str) -> torch.Tensor:
     """Run ``num_steps`` reasoning steps of every stream.
 
     Args:
@@ -25,14 +25,14 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
         h_start: ``[B, M, d]`` the state each stream starts from (``h_{0,m}``).
         step_input: ``(h_prev [B,M,d], step) -> [B,M,d]``, the input token of
             step ``step`` (0-based) from the previous state.
-        kernels: ``plr_kernels`` backend of the attention.
+        backend: ``plr_kernels`` backend of the attention.
 
     Returns:
         ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (Eq. 5).
     """
     caches = [None] * len(layers)
     keys, values = prefix.keys, prefix.values
-    if num_steps > 1 and kernels != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
+    if num_steps > 1 and backend != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
         # Inference on a GPU: the CUDA forward reads the prefix cache contiguous;
         # lay it out so once per layer instead of once per step. (The CPU kernel
         # and Triton read the head-split layout in place; the reference reads any
@@ -42,14 +42,14 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
     for step in range(num_steps):
         x = step_input(h_prev, step)
         for i, layer in enumerate(layers):
-            x, caches[i] = layer.forward_step(x, keys[i], values[i], prefix.key_mask, caches[i], kernels)
+            x, caches[i] = layer.forward_step(x, keys[i], values[i], prefix.key_mask, caches[i], backend)
         h_prev = x
         states.append(x)
     return torch.stack(states, dim=1)
 
 
 def stream_reasoning_rows(layers, prefix, rows, h_start: torch.Tensor, num_steps: int,
-                          step_input: Callable[[torch.Tensor, int], torch.Tensor], kernels: str) -> torch.Tensor:
+                          step_input: Callable[[torch.Tensor, int], torch.Tensor], backend: str) -> torch.Tensor:
     """:func:`stream_reasoning` for R prefix ends of one encoder pass.
 
     ``prefix`` encodes whole sequences ``[B,N]`` (causal, start-anchored
@@ -65,7 +65,7 @@ def stream_reasoning_rows(layers, prefix, rows, h_start: torch.Tensor, num_steps
         x = step_input(h_prev, step)
         for i, layer in enumerate(layers):
             x, caches[i] = layer.forward_step_rows(x, rows, prefix.keys[i], prefix.values[i], prefix.key_mask,
-                                                   caches[i], kernels)
+                                                   caches[i], backend)
         h_prev = x
         states.append(x)
     return torch.stack(states, dim=1)
