@@ -35,9 +35,10 @@ import plr_kernels
 from plr_kernels.vocab_pass import reasoning_losses
 
 from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
+from ..transformer import PrefixEncoding
 from ..validation import check_positive_int, check_probability, check_target
 from .base import PADDING, ModelOutput, SequentialRecommender, position_major
-from .reasoning import stream_reasoning, stream_reasoning_rows
+from .reasoning import reasoning_step, step_prefix_cache
 
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
@@ -143,12 +144,25 @@ class PLRModel(SequentialRecommender):
         then LayerNorm and dropout as in ReaRec. ``h_prev [B,M,d]``."""
         return self.reasoning_dropout(self.reasoning_norm(h_prev + self.reasoning_position.weight[step]))
 
-    def reason(self, prefix) -> torch.Tensor:
-        """Eq. 3-5 with the shared prefix KV cache -> states ``h_{t,m}`` ``[B,T,M,d]``."""
-        h0 = prefix.hidden[:, -1]
-        h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m
-        return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps, self.reasoning_input,
-                                self.backend)
+    def reason(self, prefix: PrefixEncoding, h0: Optional[torch.Tensor] = None, rows=None) -> torch.Tensor:
+        """PLR Eq. 3-5 over the shared prefix KV cache -> the states ``h_{t,m}`` ``[B,T,M,d]``.
+
+        ``h0`` defaults to ``prefix.hidden[:, -1]``; with ``rows = (b [R], n [R])``
+        (sequence mode) ``h0 [R,d]`` are the h_0 of the R prefix ends and the
+        result is ``[R,T,M,d]``. One step, ``reasoning_step``, is Eq. 4-5 (its
+        docstring writes them out; plr/models/reasoning.py)."""
+        h0 = prefix.hidden[:, -1] if h0 is None else h0
+        keys, values = (prefix.keys, prefix.values) if rows is not None else \
+            step_prefix_cache(prefix, self.num_steps, self.backend)
+        caches = [None] * len(self.backbone.layers)  # each stream's own keys/values, per layer
+        h = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m   [B,M,d]
+        states = []
+        for t in range(self.num_steps):
+            x = self.reasoning_input(h, t)  # the step's input token: h_{t-1,m} + r_t (LN, dropout)
+            # Eq. 4-5: stream-isolated attention to the prefix and the stream's own tokens, all L layers.
+            h = reasoning_step(self.backbone.layers, x, keys, values, prefix.key_mask, caches, self.backend, rows)
+            states.append(h)
+        return torch.stack(states, dim=1)
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         return self._reason_last(self.backbone.encode(item_seq))
@@ -165,10 +179,7 @@ class PLRModel(SequentialRecommender):
 
     def _reason_rows(self, prefix, rows) -> ModelOutput:
         h0 = prefix.hidden[rows]  # [R,d]: h_0 of every prefix
-        h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
-        states = stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
-                                       self.reasoning_input, self.backend)
-        return self._aggregate(h0, states)
+        return self._aggregate(h0, self.reason(prefix, h0, rows))
 
     def _aggregate(self, h0: torch.Tensor, states: torch.Tensor) -> ModelOutput:
         """Eq. 6, 9, 10 from ``h0 [R,d]`` and the states ``[R,T,M,d]``."""
