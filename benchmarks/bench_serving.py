@@ -1,4 +1,4 @@
-"""End-to-end serving latency: SASRec vs PLR, reference ops vs compiled ops (DESIGN 7).
+"""End-to-end serving latency: SASRec vs PLR, reference ops vs compiled ops.
 
     python benchmarks/bench_serving.py [--items 12101 --hist 50 --batches 1 64 1024]
                                        [--device cpu] [--json OUT.json]
@@ -9,7 +9,7 @@ One call of ``model.recommend(histories, k=10)`` -- encode the history, reason
 (PLR: M streams x T steps over the shared prefix KV cache), score every item
 with ``z_final`` and take the top 10 -- timed for:
 
-* models: SASRec, PLR (M=2, T=2), PLR (M=8, T=2), all at the DESIGN defaults
+* models: SASRec, PLR (M=2, T=2), PLR (M=8, T=2), all at the default sizes (plr/configs/plr.yaml)
   (d=256, 2 layers, 2 heads, FFN 300), eval mode, untrained weights (latency
   does not depend on the values), full histories of ``--hist`` items;
 * ops: ``backend="torch"`` (the pure-PyTorch reference of every plr_kernels
@@ -19,7 +19,7 @@ with ``z_final`` and take the top 10 -- timed for:
 All variants are timed in one process, interleaved round by round (so drifts
 of the machine hit all of them alike), each round the median of
 ``torch.utils.benchmark`` blocked runs. Reported: median latency per call and
-the ratios PLR / SASRec (DESIGN 7 target for M=2, T=2: within +5%) and
+the ratios PLR / SASRec (target for M=2, T=2: within +5%; the paper reports +5.8%) and
 reference / compiled.
 
 HTTP (``plr serve``, FastAPI + uvicorn, in a subprocess on 127.0.0.1): a

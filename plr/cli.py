@@ -1,4 +1,4 @@
-"""The ``plr`` command line (DESIGN.md section 8).
+"""The ``plr`` command line (the commands: README.md).
 
     plr demo
     plr train --model plr --data PATH [--config CFG.yaml] [--set key=value ...] [--out RUN_DIR] [--resume]

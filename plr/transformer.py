@@ -13,7 +13,7 @@ Each block serves two callers:
   **shared prefix KV cache** of PLR;
 * ``forward_step`` runs the M new reasoning tokens of one step (one per
   stream) against that cache and the streams' own cached keys/values, through
-  ``plr_kernels.stream_attention`` (stream-isolated causal attention, Eq. 4-5);
+  ``plr_kernels.stream_attention`` (stream-isolated causal attention, PLR Eq. 4-5);
 * ``forward_step_rows`` runs that step for many prefix ends of one encoder
   pass at once (sequence training: every position n of a sequence is the end
   of a prefix), through ``stream_attention(..., causal_prefix=True)``.

@@ -1,4 +1,4 @@
-"""PLRModel as DESIGN.md section 3 describes it (PLR Eq. 3-11)."""
+"""PLRModel against PLR Eq. 3-11 (plr/models/plr.py)."""
 
 import pytest
 import torch
@@ -193,7 +193,7 @@ def test_kl_temperature_is_eq_7s_own(kl_temperature):
 
 
 def test_bounded_form_is_bounded_below_where_the_literal_one_runs_away():
-    """Minimising the literal Eq. 11 (-lambda * L_KL) drives the loss below any
+    """Minimising the literal PLR Eq. 11 (-lambda * L_KL) drives the loss below any
     bound by pushing the streams' distributions apart; the bounded form never
     goes below -lambda * c."""
     seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))

@@ -1,6 +1,6 @@
-"""The compiled CPU vocabulary pass (csrc/vocab_pass.cpp, DESIGN 4.2) against the
+"""The compiled CPU vocabulary pass (csrc/vocab_pass.cpp) against the
 reference: softmax statistics, multi-pair KL (PLR Eq. 7, both conventions),
-next-item cross-entropy (L_NIP, Eq. 11), the combined reasoning_losses, their
+next-item cross-entropy (L_NIP, PLR Eq. 11), the combined reasoning_losses, their
 gradients, determinism and memory.
 
 The C++ kernels tile the items by 64 KiB of widened rows (16..512 items) and

@@ -9,7 +9,7 @@ dropout, attn_dropout, layer_norm_eps, **backbone_args)`` with:
   with), and per layer the keys/values of every position -- the shared prefix
   KV cache PLR's reasoning streams attend to -- with ``key_mask [B,N']``;
 * ``layers``: the ``TransformerBlock`` list that reasoning tokens run through
-  (``forward_step``, stream-isolated attention over the cache, Eq. 4-5);
+  (``forward_step``, stream-isolated attention over the cache, PLR Eq. 4-5);
 * ``item_table() -> [num_items + 1, d]``: the item representations used as
   input embeddings and, tied, as the output layer (row 0 = padding);
 * ``reset_padding()``: called after weight initialisation.

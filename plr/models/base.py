@@ -29,7 +29,7 @@ class ModelOutput:
     h0: torch.Tensor  # [B,d] encoder output at the last item
     z_final: torch.Tensor  # [B,d] the vector inference scores with
     states: Optional[torch.Tensor] = None  # [B,T,M,d] reasoning states h_{t,m}
-    gate: Optional[torch.Tensor] = None  # [B,M] MoRS weights (Eq. 9)
+    gate: Optional[torch.Tensor] = None  # [B,M] MoRS weights (PLR Eq. 9)
     z_rea: Optional[torch.Tensor] = None  # [B,d] the vector training scores with
 
 

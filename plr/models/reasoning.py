@@ -30,12 +30,15 @@ def reasoning_step(layers, x: torch.Tensor, keys: List[torch.Tensor], values: Li
     the keys/values of stream m's own tokens so far (``caches[l]``, this step's
     appended):
 
-        a^l_{t,m} = softmax( q^l_{t,m} [K^l_P ; K^l_{1..t,m}]^T / sqrt(Dh) ) [V^l_P ; V^l_{1..t,m}]   (Eq. 4)
-        x^l_{t,m} = FFN(LN(x^{l-1}_{t,m} + W_O a^l_{t,m})),  h_{t,m} = x^L_{t,m}                  (Eq. 5)
+        a^l_{t,m} = softmax(q^l_{t,m} [K^l_P ; K^l_{1..t,m}]^T / sqrt(Dh)) [V^l_P ; V^l_{1..t,m}]
+        y^l_{t,m} = LN(x^{l-1}_{t,m} + W_O a^l_{t,m}),   x^l_{t,m} = LN(y^l_{t,m} + FFN(y^l_{t,m}))
+        h_{t,m}   = x^L_{t,m},   x^0_{t,m} = x_{t,m}                                   (PLR Eq. 4-5)
 
-    per head, post-LN blocks as the backbone's (plr/transformer.py,
-    ``TransformerBlock.forward_step``): stream m never sees stream m' != m, and
-    all M streams read the prefix cache once (``plr_kernels.stream_attention``).
+    per head (q, K, V the layer's projections of its input; padding prefix keys
+    masked out), in the post-LN blocks of the backbone (plr/transformer.py,
+    ``TransformerBlock.forward_step``; dropout omitted above): stream m never
+    sees a stream m' != m, and all M streams read the prefix cache once
+    (``plr_kernels.stream_attention``).
 
     ``caches`` (one entry per layer, ``None`` before the first step) is updated
     in place. ``rows = (b [R], n [R])`` runs the step for R prefix ends of one
@@ -77,7 +80,7 @@ def stream_reasoning(layers, prefix: PrefixEncoding, h_start: torch.Tensor, num_
         backend: ``plr_kernels`` backend of the attention.
 
     Returns:
-        ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (Eq. 5).
+        ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (PLR Eq. 5).
     """
     keys, values = step_prefix_cache(prefix, num_steps, backend)
     caches: List[StreamCache] = [None] * len(layers)
