@@ -217,7 +217,8 @@ class SequentialRecommender(nn.Module):
         if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS) or \
                 any(k not in payload for k in keys):
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
-        saved = model_class_named(payload["class"])
+        # A registered model (plr.registry.MODELS), else a subclass defined by the user and imported.
+        saved = model_class_named(payload["class"]) or imported_subclass(SequentialRecommender, payload["class"])
         if saved is None:
             raise ValueError(f"path: checkpoint holds unknown model class {payload['class']!r}")
         if not issubclass(saved, cls):
@@ -255,6 +256,15 @@ def _history_exclusion(item_seq: torch.Tensor, exclude_history) -> Optional[torc
     if not isinstance(exclude_history, bool):
         raise TypeError(f"exclude_history: expected a bool or a [B] bool tensor, got {type(exclude_history).__name__}")
     return item_seq if exclude_history else None
+
+
+def imported_subclass(base: type, class_name: str) -> Optional[type]:
+    """The subclass of ``base`` (at any depth, among those imported) named ``class_name``, or None."""
+    for sub in base.__subclasses__():
+        found = sub if sub.__name__ == class_name else imported_subclass(sub, class_name)
+        if found is not None:
+            return found
+    return None
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
