@@ -38,8 +38,12 @@ class Config:
     def __init__(self, model, size, samples, compiled, precision, data, device):
         self.name = f"{model}/{size}/{samples}/{'compiled' if compiled else 'eager'}/{precision}"
         s = SIZES[size]
+        model, _, overrides = model.partition(":")  # e.g. "plr:reg_rows=all;rcl_view=full"
         cfg = config_mod.shipped_config(model)["model"]
         cfg["hidden_size"] = s["hidden_size"]
+        for item in filter(None, overrides.split(";")):
+            key, _, value = item.partition("=")
+            cfg[key] = config_mod.yaml_value(value)
         torch.manual_seed(0)
         self.model = build_model(cfg, data[size].num_items, s["max_len"]).to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
@@ -110,7 +114,8 @@ def _status_kib(key: str) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--models", default="sasrec,plr")
+    ap.add_argument("--models", default="sasrec,plr",
+                    help="comma-separated; a model may carry shipped-config overrides: 'plr:reg_rows=all;rcl_view=full'")
     ap.add_argument("--sizes", default="d64,d256")
     ap.add_argument("--samples", default="prefix,sequence")
     ap.add_argument("--exec", default="eager,compiled")
@@ -153,8 +158,8 @@ def main():
         model, size, samples, ex, p = key.split("/")
         if samples == "sequence" and f"{model}/{size}/prefix/{ex}/{p}" in by:
             print(f"  {model}/{size}/{ex}/{p}: prefix / sequence = {by[f'{model}/{size}/prefix/{ex}/{p}'] / by[key]:.2f}")
-        if model == "plr" and f"sasrec/{size}/{samples}/{ex}/{p}" in by:
-            print(f"  {size}/{samples}/{ex}/{p}: plr / sasrec = {by[key] / by[f'sasrec/{size}/{samples}/{ex}/{p}']:.2f}")
+        if model != "sasrec" and f"sasrec/{size}/{samples}/{ex}/{p}" in by:
+            print(f"  {size}/{samples}/{ex}/{p}: {model} / sasrec = {by[key] / by[f'sasrec/{size}/{samples}/{ex}/{p}']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": rows}, f, indent=2)

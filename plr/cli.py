@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("benchmark", help="run a suite of (model, dataset, config) runs and write the table")
     bench.add_argument("suite", help="suite YAML (see plr.benchmark)")
-    bench.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the suite")
+    bench.add_argument("--only", nargs="+", action="extend", metavar="RUN", help="run only these runs of the suite")
     bench.add_argument("--out", help="put the run directories and the report here instead of the suite's out")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check the suite and list its runs, train nothing")

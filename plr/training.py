@@ -257,7 +257,9 @@ class Trainer:
                 self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
             else:
                 self.state["bad_epochs"] += 1
-            self.state["history"].append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()}})
+            # train_seconds: cumulative training time (evaluation excluded) at the end of the epoch
+            self.state["history"].append({"epoch": epoch, **losses, "train_seconds": round(self.state["train_seconds"], 2),
+                                          **{f"valid_{k}": v for k, v in valid.items()}})
             self.log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items())
                      + f" | valid {metric}={valid[metric]:.4f}" + (" *" if improved else ""))
             self.state.update(epoch=epoch + 1, step_in_epoch=0)

@@ -13,7 +13,8 @@ the test split is never read while tuning. The objective is the best
 validation value of ``eval.metric``. The study lives in ``OUT/study.db``
 (SQLite), so a killed search continues where it stopped: a trial that was
 running is run again with the same parameters and resumes its directory.
-``--trials N`` is the total number of finished trials. Results:
+``--trials N`` is the total number of finished trials, each with a distinct
+parameter set (a draw that repeats a finished one is pruned and drawn again). Results:
 ``OUT/best.yaml`` (the whole config of the best trial, usable as
 ``--config`` or a suite's ``config_file``), ``OUT/trials.csv`` and
 ``OUT/history.png``. One process per study (no parallel workers).
@@ -159,6 +160,9 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
         study_name="plr-tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=cfg["train"]["seed"] if seed is None else seed),
     )
+    # A resumed study must not replay the random draws of the first session: the
+    # sampler's seed moves on with the number of trials already in the study.
+    study.sampler = optuna.samplers.TPESampler(seed=(cfg["train"]["seed"] if seed is None else seed) + len(study.trials))
     saved_space = study.user_attrs.get("space")
     if saved_space is not None and saved_space != json.loads(json.dumps(space)):
         raise SpaceError(f"out: {out} holds a study of another search space; use a new --out")
@@ -168,8 +172,17 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
         study.enqueue_trial(stale.params)
         study.tell(stale.number, state=TrialState.FAIL)
 
+    def finished_ids() -> set:
+        return {trial_id(suggest(optuna.trial.FixedTrial(t.params), space))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
     def objective(trial) -> float:
         params = suggest(trial, space)
+        if trial_id(params) in finished_ids():
+            # A parameter set already trained would count twice against the
+            # budget of distinct trials: draw again.
+            log(f"trial {trial.number}: {params} already tried, drawing again")
+            raise optuna.TrialPruned("duplicate parameters")
         run_dir = out / "trials" / trial_id(params)
         trial.set_user_attr("run_dir", str(run_dir))
         run_cfg = apply(cfg, params)
@@ -180,9 +193,13 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
         log(f"trial {trial.number}: valid {metric} = {value:.4f}")
         return value
 
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done < trials:
-        study.optimize(objective, n_trials=trials - done, catch=())
+    draws = 0
+    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < trials:
+        if draws >= 50 * trials:
+            raise SpaceError(f"space: {draws} draws found only {len(finished_ids())} distinct parameter sets, "
+                             f"fewer than --trials {trials}; widen the space or lower --trials")
+        study.optimize(objective, n_trials=1, catch=())
+        draws += 1
     best = study.best_trial
     best_params = suggest(optuna.trial.FixedTrial(best.params), space)
     best_cfg = apply(cfg, best_params)
@@ -193,12 +210,13 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
 
 
 def write_trials(study, space: Dict[str, Any], metric: str, out: Path) -> None:
-    """``trials.csv`` (every trial: number, state, parameters, value) and ``history.png``."""
+    """``trials.csv`` (every trial trained: number, state, parameters, value; not the
+    draws pruned as repeats) and ``history.png``."""
     from optuna.trial import TrialState
 
     names = list(space)
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)):
         params = {n: t.params.get(space[n]["same_as"] if isinstance(space[n], dict) and "same_as" in space[n]
                                   else n) for n in names}
         rows.append({"trial": t.number, "state": t.state.name, **params, f"valid_{metric}": t.value,

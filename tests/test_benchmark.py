@@ -187,6 +187,24 @@ def test_tune_searches_on_validation_only_and_resumes(tmp_path, dataset):
     assert len(rows) == 1 + 3 and rows[0].startswith("trial,state,model.dropout,model.attn_dropout,train.lr")
 
 
+def test_tune_trials_are_distinct_parameter_sets(tmp_path, dataset):
+    """A two-point space: two trials train both points (repeated draws are
+    drawn again, never trained twice); a third cannot exist."""
+    from plr.tuning import SpaceError
+
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.3]}))
+    log = []
+    tune(cfg, dataset, space, tmp_path / "study", 2, log=log.append)
+    trained = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "study" / "trials").iterdir()]
+    assert len(trained) == 2 and sum("valid ndcg@10" in line for line in log) == 2
+    saved = sorted(config.load_yaml(d / "config.yaml")["model"]["dropout"]
+                   for d in (tmp_path / "study" / "trials").iterdir())
+    assert saved == [0.1, 0.3]
+    with pytest.raises(SpaceError, match=r"only 2 distinct parameter sets, fewer than --trials 3"):
+        tune(cfg, dataset, space, tmp_path / "study", 3, log=log.append)
+
+
 def test_a_trial_killed_while_running_is_run_again_with_its_parameters(tmp_path, dataset):
     import optuna
 

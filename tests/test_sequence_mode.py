@@ -108,6 +108,58 @@ def test_sequence_loss_equals_prefix_loss_and_gradients(name, contrastive, kerne
     assert checked >= len(params) // 2  # most gradients are nonzero, so the comparison bites
 
 
+def test_reg_rows_batch_regularises_b_random_rows(monkeypatch):
+    """PLR ``reg_rows="batch"``: L_NIP over all R rows of the sequence batch,
+    L_KL and L_RCL over the B rows drawn, each exactly what a prefix batch of
+    those B prefixes gives (loss, parts and every gradient, fp64, 1e-10)."""
+    torch.manual_seed(1)
+    args = dict(MODELS["plr"], kl_weight=0.5)
+    model = model_class("plr")(V, max_len=L, backend="torch", reg_rows="batch", **TINY, **args).double().train()
+    seq, tgt = sequence_batch()
+    hist, target = as_prefix_samples(seq, tgt)
+    r, b = len(target), seq.shape[0]
+    assert r > b
+    pick = torch.tensor([9, 0, 4, 13, 6])  # the rows the step "draws"
+    drawn = []
+    real_randperm = torch.randperm
+
+    def fake_randperm(n, *a, **kw):
+        drawn.append(n)
+        return torch.cat([pick, torch.tensor([i for i in range(n) if i not in pick.tolist()])])
+    monkeypatch.setattr(torch, "randperm", fake_randperm)
+    params = list(model.parameters())
+    loss_s, parts_s = model.compute_sequence_loss(seq, tgt)
+    monkeypatch.setattr(torch, "randperm", real_randperm)
+    assert drawn == [r]
+    grads_s = torch.autograd.grad(loss_s, params, allow_unused=True)
+    # L_NIP of every row: the sequence loss of the same model without regularisers
+    model.kl_weight, model.rcl_weight = 0.0, 0.0
+    nip_all, _ = model.compute_sequence_loss(seq, tgt)
+    grads_nip = torch.autograd.grad(nip_all, params, allow_unused=True)
+    # L_KL and L_RCL of the drawn rows: a prefix batch of exactly those prefixes
+    model.kl_weight, model.rcl_weight = 0.5, 1.0
+    loss_p, parts_p = model.compute_loss(hist[pick], target[pick])
+    reg_p = loss_p - parts_p["nip"]
+    grads_reg = torch.autograd.grad(loss_p, params, allow_unused=True)
+    assert abs(parts_s["nip"].item() - nip_all.item()) < 1e-10
+    assert abs(parts_s["kl"].item() - parts_p["kl"].item()) < 1e-10 and parts_p["kl"].item() > 0
+    assert abs(parts_s["rcl"].item() - parts_p["rcl"].item()) < 1e-10 and parts_p["rcl"].item() > 0
+    assert abs(loss_s.item() - (nip_all.item() + reg_p.item())) < 1e-10
+    # gradients: d(loss_s) = d(nip_all) + d(loss_p) - d(nip of the B prefixes)
+    model.kl_weight, model.rcl_weight = 0.0, 0.0
+    nip_p, _ = model.compute_loss(hist[pick], target[pick])
+    grads_nip_p = torch.autograd.grad(nip_p, params, allow_unused=True)
+    for p, gs, gn, gr, gq in zip(params, grads_s, grads_nip, grads_reg, grads_nip_p):
+        zero = torch.zeros_like(p)
+        want = (zero if gn is None else gn) + (zero if gr is None else gr) - (zero if gq is None else gq)
+        assert torch.allclose(zero if gs is None else gs, want, rtol=0, atol=1e-10), p.shape
+
+
+def test_reg_rows_is_checked():
+    with pytest.raises(ValueError, match=r"reg_rows: expected one of \['all', 'batch'\], got 'some'"):
+        model_class("plr")(V, max_len=L, reg_rows="some", **TINY)
+
+
 @pytest.mark.parametrize("group_size", [1, 4, 7, 30])
 def test_grouped_contrastive_loss_is_the_mean_over_groups(group_size):
     from plr.losses import grouped_contrastive_loss, reasoning_contrastive_loss

@@ -44,6 +44,7 @@ KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
 READOUTS = ("final", "rea", "h0")
 RCL_VIEWS = ("full", "reasoning")
+REG_ROWS = ("all", "batch")
 
 
 class PLRModel(SequentialRecommender):
@@ -74,6 +75,15 @@ class PLRModel(SequentialRecommender):
         reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
         readout: the vector inference scores with: ``"final"`` = h_0 + z_rea
             (Eq. 10, dual process), ``"rea"`` = z_rea, ``"h0"`` = h_0.
+        reg_rows: the rows of a sequence-mode batch (``train.samples:
+            sequence``; B sequences, R >= B prefix ends) that the regularisers
+            L_KL (Eq. 7) and L_RCL (Eq. 8) are taken over: ``"all"`` every
+            prefix end, ``"batch"`` B of them drawn uniformly without
+            replacement each step -- as many as a prefix-mode batch of B samples
+            regularises, an unbiased estimate of the mean over all rows at ~B/R
+            of the cost (the K = T*M states' pass over the item table is most of
+            a PLR step). L_NIP is over every row either way; prefix mode
+            (R = B) is unaffected.
     """
 
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
@@ -84,7 +94,7 @@ class PLRModel(SequentialRecommender):
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
                  rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "full",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", backend: str = "auto",
+                 readout: str = "final", reg_rows: str = "all", backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
@@ -96,7 +106,7 @@ class PLRModel(SequentialRecommender):
             kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
             rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, rcl_view=rcl_view,
             reasoning_dropout=reasoning_dropout,
-            readout=readout, backend=backend, backbone=backbone, backbone_args=backbone_args,
+            readout=readout, reg_rows=reg_rows, backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
         self.num_steps = check_positive_int("num_steps", num_steps)
@@ -109,6 +119,8 @@ class PLRModel(SequentialRecommender):
             raise ValueError(f"kl_form: expected one of {list(KL_FORMS)}, got {kl_form!r}")
         if rcl_view not in RCL_VIEWS:
             raise ValueError(f"rcl_view: expected one of {list(RCL_VIEWS)}, got {rcl_view!r}")
+        if reg_rows not in REG_ROWS:
+            raise ValueError(f"reg_rows: expected one of {list(REG_ROWS)}, got {reg_rows!r}")
         if readout not in READOUTS:
             raise ValueError(f"readout: expected one of {list(READOUTS)}, got {readout!r}")
         for name, value in (("kl_margin", kl_margin), ("rcl_temperature", rcl_temperature),
@@ -125,6 +137,7 @@ class PLRModel(SequentialRecommender):
         self.rcl_temperature = float(rcl_temperature)
         self.rcl_view = rcl_view
         self.readout = readout
+        self.reg_rows = reg_rows
 
         # Eq. 3: one learnable trigger token tau_m per stream.
         self.trigger_tokens = nn.Parameter(torch.empty(num_streams, hidden_size))
@@ -222,49 +235,64 @@ class PLRModel(SequentialRecommender):
         samples; the second view is a second pass over the sequences."""
         prefix = self.backbone.encode(item_seq)
         out = self._reason_rows(prefix, rows)
-        second_view = (lambda: self._reason_rows(prefix, rows).states) if self.rcl_view == "reasoning" else \
-            (lambda: self.forward_rows(item_seq, rows).states)
-        return self._loss(out, target, second_view,
-                          rcl_groups=(position_major(rows), item_seq.shape[0]))
+        batch, pick, reg = item_seq.shape[0], None, rows
+        if self.reg_rows == "batch" and rows[0].shape[0] > batch:
+            # B of the R rows, uniformly without replacement, for L_KL and L_RCL.
+            pick = torch.randperm(rows[0].shape[0], device=rows[0].device)[:batch]
+            reg = (rows[0][pick], rows[1][pick])
+        second_view = (lambda: self._reason_rows(prefix, reg).states) if self.rcl_view == "reasoning" else \
+            (lambda: self.forward_rows(item_seq, reg).states)
+        return self._loss(out, target, second_view, rcl_groups=(position_major(reg), batch), pick=pick)
 
-    def _kl_and_nip(self, states: torch.Tensor, z_rea: torch.Tensor, target: torch.Tensor
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _kl_and_nip(self, states: torch.Tensor, z_rea: torch.Tensor, target: torch.Tensor,
+                    pick: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(nip + kl term, nip, kl)``, means over the rows: Eq. 7 over the K = T*M
-        states of each row and L_NIP of ``z_rea``, from one pass over the item table
-        (plr_kernels.vocab_pass.reasoning_losses)."""
-        if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
-            # The pass scores every row at ``temperature``; feeding the states scaled
-            # by temperature / kl_temperature gives Eq. 7 at kl_temperature exactly.
-            states = states.flatten(1, 2)
-            if self.kl_temperature != self.temperature:
-                states = states * (self.temperature / self.kl_temperature)
+        states of each row (of the rows ``pick`` only, if given) and L_NIP of
+        ``z_rea`` over every row; with ``pick`` None from one pass over the item
+        table (plr_kernels.vocab_pass.reasoning_losses)."""
+        if not (self.kl_weight > 0 and self.num_steps * self.num_streams >= 2):
+            nip = self._nip(z_rea, target)
+            return nip, nip, torch.zeros((), dtype=nip.dtype, device=nip.device)
+        # The pass scores every row at ``temperature``; feeding the states scaled
+        # by temperature / kl_temperature gives Eq. 7 at kl_temperature exactly.
+        states = states.flatten(1, 2)
+        if self.kl_temperature != self.temperature:
+            states = states * (self.temperature / self.kl_temperature)
+        if pick is None:
             kl, nip = reasoning_losses(
                 states, z_rea, self.item_emb, target, temperature=self.temperature,
                 exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.backend,
             )
-            # The diversity term, per user: c tanh(KL / c) (bounded) or KL (literal).
-            term = self.kl_margin * torch.tanh(kl / self.kl_margin) if self.kl_bounded else kl
-            kl, nip = kl.mean(), nip.mean()
-            return nip + self.kl_sign * self.kl_weight * term.mean(), nip, kl
-        nip = plr_kernels.linear_cross_entropy(
-            z_rea, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING,
-            backend=self.backend,
-        )
-        return nip, nip, torch.zeros((), dtype=nip.dtype, device=nip.device)
+            nip = nip.mean()
+        else:
+            nip = self._nip(z_rea, target)
+            kl = plr_kernels.multi_pair_kl(states[pick], self.item_emb, temperature=self.temperature,
+                                           exclude_index=PADDING, detach_target=self.kl_detach_target,
+                                           backend=self.backend)
+        # The diversity term, per user: c tanh(KL / c) (bounded) or KL (literal).
+        term = self.kl_margin * torch.tanh(kl / self.kl_margin) if self.kl_bounded else kl
+        return nip + self.kl_sign * self.kl_weight * term.mean(), nip, kl.mean()
+
+    def _nip(self, z_rea: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """L_NIP of Eq. 11: the mean cross-entropy of ``z_rea`` over the item table."""
+        return plr_kernels.linear_cross_entropy(z_rea, self.item_emb, target, temperature=self.temperature,
+                                                exclude_index=PADDING, backend=self.backend)
 
     def _loss(self, out: ModelOutput, target: torch.Tensor, second_view: Callable[[], torch.Tensor],
-              rcl_groups=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+              rcl_groups=None, pick: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Eq. 11 from the output of one pass; ``second_view()`` runs the second
-        dropout view of the states for L_RCL; ``rcl_groups = (order, size)``
-        takes its negatives within groups of rows (sequence mode)."""
-        loss, nip, kl = self._kl_and_nip(out.states, out.z_rea, target)
+        dropout view of the states (of the rows ``pick``, if given) for L_RCL;
+        ``rcl_groups = (order, size)`` takes its negatives within groups of rows
+        (sequence mode); ``pick`` selects the rows of L_KL and L_RCL."""
+        loss, nip, kl = self._kl_and_nip(out.states, out.z_rea, target, pick)
+        states = out.states if pick is None else out.states[pick]
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
             # Eq. 8: a second pass draws independent dropout masks.
             if rcl_groups is None:
-                rcl = reasoning_contrastive_loss(out.states, second_view(), temperature=self.rcl_temperature)
+                rcl = reasoning_contrastive_loss(states, second_view(), temperature=self.rcl_temperature)
             else:
-                rcl = grouped_contrastive_loss(out.states, second_view(), *rcl_groups,
+                rcl = grouped_contrastive_loss(states, second_view(), *rcl_groups,
                                                temperature=self.rcl_temperature)
             loss = loss + self.rcl_weight * rcl
         return loss, {"nip": nip.detach(), "kl": kl.detach(), "rcl": rcl.detach()}
