@@ -1,4 +1,4 @@
-"""End-to-end serving latency: SASRec vs PLR, reference ops vs compiled ops (DESIGN 7).
+"""End-to-end serving latency: SASRec vs PLR, reference ops vs compiled ops.
 
     python benchmarks/bench_serving.py [--items 12101 --hist 50 --batches 1 64 1024]
                                        [--device cpu] [--json OUT.json]
@@ -9,17 +9,17 @@ One call of ``model.recommend(histories, k=10)`` -- encode the history, reason
 (PLR: M streams x T steps over the shared prefix KV cache), score every item
 with ``z_final`` and take the top 10 -- timed for:
 
-* models: SASRec, PLR (M=2, T=2), PLR (M=8, T=2), all at the DESIGN defaults
+* models: SASRec, PLR (M=2, T=2), PLR (M=8, T=2), all at the default sizes (plr/configs/plr.yaml)
   (d=256, 2 layers, 2 heads, FFN 300), eval mode, untrained weights (latency
   does not depend on the values), full histories of ``--hist`` items;
-* ops: ``kernels="torch"`` (the pure-PyTorch reference of every plr_kernels
-  op) vs ``kernels="auto"`` (the compiled C++ kernels of plr_kernels._C on a
+* ops: ``backend="torch"`` (the pure-PyTorch reference of every plr_kernels
+  op) vs ``backend="auto"`` (the compiled C++ kernels of plr_kernels._C on a
   CPU; Triton, else the CUDA kernels, on a GPU).
 
 All variants are timed in one process, interleaved round by round (so drifts
 of the machine hit all of them alike), each round the median of
 ``torch.utils.benchmark`` blocked runs. Reported: median latency per call and
-the ratios PLR / SASRec (DESIGN 7 target for M=2, T=2: within +5%) and
+the ratios PLR / SASRec (target for M=2, T=2: within +5%; the paper reports +5.8%) and
 reference / compiled.
 
 HTTP (``plr serve``, FastAPI + uvicorn, in a subprocess on 127.0.0.1): a
@@ -63,7 +63,7 @@ OPS = ("torch", "auto")
 
 def build(name, ops, num_items, hist, hidden, device, dtype):
     torch.manual_seed(0)
-    args = dict(max_len=hist, hidden_size=hidden, num_layers=2, num_heads=2, inner_size=300, kernels=ops)
+    args = dict(max_len=hist, hidden_size=hidden, num_layers=2, num_heads=2, inner_size=300, backend=ops)
     return MODELS[name](num_items, args).to(device, dtype).eval()
 
 
@@ -91,7 +91,7 @@ def run(num_items, hist, batches, hidden, k, rounds, min_run_time, device, dtype
                 got = variants[(name, "auto")].recommend(seq, k=k)[1]
                 agree = float((ref == got).float().mean())
                 if agree < 0.99:
-                    raise RuntimeError(f"{name}: top-{k} of kernels=auto and kernels=torch agree on only "
+                    raise RuntimeError(f"{name}: top-{k} of backend=auto and backend=torch agree on only "
                                        f"{agree:.3f} of the entries")
         times = {key: [] for key in variants}
         for _ in range(rounds):
@@ -119,7 +119,7 @@ def ratios(rows):
 
 
 def compiled_backends(device):
-    """What ``kernels="auto"`` ran: stream_attention's inference backend, and
+    """What ``backend="auto"`` ran: stream_attention's inference backend, and
     topk's (on a GPU the measured choice of each shape class, made during the run)."""
     import importlib
 
@@ -255,7 +255,7 @@ def main(argv=None):
                     f"{torch.get_num_threads()} threads")
     backends = compiled_backends(args.device)
     print(f"recommend(k={args.k}) latency, {args.dtype}, V={args.items}, history {args.hist}, d={args.hidden}, "
-          f"{machine}; torch {torch.__version__}; kernels=auto ran {backends}")
+          f"{machine}; torch {torch.__version__}; backend=auto ran {backends}")
     print(f"{'batch':>6} {'model':<13} {'reference ms':>13} {'compiled ms':>12} {'ref/compiled':>13}")
     by = {(r["batch"], r["model"], r["ops"]): r["ms"] for r in rows}
     for batch in args.batches:

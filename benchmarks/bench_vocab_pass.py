@@ -1,7 +1,7 @@
-"""Vocabulary pass (DESIGN 4.2 / 7): fused Triton path vs the PyTorch reference.
+"""Vocabulary pass (plr_kernels/vocab_pass.py): fused Triton path vs the PyTorch reference.
 
 One training step of PLR's two vocabulary losses -- L_KL over the K = 4
-reasoning states (Eq. 7) and L_NIP of z (Eq. 11), forward and backward to the
+reasoning states (PLR Eq. 7) and L_NIP of z (PLR Eq. 11), forward and backward to the
 states, z and the item table -- timed with pytest-benchmark; the peak extra
 CUDA memory of the step goes to ``extra_info["peak_extra_MiB"]``.
 

@@ -1,4 +1,4 @@
-"""The ``plr`` command line (DESIGN.md section 8).
+"""The ``plr`` command line (the commands: README.md).
 
     plr demo
     plr train --model plr --data PATH [--config CFG.yaml] [--set key=value ...] [--out RUN_DIR] [--resume]
@@ -219,8 +219,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .backbones import BACKBONES
-    from .models import MODELS
+    from .registry import BACKBONES, MODELS
 
     parser = argparse.ArgumentParser(prog="plr", description="Parallel Latent Reasoning for sequential recommendation")
     parser.add_argument("--version", action="version", version=f"plr {__version__}")

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .config_schema import Bool, Choice, Float, Int, ListOf, Str, key, parse_section
+from .deprecations import upgrade_config
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -155,8 +156,10 @@ def load_yaml(path) -> Dict[str, Any]:
 
 
 def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    """Recursive dict merge; ``update`` wins."""
-    out = copy.deepcopy(base)
+    """Recursive dict merge; ``update`` wins (renamed model keys read under their
+    new names first, ``plr.deprecations``)."""
+    out = copy.deepcopy(upgrade_config(base))
+    update = upgrade_config(update)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
@@ -204,6 +207,7 @@ def check(cfg: Dict[str, Any]) -> Dict[str, Any]:
     reject unknown sections and keys (``UserError`` naming the key)."""
     if not isinstance(cfg, dict):
         raise UserError(f"config: expected a mapping of sections, got {type(cfg).__name__}")
+    cfg = upgrade_config(cfg)  # old key names (plr.deprecations)
     unknown = set(cfg) - set(SECTIONS) - {"model"}
     if unknown:
         raise UserError(f"config: unknown section(s) {sorted(unknown)}; expected model, data, train, eval",

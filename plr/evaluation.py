@@ -59,7 +59,7 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
                  desc: str = "evaluate") -> torch.Tensor:
     """Ranks ``[U]`` of ``target`` among all items for the histories ``item_seq [U, L]``,
     scored with the model's inference vector (``model.inference_vector``: ``z_final``, PLR
-    Eq. 10). Raises ``NonFiniteScores`` if any of them is NaN or infinite."""
+    PLR Eq. 10). Raises ``NonFiniteScores`` if any of them is NaN or infinite."""
     was_training = model.training
     model.eval()
     device = model.device
@@ -75,7 +75,7 @@ def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_s
             out.append(plr_kernels.target_rank(
                 z, model.item_emb, target[start:start + batch_size].to(device), exclude_index=PADDING,
                 exclude_items=seq if exclude_history else None, ties=ties,
-                backend=model.kernels).cpu())
+                backend=model.backend).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)

@@ -1,4 +1,6 @@
-"""The two training phases of LARES (plr.models.lares): SPT, then RPT from the best SPT model.
+"""Running the two training phases of LARES (plr.models.lares): SPT, then RPT from the best SPT model.
+
+(The phases' losses are in plr/models/lares_phases.py; this module runs them into run directories.)
 
 ``model.phase`` chooses what one ``plr train --model lares`` runs:
 

@@ -1,4 +1,7 @@
-"""Auxiliary losses of PLR."""
+"""The contrastive losses of plr: PLR Eq. 8 (``reasoning_contrastive_loss``, and
+``grouped_contrastive_loss`` for sequence mode), also used by ReaRec-PRL
+(plr/models/rearec.py) and by LARES's step-level alignment
+(plr/models/lares_objectives.py)."""
 
 from __future__ import annotations
 

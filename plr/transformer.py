@@ -1,4 +1,10 @@
-"""Post-LayerNorm transformer blocks of SASRec (RecBole / ReaRec layout).
+"""The transformer pieces every backbone and model of plr is built from.
+
+* ``TransformerBackbone``: what the backbones of ``plr/backbones/`` share --
+  learned positions, the input LayerNorm and dropout, L post-LN blocks run
+  under an arbitrary mask -- and ``PrefixEncoding``, what ``encode`` returns
+  (``H_enc`` and the per-layer prefix KV cache); ``causal_mask`` the SASRec mask.
+* ``TransformerBlock``: post-LayerNorm blocks of SASRec (RecBole / ReaRec layout).
 
 Each block serves two callers:
 
@@ -7,7 +13,7 @@ Each block serves two callers:
   **shared prefix KV cache** of PLR;
 * ``forward_step`` runs the M new reasoning tokens of one step (one per
   stream) against that cache and the streams' own cached keys/values, through
-  ``plr_kernels.stream_attention`` (stream-isolated causal attention, Eq. 4-5);
+  ``plr_kernels.stream_attention`` (stream-isolated causal attention, PLR Eq. 4-5);
 * ``forward_step_rows`` runs that step for many prefix ends of one encoder
   pass at once (sequence training: every position n of a sequence is the end
   of a prefix), through ``stream_attention(..., causal_prefix=True)``.
@@ -15,7 +21,8 @@ Each block serves two callers:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -190,3 +197,71 @@ class TransformerBlock(nn.Module):
     def forward_step_rows(self, x, rows: Rows, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
         y, cache = self.attention.forward_step_rows(x, rows, k_prefix, v_prefix, prefix_mask, cache, backend)
         return self.feed_forward(y), cache
+
+
+@dataclass
+class PrefixEncoding:
+    """What a backbone's ``encode`` returns: ``hidden[:, -1]`` is h_0, and the
+    per-layer keys/values are the shared prefix KV cache of PLR."""
+
+    hidden: torch.Tensor  # H_enc [B,N,d]
+    keys: List[torch.Tensor]  # per layer [B,H,N,Dh]
+    values: List[torch.Tensor]  # per layer [B,H,N,Dh]
+    key_mask: torch.Tensor  # [B,N] bool, True = a real item
+
+
+def causal_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """``[B,N]`` valid keys -> ``[B,N,N]``: causal over valid keys.
+
+    The diagonal is always open so a padding query attends to itself and
+    stays finite; no real position ever attends to a padding one.
+    """
+    n = key_mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=key_mask.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=key_mask.device)
+    return (causal & key_mask[:, None, :]) | eye
+
+
+class TransformerBackbone(nn.Module):
+    """What the backbones share: learned positions, the input LayerNorm and
+    dropout, and L post-LN blocks run under an arbitrary mask. Subclasses own
+    the item representations (``item_embedding`` when they have one)."""
+
+    def __init__(self, num_items, max_len, num_positions, hidden_size, num_layers, num_heads, inner_size,
+                 dropout, attn_dropout, layer_norm_eps):
+        super().__init__()
+        # True when one causal pass over a sequence gives h_0 of every prefix
+        # (start-anchored positions, causal attention): plr's sequence training mode.
+        self.causal_sequences = False
+        self.num_items = num_items
+        self.max_len = max_len
+        self.num_heads = num_heads
+        self.position_embedding = nn.Embedding(num_positions, hidden_size)
+        self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.input_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+
+    def reset_padding(self) -> None:
+        """Zero the padding row of the item embedding after initialisation."""
+        table = getattr(self, "item_embedding", None)
+        if table is not None:
+            with torch.no_grad():
+                table.weight[0].zero_()
+
+    def embed(self, item_vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """X_0 = dropout(LN(v + P[positions])) for ``item_vectors [B,L,d]``;
+        ``positions`` is ``[L]`` (shared by all rows) or ``[B,L]``."""
+        pos = self.position_embedding(positions)
+        return self.input_dropout(self.input_norm(item_vectors + (pos[None] if positions.dim() == 1 else pos)))
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
+        """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
+        keys, values = [], []
+        for layer in self.layers:
+            x, k, v = layer.forward_full(x, mask)
+            keys.append(k)
+            values.append(v)
+        return x, keys, values

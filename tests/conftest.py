@@ -1,7 +1,7 @@
 """Test-wide setup.
 
 Triton kernels run on the CPU through the interpreter; the variable must be
-set before anything imports triton (DESIGN.md section 6).
+set before anything imports triton (its limits: ARCHITECTURE.md, "Testing").
 """
 
 import os

@@ -25,14 +25,14 @@ needs_ml100k = pytest.mark.skipif(not ML100K.is_dir(), reason="shared data (ml-1
 
 
 def small_bert4rec(**overrides):
-    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, kernels="torch")
+    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, backend="torch")
     args.update(overrides)
     return BERT4RecModel(NUM_ITEMS, **args)
 
 
 def small_plr(**overrides):
     args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, num_streams=3,
-                num_steps=3, kernels="torch", backbone="bert4rec")
+                num_steps=3, backend="torch", backbone="bert4rec")
     args.update(overrides)
     return PLRModel(NUM_ITEMS, **args)
 
@@ -174,7 +174,7 @@ def test_bidirectional_unlike_sasrec():
     rows = torch.arange(5)
     for model_cls, moves in ((BERT4RecModel, True), (SASRecModel, False)):
         torch.manual_seed(0)
-        model = model_cls(NUM_ITEMS, max_len=9, hidden_size=12, num_heads=3, inner_size=17, kernels="torch")
+        model = model_cls(NUM_ITEMS, max_len=9, hidden_size=12, num_heads=3, inner_size=17, backend="torch")
         model = model.double().eval()
         with torch.no_grad():
             a = model.backbone.encode(seq).hidden[rows, first]
@@ -356,7 +356,7 @@ def ml100k():
 def test_loss_decreases_on_ml100k(ml100k, name, extra):
     torch.manual_seed(0)
     model = model_class(name)(ml100k.num_items, max_len=ml100k.max_len, hidden_size=16, num_heads=2,
-                              inner_size=32, dropout=0.1, kernels="torch", **extra).train()
+                              inner_size=32, dropout=0.1, backend="torch", **extra).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     order = torch.randperm(len(ml100k.train), generator=torch.Generator().manual_seed(0))
     nips = []

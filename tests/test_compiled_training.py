@@ -21,7 +21,7 @@ def test_sequence_loss_compiles_without_graph_breaks(name, args):
     """fullgraph=True fails on any graph break; the "eager" backend keeps the
     test fast (dynamo's trace is what is checked; inductor: benchmarks)."""
     torch._dynamo.reset()
-    model = model_class(name)(V, max_len=L, kernels="auto", **TINY, **args).train()
+    model = model_class(name)(V, max_len=L, backend="auto", **TINY, **args).train()
     inputs = model.prepare_sequences(*sequence_batch())
     compiled = torch.compile(model.sequence_loss, fullgraph=True, backend="eager", dynamic=True)
     loss_c, _ = compiled(*inputs)
@@ -40,7 +40,7 @@ def _train(precision: str, steps: int = 30):
     seqs = SequenceSamples.from_prefix_samples(ds.train)
     torch.manual_seed(0)
     model = model_class("plr")(ds.num_items, max_len=20, hidden_size=32, num_layers=1, num_heads=2, inner_size=32,
-                               dropout=0.1, kernels="auto", rcl_weight=0.0)
+                               dropout=0.1, backend="auto", rcl_weight=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(1))
     losses = []

@@ -24,7 +24,7 @@ def test_metrics_from_ranks_by_hand():
 def test_evaluate_equals_ranking_the_materialised_score_matrix():
     torch.manual_seed(0)
     model = SASRecModel(30, max_len=6, hidden_size=8, num_layers=1, num_heads=2, inner_size=8,
-                        kernels="torch").double()
+                        backend="torch").double()
     seq = torch.randint(1, 31, (13, 6))
     seq[:4, :2] = 0
     target = torch.randint(1, 31, (13,))

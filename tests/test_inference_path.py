@@ -36,7 +36,7 @@ def outputs(model, seq, grad):
 def test_no_grad_path_equals_the_autograd_path_bitwise(dtype, kernels, batch, streams, steps, hidden):
     torch.manual_seed(batch + steps)
     model = PLRModel(97, num_streams=streams, num_steps=steps, max_len=11, hidden_size=hidden, num_heads=2,
-                     inner_size=24, kernels=kernels).to(dtype).eval()
+                     inner_size=24, backend=kernels).to(dtype).eval()
     seq = histories(batch, 11, 97, seed=batch)
     fast, slow = outputs(model, seq, grad=False), outputs(model, seq, grad=True)
     eps = torch.finfo(dtype).eps
@@ -47,7 +47,7 @@ def test_no_grad_path_equals_the_autograd_path_bitwise(dtype, kernels, batch, st
 def test_rearec_no_grad_path_equals_the_autograd_path():
     torch.manual_seed(1)
     model = ReaRecERLModel(50, max_len=9, hidden_size=16, num_heads=2, inner_size=20, num_steps=3,
-                           kernels="torch").double().eval()
+                           backend="torch").double().eval()
     seq = histories(4, 9, 50, seed=4)
     with torch.no_grad():
         fast = model(seq).z_final
@@ -57,7 +57,7 @@ def test_rearec_no_grad_path_equals_the_autograd_path():
 def test_stacked_projection_follows_weight_changes():
     torch.manual_seed(2)
     model = PLRModel(40, num_streams=2, num_steps=2, max_len=6, hidden_size=16, num_heads=2, inner_size=20,
-                     kernels="torch").double()
+                     backend="torch").double()
     seq = histories(3, 6, 40, seed=3)
     model.eval()
     outputs(model, seq, grad=False)  # builds the stacked q/k/v weights
@@ -72,7 +72,7 @@ def test_stacked_projection_follows_weight_changes():
     assert torch.equal(fast[1], slow[1])
     # load_state_dict (in place copy) and a dtype change (new storage)
     other = PLRModel(40, num_streams=2, num_steps=2, max_len=6, hidden_size=16, num_heads=2, inner_size=20,
-                     kernels="torch").double().eval()
+                     backend="torch").double().eval()
     model.load_state_dict(other.state_dict())
     assert torch.equal(outputs(model, seq, grad=False)[1], outputs(other, seq, grad=True)[1])
     model.float()

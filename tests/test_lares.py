@@ -26,12 +26,13 @@ from plr.data.dataset import TrainSamples
 from plr.demo import synthetic_histories, write_sequences
 from plr.evaluation import per_user_metric
 from plr.models import SequentialRecommender, build_model
-from plr.models.lares import (LARESModel, exact_kl, group_advantages, grpo_policy_loss, k3_kl, ranking_reward,
-                              sample_depth, sla_loss, tla_loss, tla_positive_mask, truncated_normal_state)
+from plr.models.lares import LARESModel, sample_depth, truncated_normal_state
+from plr.models.lares_objectives import (exact_kl, group_advantages, grpo_policy_loss, k3_kl, ranking_reward, sla_loss,
+                                         tla_loss, tla_positive_mask)
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ML100K = DATA / "ml-100k_recbole"
-TINY = dict(max_len=8, hidden_size=16, inner_size=32, num_heads=2, dropout=0.1, kernels="torch")
+TINY = dict(max_len=8, hidden_size=16, inner_size=32, num_heads=2, dropout=0.1, backend="torch")
 
 
 def tiny_model(num_items=40, **kw):
@@ -280,7 +281,7 @@ def test_rpt_loss_wiring(kl_kind):
         model.compute_loss(seq, target)
     model.start_rpt(spt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), spt.state_dict().values()))
-    assert not any(p.requires_grad for p in model._reference.parameters())
+    assert not any(p.requires_grad for p in model.spt_reference.parameters())
     loss, parts = model.compute_loss(seq, target)
     assert parts["kl"].abs().item() < 1e-5
     # Identical rollouts: every advantage is 0, so is the policy term.
@@ -307,7 +308,7 @@ def eval_on(model, seq, target):
     model.eval()
     with torch.no_grad():
         z = model(seq).z_final
-        logp = -model._ce(z, target).item()
+        logp = -model.cross_entropy(z, target).item()
         rank = plr_kernels.target_rank(z, model.item_emb, target, exclude_index=0, backend="torch")
     model.train()
     return logp, rank.double().median().item(), (1.0 / rank.double()).mean().item()
@@ -316,7 +317,7 @@ def eval_on(model, seq, target):
 @pytest.fixture(scope="module")
 def spt_trained(ml100k):
     torch.manual_seed(0)
-    model = LARESModel(ml100k.num_items, max_len=20, hidden_size=32, inner_size=64, dropout=0.1, kernels="torch")
+    model = LARESModel(ml100k.num_items, max_len=20, hidden_size=32, inner_size=64, dropout=0.1, backend="torch")
     model.attach_training_data(ml100k.train)
     gen = torch.Generator().manual_seed(0)
     held_seq, held_target = ml100k.train.gather(torch.randperm(len(ml100k.train), generator=gen)[:256])
@@ -393,8 +394,8 @@ def test_rpt_trains_on_real_data(ml100k, spt_trained):
         opt.step()
         assert torch.isfinite(loss) and parts["kl"] >= 0 and 0 <= parts["reward"] <= 1
     assert rpt_objective(model, seq, target) < loss_before
-    frozen = expected_rollout_reward(model._reference.train(), seq, target)
-    model._reference.eval()
+    frozen = expected_rollout_reward(model.spt_reference.train(), seq, target)
+    model.spt_reference.eval()
     assert frozen == pytest.approx(reward_before)  # the reference stayed the SPT model
 
 
@@ -408,7 +409,7 @@ def synthetic(tmp_path_factory):
     return path
 
 
-CLI_TINY = ["model.hidden_size=16", "model.inner_size=32", "model.dropout=0.1", "model.kernels=torch",
+CLI_TINY = ["model.hidden_size=16", "model.inner_size=32", "model.dropout=0.1", "model.backend=torch",
             "model.group_size=2", "data.max_len=10", "data.format=sequences", "train.batch_size=32",
             "train.epochs=1", "train.max_steps_per_epoch=3", "train.progress=false", "eval.batch_size=256"]
 
@@ -474,7 +475,7 @@ def test_two_phase_runs_and_phase_errors(synthetic, tmp_path, capsys):
 
 def test_save_load_round_trip(tmp_path):
     model = build_model({"name": "lares", "hidden_size": 16, "inner_size": 32, "adapter": "gate",
-                         "num_core_layers": 2, "kernels": "torch"}, num_items=30, max_len=8)
+                         "num_core_layers": 2, "backend": "torch"}, num_items=30, max_len=8)
     model.eval()
     seq, _ = random_batch(num_items=30)
     model.save(str(tmp_path / "m.pt"), extra={"note": "x"})

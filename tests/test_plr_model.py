@@ -1,4 +1,4 @@
-"""PLRModel as DESIGN.md section 3 describes it (PLR Eq. 3-11)."""
+"""PLRModel against PLR Eq. 3-11 (plr/models/plr.py)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ NUM_ITEMS = 40
 
 def small_plr(**overrides):
     args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, num_streams=3,
-                num_steps=3, kernels="torch")
+                num_steps=3, backend="torch")
     args.update(overrides)
     return PLRModel(NUM_ITEMS, **args)
 
@@ -193,7 +193,7 @@ def test_kl_temperature_is_eq_7s_own(kl_temperature):
 
 
 def test_bounded_form_is_bounded_below_where_the_literal_one_runs_away():
-    """Minimising the literal Eq. 11 (-lambda * L_KL) drives the loss below any
+    """Minimising the literal PLR Eq. 11 (-lambda * L_KL) drives the loss below any
     bound by pushing the streams' distributions apart; the bounded form never
     goes below -lambda * c."""
     seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
@@ -267,7 +267,7 @@ def test_reasoning_contrastive_loss_by_hand():
 
 def test_sasrec_scores_with_h0():
     model = SASRecModel(NUM_ITEMS, max_len=9, hidden_size=8, num_layers=1, num_heads=2, inner_size=9,
-                        dropout=0.0, kernels="torch").double()
+                        dropout=0.0, backend="torch").double()
     seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
     loss, _ = model.compute_loss(seq, target)
     out = model(seq)
@@ -326,8 +326,8 @@ def test_bad_targets_and_configs_name_the_argument():
         small_plr(num_streams=0)
     with pytest.raises(ValueError, match=r"num_steps"):
         small_plr(num_steps=-1)
-    with pytest.raises(ValueError, match=r"kernels.*'gpu'"):
-        small_plr(kernels="gpu")
+    with pytest.raises(ValueError, match=r"backend.*'gpu'"):
+        small_plr(backend="gpu")
     with pytest.raises(ValueError, match=r"kl_objective"):
         small_plr(kl_objective="up")
     with pytest.raises(ValueError, match=r"kl_form.*'capped'"):

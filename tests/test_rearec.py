@@ -25,7 +25,7 @@ MODELS = [ReaRecERLModel, ReaRecPRLModel]
 
 
 def small(cls, **overrides):
-    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, num_steps=3, kernels="torch")
+    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, num_steps=3, backend="torch")
     args.update(overrides)
     return cls(NUM_ITEMS, **args)
 
@@ -269,7 +269,7 @@ def synthetic(tmp_path_factory):
 
 TINY = ["model.hidden_size=16", "model.inner_size=24", "model.num_heads=2", "model.dropout=0.2", "data.max_len=10",
         "data.format=sequences", "train.batch_size=32", "train.progress=false", "train.seed=5",
-        "train.max_steps_per_epoch=3", "model.kernels=torch"]
+        "train.max_steps_per_epoch=3", "model.backend=torch"]
 
 
 @pytest.mark.parametrize("name,extra", [
@@ -294,7 +294,7 @@ def test_a_few_steps_on_real_data_lower_the_loss(name):
     ds = build_dataset(read_interactions(DATA / "ml-100k_recbole"), max_len=20)
     torch.manual_seed(10)
     model = build_model({"name": name, "hidden_size": 16, "num_heads": 2, "inner_size": 24, "dropout": 0.1,
-                         "kernels": "torch"}, ds.num_items, 20).train()
+                         "backend": "torch"}, ds.num_items, 20).train()
     item_seq, target = ds.train.gather(torch.randperm(len(ds.train))[:256])
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     losses = []
@@ -387,12 +387,12 @@ def test_bad_targets_and_histories_name_the_argument(cls):
 
 @pytest.mark.parametrize("cls", MODELS)
 def test_triton_kernels_match_the_torch_reference(cls):
-    """kernels="triton" (interpreted on CPU: stream attention, the fused vocabulary
-    pass, linear cross-entropy) against kernels="torch", float64, loss and gradients."""
+    """backend="triton" (interpreted on CPU: stream attention, the fused vocabulary
+    pass, linear cross-entropy) against backend="torch", float64, loss and gradients."""
     torch.manual_seed(13)
     args = dict(num_steps=2, hidden_size=8, num_heads=2, inner_size=9, dropout=0.0, reasoning_dropout=0.0)
-    fused = small(cls, kernels="triton", **args).double().train()
-    ref = small(cls, kernels="torch", **args).double().train()
+    fused = small(cls, backend="triton", **args).double().train()
+    ref = small(cls, backend="torch", **args).double().train()
     ref.load_state_dict(fused.state_dict())
     seq, target = histories(3), targets(3)
     torch.manual_seed(14)

@@ -80,7 +80,7 @@ def test_sequence_loss_equals_prefix_loss_and_gradients(name, contrastive, kerne
     if name == "prl" and not contrastive:
         args["noise_std"] = 0.0
     torch.manual_seed(1)
-    model = model_class(name)(V, max_len=L, kernels=kernels, **TINY, **args).double()
+    model = model_class(name)(V, max_len=L, backend=kernels, **TINY, **args).double()
     model.train()
     seq, tgt = sequence_batch(one_target_per_row=contrastive)
     hist, target = as_prefix_samples(seq, tgt)
@@ -114,7 +114,7 @@ def test_reg_rows_batch_regularises_b_random_rows(monkeypatch):
     those B prefixes gives (loss, parts and every gradient, fp64, 1e-10)."""
     torch.manual_seed(1)
     args = dict(MODELS["plr"], kl_weight=0.5)
-    model = model_class("plr")(V, max_len=L, kernels="torch", reg_rows="batch", **TINY, **args).double().train()
+    model = model_class("plr")(V, max_len=L, backend="torch", reg_rows="batch", **TINY, **args).double().train()
     seq, tgt = sequence_batch()
     hist, target = as_prefix_samples(seq, tgt)
     r, b = len(target), seq.shape[0]
@@ -178,7 +178,7 @@ def test_sequence_loss_is_not_prefix_loss_with_end_anchored_positions():
     """Control: with positions counted over the left-padded array the two
     modes differ, so the exactness above rests on start-anchored positions."""
     torch.manual_seed(1)
-    model = model_class("sasrec")(V, max_len=L, kernels="torch", backbone_args={"positions": "end"}, **TINY).double()
+    model = model_class("sasrec")(V, max_len=L, backend="torch", backbone_args={"positions": "end"}, **TINY).double()
     seq, tgt = sequence_batch()
     hist, target = as_prefix_samples(seq, tgt)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_sequence_loss_is_not_prefix_loss_with_end_anchored_positions():
 
 def test_v1_checkpoints_keep_end_anchored_positions(tmp_path):
     torch.manual_seed(2)
-    legacy = model_class("plr")(V, max_len=L, kernels="torch", backbone_args={"positions": "end"}, **TINY).eval()
+    legacy = model_class("plr")(V, max_len=L, backend="torch", backbone_args={"positions": "end"}, **TINY).eval()
     hist, _ = as_prefix_samples(*sequence_batch())
     expected = legacy(hist).z_final
     path = tmp_path / "v1.pt"
@@ -203,7 +203,7 @@ def test_v1_checkpoints_keep_end_anchored_positions(tmp_path):
     loaded = SequentialRecommender.load(str(path)).eval()
     assert loaded.backbone.positions == "end" and not loaded.supports_sequences()
     assert torch.allclose(loaded(hist).z_final, expected, atol=1e-6)
-    fresh = model_class("plr")(V, max_len=L, kernels="torch", **TINY)
+    fresh = model_class("plr")(V, max_len=L, backend="torch", **TINY)
     fresh.load_state_dict(loaded.state_dict())
     assert not torch.allclose(fresh.eval()(hist).z_final, expected, atol=1e-4)  # the start-anchored default differs
     loaded.save(str(path))  # a re-save keeps the legacy positions in its config
@@ -218,14 +218,14 @@ def test_v1_checkpoints_keep_end_anchored_positions(tmp_path):
     (lambda s, t: t + 100, r"target: expected ids in \[0, 23\]"),
 ])
 def test_bad_sequence_targets_say_what_is_wrong(bad, match):
-    model = model_class("sasrec")(V, max_len=L, kernels="torch", **TINY)
+    model = model_class("sasrec")(V, max_len=L, backend="torch", **TINY)
     seq, tgt = sequence_batch()
     with pytest.raises((ValueError, TypeError), match=match):
         model.compute_sequence_loss(seq, bad(seq, tgt))
 
 
 def test_bidirectional_backbone_refuses_sequence_mode():
-    model = model_class("plr")(V, max_len=L, kernels="torch", backbone="bert4rec", **TINY)
+    model = model_class("plr")(V, max_len=L, backend="torch", backbone="bert4rec", **TINY)
     with pytest.raises(ValueError, match="train.samples: 'sequence' needs a causal backbone.*use 'prefix'"):
         model.compute_sequence_loss(*sequence_batch())
 

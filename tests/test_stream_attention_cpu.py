@@ -1,5 +1,5 @@
 """The compiled CPU kernels torch.ops.plr_kernels.stream_attention_fwd / _bwd
-(csrc/stream_attention.cpp, DESIGN 4.1) against plr_kernels.reference.
+(csrc/stream_attention.cpp, PLR Eq. 4-5) against plr_kernels.reference.
 
 Mirrors tests/test_stream_attention_triton.py; the dropout mask is checked
 against the Triton kernel's (same seed, same mask) and against a Philox4x32-10
@@ -356,7 +356,7 @@ def test_torch_compile_traces_without_graph_breaks():
 def small_model(kernels):
     torch.manual_seed(0)
     model = PLRModel(30, max_len=7, hidden_size=32, num_layers=2, num_heads=2, inner_size=24, num_streams=3,
-                     num_steps=2, dropout=0.0, reasoning_dropout=0.0, kernels=kernels)
+                     num_steps=2, dropout=0.0, reasoning_dropout=0.0, backend=kernels)
     return model.double()
 
 

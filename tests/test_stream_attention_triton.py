@@ -1,4 +1,4 @@
-"""Triton stream-isolated attention (DESIGN 4.1, PLR Eq. 4-5) against the reference.
+"""Triton stream-isolated attention (plr_kernels/triton/stream_attention.py, PLR Eq. 4-5) against the reference.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so the
 shapes are tiny and the (M, S, N, D) grid is a covering set, not a product.
@@ -223,7 +223,7 @@ def test_triton_backend_errors_on_cpu_without_interpreter(monkeypatch):
 def small_model(kernels):
     torch.manual_seed(0)
     model = PLRModel(30, max_len=7, hidden_size=32, num_layers=2, num_heads=2, inner_size=24, num_streams=3,
-                     num_steps=2, dropout=0.0, reasoning_dropout=0.0, kernels=kernels)
+                     num_steps=2, dropout=0.0, reasoning_dropout=0.0, backend=kernels)
     return model.double().to(DEVICE)
 
 
@@ -264,7 +264,7 @@ def test_plr_model_triton_equals_torch(monkeypatch, training):
 
 def test_plr_model_triton_attention_dropout_is_seeded_by_torch():
     model = PLRModel(30, max_len=7, hidden_size=32, num_layers=2, num_heads=2, inner_size=24, num_streams=3,
-                     num_steps=2, dropout=0.0, attn_dropout=0.3, reasoning_dropout=0.0, kernels="triton")
+                     num_steps=2, dropout=0.0, attn_dropout=0.3, reasoning_dropout=0.0, backend="triton")
     model = model.double().to(DEVICE).train()
     seq = torch.randint(1, 31, (3, 7), device=DEVICE)
     torch.manual_seed(5)

@@ -29,7 +29,7 @@ needs_ml100k = pytest.mark.skipif(not ML100K.is_dir(), reason=f"shared dataset n
 
 
 def small(model="unisrec", **overrides):
-    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, kernels="torch",
+    args = dict(max_len=9, hidden_size=12, num_layers=2, num_heads=3, inner_size=17, backend="torch",
                 backbone_args=dict(text_dim=TEXT_DIM, num_experts=3))
     if model == "plr":
         args.update(num_streams=3, num_steps=2, backbone="unisrec")
@@ -302,7 +302,7 @@ def ml100k():
 def test_a_few_steps_on_ml100k_lower_the_loss(kind, ml100k, text_cache):
     torch.manual_seed(0)
     args = dict(max_len=20, hidden_size=16, num_layers=1, num_heads=2, inner_size=32, dropout=0.1,
-                kernels="torch")
+                backend="torch")
     if kind == "plr":
         model = PLRModel(ml100k.num_items, backbone="unisrec", num_streams=2, num_steps=2, **args)
     else:

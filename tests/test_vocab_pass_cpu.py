@@ -1,6 +1,6 @@
-"""The compiled CPU vocabulary pass (csrc/vocab_pass.cpp, DESIGN 4.2) against the
+"""The compiled CPU vocabulary pass (csrc/vocab_pass.cpp) against the
 reference: softmax statistics, multi-pair KL (PLR Eq. 7, both conventions),
-next-item cross-entropy (L_NIP, Eq. 11), the combined reasoning_losses, their
+next-item cross-entropy (L_NIP, PLR Eq. 11), the combined reasoning_losses, their
 gradients, determinism and memory.
 
 The C++ kernels tile the items by 64 KiB of widened rows (16..512 items) and
@@ -377,9 +377,9 @@ def test_bad_inputs_name_the_argument():
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_plr_model_loss_and_gradients_with_cpu_kernels(detach):
-    # PLRModel(kernels="cpu") (or "auto" where stream_attention has no compiled
+    # PLRModel(backend="cpu") (or "auto" where stream_attention has no compiled
     # CPU kernel yet: auto then takes the C++ vocab pass, checked above) equals
-    # kernels="torch" in float64.
+    # backend="torch" in float64.
     from plr import PLRModel
 
     has_cpu_attention = "cpu" in importlib.import_module("plr_kernels.stream_attention").IMPLS
@@ -387,8 +387,8 @@ def test_plr_model_loss_and_gradients_with_cpu_kernels(detach):
     kw = dict(max_len=6, hidden_size=16, num_layers=1, num_heads=2, inner_size=32, dropout=0.0,
               num_streams=2, num_steps=2, kl_weight=0.5, kl_detach_target=detach, rcl_weight=0.0)
     torch.manual_seed(1)
-    fused = PLRModel(40, kernels=kernels, **kw).double().eval()
-    plain = PLRModel(40, kernels="torch", **kw).double().eval()
+    fused = PLRModel(40, backend=kernels, **kw).double().eval()
+    plain = PLRModel(40, backend="torch", **kw).double().eval()
     plain.load_state_dict(fused.state_dict())
     seq = torch.tensor([[0, 0, 3, 7, 9, 2], [1, 5, 5, 8, 30, 39], [0, 0, 0, 0, 0, 11]])
     target = torch.tensor([4, 17, 40])

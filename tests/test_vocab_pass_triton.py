@@ -1,5 +1,5 @@
-"""Triton vocabulary pass (DESIGN 4.2) vs the reference: multi-pair KL (PLR Eq. 7),
-next-item cross-entropy (L_NIP, Eq. 11) and the combined one-pass entry point.
+"""Triton vocabulary pass (plr_kernels/triton/vocab_pass.py) vs the reference: multi-pair KL (PLR Eq. 7),
+next-item cross-entropy (L_NIP, PLR Eq. 11) and the combined one-pass entry point.
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py), so shapes are
 tiny; V is never a multiple of the item block (32 interpreted), rows B*K are
@@ -124,7 +124,7 @@ def test_linear_cross_entropy_value_and_gradients(v, dtype, reduction, tau, excl
 
 
 def test_cross_entropy_gradient_is_mu_minus_target_embedding():
-    # dCE/dz = (mu_z - e_y) / tau (DESIGN 4.2), with mu from the softmax over E.
+    # dCE/dz = (mu_z - e_y) / tau, with mu from the softmax over E.
     z = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     e = torch.randn(33, 8, dtype=torch.float64)
     target = torch.randint(1, 33, (4,))
@@ -261,7 +261,7 @@ def test_cuda_16_bit_and_fp32(dtype):
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_plr_model_losses_with_triton_kernels(detach):
-    # PLRModel(kernels="triton") computes L_NIP and L_KL through the fused pass
+    # PLRModel(backend="triton") computes L_NIP and L_KL through the fused pass
     # (and the Triton stream attention); same loss and gradients as "torch".
     import importlib
 
@@ -272,8 +272,8 @@ def test_plr_model_losses_with_triton_kernels(detach):
     kw = dict(max_len=6, hidden_size=16, num_layers=1, num_heads=2, inner_size=32, dropout=0.0,
               num_streams=2, num_steps=2, kl_weight=0.5, kl_detach_target=detach, rcl_weight=0.0)
     torch.manual_seed(1)
-    fused = PLRModel(40, kernels="triton", **kw).double().eval()
-    plain = PLRModel(40, kernels="torch", **kw).double().eval()
+    fused = PLRModel(40, backend="triton", **kw).double().eval()
+    plain = PLRModel(40, backend="torch", **kw).double().eval()
     plain.load_state_dict(fused.state_dict())
     seq = torch.tensor([[0, 0, 3, 7, 9, 2], [1, 5, 5, 8, 30, 39], [0, 0, 0, 0, 0, 11]])
     target = torch.tensor([4, 17, 40])

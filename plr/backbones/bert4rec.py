@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .sasrec import PrefixEncoding, TransformerBackbone
+from ..transformer import PrefixEncoding, TransformerBackbone
 
 
 def bidirectional_mask(key_mask: torch.Tensor) -> torch.Tensor:

@@ -7,78 +7,10 @@ stream of PLR attends to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
-
 import torch
 import torch.nn as nn
 
-from ..transformer import TransformerBlock
-
-
-@dataclass
-class PrefixEncoding:
-    hidden: torch.Tensor  # H_enc [B,N,d]
-    keys: List[torch.Tensor]  # per layer [B,H,N,Dh]
-    values: List[torch.Tensor]  # per layer [B,H,N,Dh]
-    key_mask: torch.Tensor  # [B,N] bool, True = a real item
-
-
-def causal_mask(key_mask: torch.Tensor) -> torch.Tensor:
-    """``[B,N]`` valid keys -> ``[B,N,N]``: causal over valid keys.
-
-    The diagonal is always open so a padding query attends to itself and
-    stays finite; no real position ever attends to a padding one.
-    """
-    n = key_mask.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=key_mask.device).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=key_mask.device)
-    return (causal & key_mask[:, None, :]) | eye
-
-
-class TransformerBackbone(nn.Module):
-    """What the backbones share: learned positions, the input LayerNorm and
-    dropout, and L post-LN blocks run under an arbitrary mask. Subclasses own
-    the item representations (``item_embedding`` when they have one)."""
-
-    def __init__(self, num_items, max_len, num_positions, hidden_size, num_layers, num_heads, inner_size,
-                 dropout, attn_dropout, layer_norm_eps):
-        super().__init__()
-        # True when one causal pass over a sequence gives h_0 of every prefix
-        # (start-anchored positions, causal attention): plr's sequence training mode.
-        self.causal_sequences = False
-        self.num_items = num_items
-        self.max_len = max_len
-        self.num_heads = num_heads
-        self.position_embedding = nn.Embedding(num_positions, hidden_size)
-        self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.input_dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
-            for _ in range(num_layers)
-        )
-
-    def reset_padding(self) -> None:
-        """Zero the padding row of the item embedding after initialisation."""
-        table = getattr(self, "item_embedding", None)
-        if table is not None:
-            with torch.no_grad():
-                table.weight[0].zero_()
-
-    def embed(self, item_vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """X_0 = dropout(LN(v + P[positions])) for ``item_vectors [B,L,d]``;
-        ``positions`` is ``[L]`` (shared by all rows) or ``[B,L]``."""
-        pos = self.position_embedding(positions)
-        return self.input_dropout(self.input_norm(item_vectors + (pos[None] if positions.dim() == 1 else pos)))
-
-    def run_layers(self, x: torch.Tensor, mask: torch.Tensor):
-        """All L blocks over ``x [B,L,d]`` under ``mask [B,L,L]`` -> (out, keys, values)."""
-        keys, values = [], []
-        for layer in self.layers:
-            x, k, v = layer.forward_full(x, mask)
-            keys.append(k)
-            values.append(v)
-        return x, keys, values
+from ..transformer import PrefixEncoding, TransformerBackbone, causal_mask
 
 
 POSITION_ANCHORS = ("start", "end")

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..validation import check_positive_int, check_probability
-from .sasrec import PrefixEncoding, TransformerBackbone, causal_mask
+from ..transformer import PrefixEncoding, TransformerBackbone, causal_mask
 
 GATE_NOISE_EPS = 1e-2  # UniSRec's noise_epsilon
 
@@ -56,17 +56,17 @@ class MoEAdapter(nn.Module):
         super().__init__()
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.gate_noise = bool(gate_noise)
-        # Eq. 1: b_k (the whitening mean) and W_k (the whitening projection), stacked over k.
+        # UniSRec Eq. 1: b_k (the whitening mean) and W_k (the whitening projection), stacked over k.
         self.whitening_bias = nn.Parameter(torch.zeros(num_experts, text_dim))
         self.whitening_proj = nn.Parameter(torch.empty(num_experts, text_dim, hidden_size))
         nn.init.normal_(self.whitening_proj, mean=0.0, std=0.02)
-        # Eq. 2: W_g (zero init: uniform gate at start, as UniSRec) and W_n (noise scale).
+        # UniSRec Eq. 2: W_g (zero init: uniform gate at start, as UniSRec) and W_n (noise scale).
         self.gate_weight = nn.Parameter(torch.zeros(text_dim, num_experts))
         self.noise_weight = nn.Parameter(torch.zeros(text_dim, num_experts))
         self.dropout = nn.Dropout(check_probability("adaptor_dropout", dropout))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 2: ``x [..., D_t] -> g [..., K]`` (rows sum to 1)."""
+        """UniSRec Eq. 2: ``x [..., D_t] -> g [..., K]`` (rows sum to 1)."""
         logits = x @ self.gate_weight
         if self.gate_noise and self.training:
             std = F.softplus(x @ self.noise_weight) + GATE_NOISE_EPS
@@ -74,14 +74,14 @@ class MoEAdapter(nn.Module):
         return torch.softmax(logits, dim=-1)
 
     def experts(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 1 for every expert: ``x [..., D_t] -> [..., K, d]``, an independent
+        """UniSRec Eq. 1 for every expert: ``x [..., D_t] -> [..., K, d]``, an independent
         dropout mask on x for each expert (UniSRec's PWLayer)."""
         xk = x.unsqueeze(-2).expand(*x.shape[:-1], self.num_experts, x.shape[-1])
         xk = self.dropout(xk) - self.whitening_bias  # (x - b_k)
         return torch.einsum("...ki,kio->...ko", xk, self.whitening_proj)  # (x - b_k) W_k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 3: ``v = sum_k g_k (x - b_k) W_k``."""
+        """UniSRec Eq. 3: ``v = sum_k g_k (x - b_k) W_k``."""
         return (self.gate(x).unsqueeze(-1) * self.experts(x)).sum(dim=-2)
 
 

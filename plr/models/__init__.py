@@ -1,31 +1,16 @@
 """The models of plr, by the name ``plr train --model NAME`` takes.
 
 Each is a :class:`SequentialRecommender` on a pluggable backbone
-(``plr.backbones``); classes are imported lazily from ``MODELS``.
+(``plr.backbones``); classes are imported lazily from ``plr.registry.MODELS``.
 """
 
-from ..backbones import lazy_class
+from ..registry import MODELS, model_class
 from .base import ModelOutput, SequentialRecommender
 from .plr import PLRModel
 from .sasrec import SASRecModel
 
 __all__ = ["MODELS", "ModelOutput", "PLRModel", "SASRecModel", "SequentialRecommender", "build_model",
            "model_class"]
-
-# name -> (module, class)
-MODELS = {
-    "sasrec": ("plr.models.sasrec", "SASRecModel"),
-    "bert4rec": ("plr.models.bert4rec", "BERT4RecModel"),
-    "unisrec": ("plr.models.unisrec", "UniSRecModel"),
-    "erl": ("plr.models.rearec", "ReaRecERLModel"),
-    "prl": ("plr.models.rearec", "ReaRecPRLModel"),
-    "lares": ("plr.models.lares", "LARESModel"),
-    "plr": ("plr.models.plr", "PLRModel"),
-}
-
-
-def model_class(name: str) -> type:
-    return lazy_class(MODELS, name, "model.name")
 
 
 def build_model(model_cfg: dict, num_items: int, max_len: int) -> SequentialRecommender:

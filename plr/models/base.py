@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import plr_kernels
 
-from ..backbones import backbone_class
+from ..deprecations import upgrade_config, upgrade_model_args
+from ..registry import backbone_class, model_class_named
 from ..validation import check_item_seq, check_positive_int, check_probability, check_sequence_target
 
 PADDING = 0
@@ -21,7 +22,6 @@ PADDING = 0
 # checkpoint (positions over the left-padded array) loads with positions="end".
 CHECKPOINT_FORMAT = "plr-checkpoint-v2"
 LEGACY_FORMATS = ("plr-checkpoint-v1",)
-_REGISTRY: Dict[str, type] = {}
 
 
 @dataclass
@@ -29,21 +29,17 @@ class ModelOutput:
     h0: torch.Tensor  # [B,d] encoder output at the last item
     z_final: torch.Tensor  # [B,d] the vector inference scores with
     states: Optional[torch.Tensor] = None  # [B,T,M,d] reasoning states h_{t,m}
-    gate: Optional[torch.Tensor] = None  # [B,M] MoRS weights (Eq. 9)
+    gate: Optional[torch.Tensor] = None  # [B,M] MoRS weights (PLR Eq. 9)
     z_rea: Optional[torch.Tensor] = None  # [B,d] the vector training scores with
 
 
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``forward_prepared`` and ``compute_loss``."""
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
-
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
-                 temperature: float = 0.07, kernels: str = "auto", backbone: str = "sasrec",
+                 temperature: float = 0.07, backend: str = "auto", backbone: str = "sasrec",
                  backbone_args: Optional[Dict[str, Any]] = None):
         super().__init__()
         check_positive_int("num_items", num_items)
@@ -56,12 +52,12 @@ class SequentialRecommender(nn.Module):
         attn_dropout = dropout if attn_dropout is None else check_probability("attn_dropout", attn_dropout)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-        if kernels not in plr_kernels.BACKENDS:
-            raise ValueError(f"kernels: expected one of {list(plr_kernels.BACKENDS)}, got {kernels!r}")
+        if backend not in plr_kernels.BACKENDS:
+            raise ValueError(f"backend: expected one of {list(plr_kernels.BACKENDS)}, got {backend!r}")
         self.num_items = num_items
         self.max_len = max_len
         self.temperature = float(temperature)
-        self.kernels = kernels
+        self.backend = backend
         if backbone_args is not None and not isinstance(backbone_args, dict):
             raise TypeError(f"backbone_args: expected a dict or None, got {type(backbone_args).__name__}")
         self.backbone_name = backbone
@@ -141,7 +137,7 @@ class SequentialRecommender(nn.Module):
             exclude = _history_exclusion(item_seq, exclude_history)
             z = self.inference_vector(self.forward_prepared(item_seq))
             return plr_kernels.topk(
-                z, self.item_emb, k, exclude_index=PADDING, exclude_items=exclude, backend=self.kernels,
+                z, self.item_emb, k, exclude_index=PADDING, exclude_items=exclude, backend=self.backend,
             )
         finally:
             self.train(was_training)
@@ -221,16 +217,20 @@ class SequentialRecommender(nn.Module):
         if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS) or \
                 any(k not in payload for k in keys):
             raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file written by model.save, got {path!r}")
-        saved = _REGISTRY.get(payload["class"]) or _import_model_class(payload["class"])
+        # A registered model (plr.registry.MODELS), else a subclass defined by the user and imported.
+        saved = model_class_named(payload["class"]) or imported_subclass(SequentialRecommender, payload["class"])
         if saved is None:
             raise ValueError(f"path: checkpoint holds unknown model class {payload['class']!r}")
         if not issubclass(saved, cls):
             raise TypeError(f"path: checkpoint holds a {payload['class']}, not a {cls.__name__}")
-        model = saved(**payload["config"])
+        model = saved(**upgrade_model_args(payload["config"], "checkpoint config"))
         if payload["format"] in LEGACY_FORMATS:
             model._legacy_positions()
         model.load_state_dict(payload["state_dict"])
-        return model, payload.get("extra", {})
+        extra = dict(payload.get("extra") or {})
+        if "run_config" in extra:
+            extra["run_config"] = upgrade_config(extra["run_config"])
+        return model, extra
 
     def non_finite_weights(self) -> list:
         """Names of the parameters and buffers holding NaN or infinite values."""
@@ -258,13 +258,12 @@ def _history_exclusion(item_seq: torch.Tensor, exclude_history) -> Optional[torc
     return item_seq if exclude_history else None
 
 
-def _import_model_class(class_name: str) -> Optional[type]:
-    """Models are imported lazily (plr.models.MODELS): import the one named."""
-    from . import MODELS, model_class
-
-    for name, (_, cls) in MODELS.items():
-        if cls == class_name:
-            return model_class(name)
+def imported_subclass(base: type, class_name: str) -> Optional[type]:
+    """The subclass of ``base`` (at any depth, among those imported) named ``class_name``, or None."""
+    for sub in base.__subclasses__():
+        found = sub if sub.__name__ == class_name else imported_subclass(sub, class_name)
+        if found is not None:
+            return found
     return None
 
 

@@ -92,7 +92,7 @@ class BERT4RecModel(SequentialRecommender):
     """BERT4Rec on the ``bert4rec`` backbone (bidirectional, [MASK] token).
 
     Args (beyond the backbone's ``max_len, hidden_size, num_layers, num_heads,
-    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``):
+    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, backend``):
         mask_ratio: probability of hiding each item in the Cloze task (RecBole: 0.2).
         last_item_prob: probability that a sample hides only its last item.
     """
@@ -140,6 +140,6 @@ class BERT4RecModel(SequentialRecommender):
         else:
             h, labels = self.forward_prepared(item_seq).h0, target
         loss = plr_kernels.linear_cross_entropy(
-            h, self.item_emb, labels, temperature=self.temperature, exclude_index=PADDING, backend=self.kernels
+            h, self.item_emb, labels, temperature=self.temperature, exclude_index=PADDING, backend=self.backend
         )
         return loss, {"nip": loss.detach()}

@@ -43,37 +43,35 @@ recurrent core), trained in two phases:
 * inference: s_0 is one fixed truncated-normal draw (``init_seed``), so scores
   are deterministic and ``plr evaluate`` reproduces a run's metrics.
 
-The phase logic (SPT then RPT, frozen reference) is in ``plr.lares_training``.
+Where the code is: the architecture here; the objectives (TLA, SLA, reward,
+advantages, KLs) in plr/models/lares_objectives.py; the two phases' losses in
+plr/models/lares_phases.py; TLA partner sampling in plr/data/partners.py; the
+run logic (SPT then RPT, one run directory per phase) in plr/lares_training.py.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import plr_kernels
 
-from ..backbones import causal_mask
-from ..transformer import TransformerBlock
+from ..data.partners import SameTargetPartners
+from ..transformer import TransformerBlock, causal_mask
 from ..validation import check_positive_int, check_target
+from . import lares_phases
 from .base import PADDING, ModelOutput, SequentialRecommender
+from .lares_objectives import REWARDS
 
 ADAPTERS = ("add", "concat", "gate")
 PHASES = ("spt", "rpt")
-REWARDS = ("recall@10", "ndcg@10")
 KL_KINDS = ("k3", "exact")
-# Settings an RPT model must share with the SPT model it starts from.
-ARCHITECTURE_KEYS = ("num_items", "max_len", "hidden_size", "num_pre_layers", "num_core_layers", "num_heads",
-                     "inner_size", "adapter", "final_norm", "layer_norm_eps", "temperature", "backbone",
-                     "backbone_args")
 
 
-# -- small pure functions (tests compare them with hand computations) -------------------
+# -- the recurrence's random quantities (tests compare them with hand computations) ----
 
 
 def sample_depth(mean_depth: float, depth_std: float, max_depth: int, generator=None) -> int:
@@ -94,91 +92,6 @@ def truncated_normal_state(shape, std: float, truncation: float, *, device=None,
         return out.zero_()
     return nn.init.trunc_normal_(out, mean=0.0, std=std, a=-truncation * std, b=truncation * std,
                                  generator=generator)
-
-
-def _supcon(sim: torch.Tensor, positive: torch.Tensor, candidate: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """``sim [B,N]`` logits, ``positive``/``candidate [B,N]`` bool (positive implies candidate).
-
-    loss_i = mean_{j: positive_ij} [ logsumexp_{l: candidate_il} sim_il - sim_ij ];
-    mean over anchors with at least one positive; 0 * sim.sum() if there are none."""
-    has_pos = positive.any(dim=1)
-    count = int(has_pos.sum())
-    if count == 0:
-        return sim.sum() * 0.0, 0
-    log_den = torch.logsumexp(sim.masked_fill(~candidate, float("-inf")), dim=1, keepdim=True)
-    per_pair = (log_den - sim).masked_fill(~positive, 0.0)
-    per_anchor = per_pair.sum(dim=1) / positive.sum(dim=1).clamp_min(1)
-    return per_anchor[has_pos].mean(), count
-
-
-def tla_positive_mask(target: torch.Tensor) -> torch.Tensor:
-    """``target [B]`` -> ``[B,B]`` bool: True where i != j and target_i == target_j."""
-    same = target[:, None] == target[None, :]
-    return same & ~torch.eye(target.shape[0], dtype=torch.bool, device=target.device)
-
-
-def tla_loss(z: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.Tensor, int]:
-    """Trajectory-level alignment: ``z [B,d]`` final representations, ``target [B]``.
-
-    Positives of anchor i: the other rows with the same target (``tla_positive_mask``);
-    candidates: every other row (in-batch negatives). -> (loss, number of anchors with
-    a positive); a batch without any positive pair gives loss 0 and count 0."""
-    zn = F.normalize(z, dim=-1)
-    sim = zn @ zn.T / temperature
-    not_self = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    return _supcon(sim, tla_positive_mask(target), not_self)
-
-
-def sla_loss(z_final: torch.Tensor, z_step: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Step-level alignment: symmetric in-batch InfoNCE on cosine similarity between
-    ``z_final [B,d]`` and ``z_step [B,d]`` (same row = positive, other rows = negatives)."""
-    a, b = F.normalize(z_final, dim=-1), F.normalize(z_step, dim=-1)
-    sim = a @ b.T / temperature
-    labels = torch.arange(sim.shape[0], device=sim.device)
-    return 0.5 * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels))
-
-
-def ranking_reward(rank: torch.Tensor, metric: str = "ndcg@10") -> torch.Tensor:
-    """Reward from 1-based ranks: ``recall@10`` = [rank <= 10], ``ndcg@10`` =
-    1/log2(rank + 1) if rank <= 10 else 0 (plr.evaluation.per_user_metric)."""
-    if metric not in REWARDS:
-        raise ValueError(f"reward: expected one of {list(REWARDS)}, got {metric!r}")
-    rank = rank.to(torch.float64)
-    hit = rank <= 10
-    if metric == "recall@10":
-        return hit.to(torch.float64)
-    return torch.where(hit, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank))
-
-
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages over the G rollouts of each sequence: ``rewards [G,B]`` ->
-    ``A = (r - mean_G r) / (std_G r + eps)`` with the population std (divide by G);
-    a group whose rewards are all equal gets A = 0."""
-    mean = rewards.mean(dim=0, keepdim=True)
-    std = rewards.std(dim=0, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
-
-
-def grpo_policy_loss(step_logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """``step_logp [G,B,T]`` log p_theta(target | z_t), ``advantages [G,B]`` (no grad) ->
-    -mean_{g,b} A_{g,b} * sum_t step_logp_{g,b,t}."""
-    return -(advantages.detach() * step_logp.sum(dim=-1)).mean()
-
-
-def k3_kl(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(p_theta || p_ref) at one item (as GRPO):
-    exp(d) - d - 1 with d = log p_ref - log p_theta; >= 0, elementwise."""
-    d = logp_ref - logp_policy
-    return torch.exp(d) - d - 1.0
-
-
-def exact_kl(logits_policy: torch.Tensor, logits_ref: torch.Tensor) -> torch.Tensor:
-    """KL(p_theta || p_ref) = sum_v p_theta(v) (log p_theta(v) - log p_ref(v)) per row of
-    ``[B,V]`` logits (padding already masked out by the caller with -inf)."""
-    logp = torch.log_softmax(logits_policy, dim=-1)
-    logq = torch.log_softmax(logits_ref, dim=-1)
-    p = logp.exp()
-    return (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(dim=-1)
 
 
 # -- the model ------------------------------------------------------------------------
@@ -216,10 +129,10 @@ class LARESModel(SequentialRecommender):
                  tla_weight: float = 0.1, sla_weight: float = 0.1, cl_temperature: float = 1.0,
                  tla_positives: str = "sampled", group_size: int = 4, reward: str = "ndcg@10",
                  kl_weight: float = 0.1, kl_kind: str = "k3", advantage_eps: float = 1e-6,
-                 rpt_depth: Optional[int] = None, kernels: str = "auto", backbone: str = "sasrec",
+                 rpt_depth: Optional[int] = None, backend: str = "auto", backbone: str = "sasrec",
                  backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_pre_layers, num_heads, inner_size, dropout,
-                         attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
+                         attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_pre_layers=num_pre_layers,
             num_core_layers=num_core_layers, num_heads=num_heads, inner_size=inner_size, dropout=dropout,
@@ -229,7 +142,7 @@ class LARESModel(SequentialRecommender):
             final_norm=final_norm, phase=phase, tla_weight=tla_weight, sla_weight=sla_weight,
             cl_temperature=cl_temperature, tla_positives=tla_positives, group_size=group_size, reward=reward,
             kl_weight=kl_weight, kl_kind=kl_kind, advantage_eps=advantage_eps, rpt_depth=rpt_depth,
-            kernels=kernels, backbone=backbone, backbone_args=backbone_args,
+            backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         check_positive_int("num_core_layers", num_core_layers)
         self.max_depth = check_positive_int("max_depth", max_depth)
@@ -271,8 +184,9 @@ class LARESModel(SequentialRecommender):
         self.register_buffer("eval_state", truncated_normal_state((max_len, hidden_size), self.init_std,
                                                                   self.init_truncation, generator=gen),
                              persistent=False)
-        self._reference: Optional["LARESModel"] = None  # frozen SPT model of the RPT phase (not a submodule)
-        self._partners = None  # (train samples, sample ids sorted by target, start offset per target)
+        # The frozen SPT model of the RPT phase (its KL reference; not a submodule: ``start_rpt``).
+        self.spt_reference: Optional["LARESModel"] = None
+        self.partners: Optional[SameTargetPartners] = None  # TLA positives (``attach_training_data``)
 
     # Model keys of the phase logic (plr.lares_training), not constructor arguments.
     run_keys = ("spt_epochs", "rpt_epochs", "rpt_lr", "init_from")
@@ -348,103 +262,31 @@ class LARESModel(SequentialRecommender):
     def attach_training_data(self, samples) -> None:
         """Index ``samples`` (``plr.data.TrainSamples``) by target so SPT can draw, for each
         sequence, another training sequence with the same target (TLA positives)."""
-        target = samples.target.cpu().long()
-        order = torch.argsort(target, stable=True)
-        counts = torch.bincount(target, minlength=self.num_items + 1)
-        starts = torch.cumsum(counts, 0) - counts
-        self._partners = (samples, order, starts, counts)
+        self.partners = SameTargetPartners(samples, self.num_items)
 
     def draw_partners(self, item_seq: torch.Tensor, target: torch.Tensor):
         """For each row, a training sequence with the same target that differs from the row's
         own history (None if no target has another sequence). -> (seqs, targets) or None."""
-        samples, order, starts, counts = self._partners
-        tgt = target.cpu()
-        count = counts[tgt]
-        keep = (count >= 2).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            return None
-        tgt, count = tgt[keep], count[keep]
-        pick = (torch.rand(keep.numel()) * count).long().clamp_max(count - 1)
-        seqs, _ = samples.gather(order[starts[tgt] + pick])
-        seqs = seqs.to(item_seq.device)
-        same = (seqs == item_seq[keep.to(item_seq.device)]).all(dim=1).cpu()
-        if bool(same.any()):  # drew the row itself: take the next sequence of that target
-            pick = torch.where(same, (pick + 1) % count, pick)
-            seqs = samples.gather(order[starts[tgt] + pick])[0].to(item_seq.device)
-        return seqs, tgt.to(target.device)
+        return self.partners.draw(item_seq, target)
 
-    def _ce(self, z: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def cross_entropy(self, z: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Full-softmax next-item cross-entropy of ``z [N,d]`` at ``temperature`` (padding excluded)."""
         return plr_kernels.linear_cross_entropy(z, self.item_emb, target, temperature=self.temperature,
-                                                exclude_index=PADDING, reduction=reduction, backend=self.kernels)
+                                                exclude_index=PADDING, reduction=reduction, backend=self.backend)
 
     def spt_loss(self, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """CE at the final step + w_tla L_TLA + w_sla L_SLA (one sampled depth for the batch)."""
-        b, depth = item_seq.shape[0], self.depth()
-        all_seq, all_target = item_seq, target
-        if self.tla_weight > 0 and self.tla_positives == "sampled" and self._partners is not None:
-            partners = self.draw_partners(item_seq, target)
-            if partners is not None:
-                all_seq, all_target = torch.cat([item_seq, partners[0]]), torch.cat([target, partners[1]])
-        reps = self.recur(all_seq, depth)[1]
-        z = reps[:, -1]
-        ce = self._ce(z[:b], target)
-        zero = ce.new_zeros(())
-        tla, pairs = (zero, 0)
-        if self.tla_weight > 0:
-            tla, pairs = tla_loss(z, all_target, self.cl_temperature)
-        sla = zero
-        if self.sla_weight > 0 and depth >= 2:
-            step = int(torch.randint(depth - 1, ()))
-            sla = sla_loss(z[:b], reps[:b, step], self.cl_temperature)
-        loss = ce + self.tla_weight * tla + self.sla_weight * sla
-        return loss, {"ce": ce.detach(), "tla": tla.detach(), "sla": sla.detach(),
-                      "tla_anchors": torch.tensor(float(pairs)), "depth": torch.tensor(float(depth))}
+        """CE at the final step + w_tla L_TLA + w_sla L_SLA (plr/models/lares_phases.py)."""
+        return lares_phases.spt_loss(self, item_seq, target)
 
     def start_rpt(self, spt_model: "LARESModel") -> None:
         """Start RPT from ``spt_model``: copy its weights and keep a frozen copy as the KL reference."""
-        if not isinstance(spt_model, LARESModel):
-            raise TypeError(f"spt_model: expected a LARESModel checkpoint, got {type(spt_model).__name__}")
-        mine, theirs = self.config(), spt_model.config()
-        differ = {k: (theirs.get(k), mine.get(k)) for k in ARCHITECTURE_KEYS if theirs.get(k) != mine.get(k)}
-        if differ:
-            raise ValueError("spt_model: its architecture differs from this model's (checkpoint, config): "
-                             + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in differ.items())
-                             + "; give RPT the same model settings, e.g. --config SPT_RUN/config.yaml")
+        frozen = lares_phases.frozen_spt_model(self, spt_model)
         self.load_state_dict(spt_model.state_dict())
-        reference = copy.deepcopy(spt_model).to(self.item_emb.device).eval()
-        reference.requires_grad_(False)
-        object.__setattr__(self, "_reference", reference)  # not a submodule: outside state_dict and parameters
+        object.__setattr__(self, "spt_reference", frozen)  # not a submodule: outside state_dict and parameters
 
     def rpt_loss(self, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """GRPO: G rollouts of depth ``rpt_depth`` (stochastic through s_0 and dropout),
-        reward of the final step, group-normalised advantages, policy term over all
-        steps' target log-probs, beta * KL to the frozen SPT model at the final step."""
-        if self.kl_weight > 0 and self._reference is None:
-            raise RuntimeError("phase=rpt: no reference model; call start_rpt(spt_model) (plr.lares_training does)")
-        g, b, depth = self.group_size, item_seq.shape[0], self.rpt_depth
-        seq, tgt = item_seq.repeat(g, 1), target.repeat(g)
-        reps = self.recur(seq, depth)[1]  # [G*B, T, d]
-        step_logp = -self._ce(reps.flatten(0, 1), tgt.repeat_interleave(depth), reduction="none").view(g, b, depth)
-        z = reps[:, -1]
-        with torch.no_grad():
-            rank = plr_kernels.target_rank(z.detach(), self.item_emb.detach(), tgt, exclude_index=PADDING,
-                                           backend=self.kernels)
-            rewards = ranking_reward(rank, self.reward).view(g, b).to(z.dtype)
-            adv = group_advantages(rewards, self.advantage_eps)
-        policy = grpo_policy_loss(step_logp, adv)
-        kl = z.new_zeros(())
-        if self.kl_weight > 0:
-            with torch.no_grad():
-                z_ref = self._reference.recur(seq, depth)[1][:, -1]
-            if self.kl_kind == "k3":
-                with torch.no_grad():
-                    logp_ref = -self._reference._ce(z_ref, tgt, reduction="none")
-                kl = k3_kl(step_logp[:, :, -1].reshape(-1), logp_ref).mean()
-            else:
-                kl = exact_kl(self.logits(z), self._reference.logits(z_ref)).mean()
-        loss = policy + self.kl_weight * kl
-        return loss, {"policy": policy.detach(), "kl": kl.detach(), "reward": rewards.mean(),
-                      "logp": step_logp[:, :, -1].detach().mean()}
+        """GRPO with a KL to the frozen SPT model (plr/models/lares_phases.py)."""
+        return lares_phases.rpt_loss(self, item_seq, target)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """Materialised ``[B, V+1]`` scores z E^T / tau with the padding item at -inf."""

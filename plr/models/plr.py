@@ -35,9 +35,10 @@ import plr_kernels
 from plr_kernels.vocab_pass import reasoning_losses
 
 from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
+from ..transformer import PrefixEncoding
 from ..validation import check_positive_int, check_probability, check_target
 from .base import PADDING, ModelOutput, SequentialRecommender, position_major
-from .reasoning import stream_reasoning, stream_reasoning_rows
+from .reasoning import reasoning_step, step_prefix_cache
 
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
@@ -50,7 +51,7 @@ class PLRModel(SequentialRecommender):
     """A backbone encoder (SASRec by default) + M parallel latent reasoning streams of T steps.
 
     Args (beyond the backbone's ``max_len, hidden_size, num_layers, num_heads,
-    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``):
+    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, backend``):
         num_streams: M, reasoning streams (>= 1).
         num_steps: T, latent steps per stream (>= 1).
         kl_weight: lambda of Eq. 11.
@@ -93,10 +94,10 @@ class PLRModel(SequentialRecommender):
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
                  rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "full",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", reg_rows: str = "all", kernels: str = "auto",
+                 readout: str = "final", reg_rows: str = "all", backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
-                         attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
+                         attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
@@ -105,7 +106,7 @@ class PLRModel(SequentialRecommender):
             kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
             rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, rcl_view=rcl_view,
             reasoning_dropout=reasoning_dropout,
-            readout=readout, reg_rows=reg_rows, kernels=kernels, backbone=backbone, backbone_args=backbone_args,
+            readout=readout, reg_rows=reg_rows, backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
         self.num_steps = check_positive_int("num_steps", num_steps)
@@ -156,12 +157,25 @@ class PLRModel(SequentialRecommender):
         then LayerNorm and dropout as in ReaRec. ``h_prev [B,M,d]``."""
         return self.reasoning_dropout(self.reasoning_norm(h_prev + self.reasoning_position.weight[step]))
 
-    def reason(self, prefix) -> torch.Tensor:
-        """Eq. 3-5 with the shared prefix KV cache -> states ``h_{t,m}`` ``[B,T,M,d]``."""
-        h0 = prefix.hidden[:, -1]
-        h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m
-        return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps, self.reasoning_input,
-                                self.kernels)
+    def reason(self, prefix: PrefixEncoding, h0: Optional[torch.Tensor] = None, rows=None) -> torch.Tensor:
+        """PLR Eq. 3-5 over the shared prefix KV cache -> the states ``h_{t,m}`` ``[B,T,M,d]``.
+
+        ``h0`` defaults to ``prefix.hidden[:, -1]``; with ``rows = (b [R], n [R])``
+        (sequence mode) ``h0 [R,d]`` are the h_0 of the R prefix ends and the
+        result is ``[R,T,M,d]``. One step, ``reasoning_step``, is Eq. 4-5 (its
+        docstring writes them out; plr/models/reasoning.py)."""
+        h0 = prefix.hidden[:, -1] if h0 is None else h0
+        keys, values = (prefix.keys, prefix.values) if rows is not None else \
+            step_prefix_cache(prefix, self.num_steps, self.backend)
+        caches = [None] * len(self.backbone.layers)  # each stream's own keys/values, per layer
+        h = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m   [B,M,d]
+        states = []
+        for t in range(self.num_steps):
+            x = self.reasoning_input(h, t)  # the step's input token: h_{t-1,m} + r_t (LN, dropout)
+            # Eq. 4-5: stream-isolated attention to the prefix and the stream's own tokens, all L layers.
+            h = reasoning_step(self.backbone.layers, x, keys, values, prefix.key_mask, caches, self.backend, rows)
+            states.append(h)
+        return torch.stack(states, dim=1)
 
     def forward_prepared(self, item_seq: torch.Tensor) -> ModelOutput:
         return self._reason_last(self.backbone.encode(item_seq))
@@ -178,10 +192,7 @@ class PLRModel(SequentialRecommender):
 
     def _reason_rows(self, prefix, rows) -> ModelOutput:
         h0 = prefix.hidden[rows]  # [R,d]: h_0 of every prefix
-        h_start = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3
-        states = stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
-                                       self.reasoning_input, self.kernels)
-        return self._aggregate(h0, states)
+        return self._aggregate(h0, self.reason(prefix, h0, rows))
 
     def _aggregate(self, h0: torch.Tensor, states: torch.Tensor) -> ModelOutput:
         """Eq. 6, 9, 10 from ``h0 [R,d]`` and the states ``[R,T,M,d]``."""
@@ -250,14 +261,14 @@ class PLRModel(SequentialRecommender):
         if pick is None:
             kl, nip = reasoning_losses(
                 states, z_rea, self.item_emb, target, temperature=self.temperature,
-                exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.kernels,
+                exclude_index=PADDING, detach_target=self.kl_detach_target, backend=self.backend,
             )
             nip = nip.mean()
         else:
             nip = self._nip(z_rea, target)
             kl = plr_kernels.multi_pair_kl(states[pick], self.item_emb, temperature=self.temperature,
                                            exclude_index=PADDING, detach_target=self.kl_detach_target,
-                                           backend=self.kernels)
+                                           backend=self.backend)
         # The diversity term, per user: c tanh(KL / c) (bounded) or KL (literal).
         term = self.kl_margin * torch.tanh(kl / self.kl_margin) if self.kl_bounded else kl
         return nip + self.kl_sign * self.kl_weight * term.mean(), nip, kl.mean()
@@ -265,7 +276,7 @@ class PLRModel(SequentialRecommender):
     def _nip(self, z_rea: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L_NIP of Eq. 11: the mean cross-entropy of ``z_rea`` over the item table."""
         return plr_kernels.linear_cross_entropy(z_rea, self.item_emb, target, temperature=self.temperature,
-                                                exclude_index=PADDING, backend=self.kernels)
+                                                exclude_index=PADDING, backend=self.backend)
 
     def _loss(self, out: ModelOutput, target: torch.Tensor, second_view: Callable[[], torch.Tensor],
               rcl_groups=None, pick: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

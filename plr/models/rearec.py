@@ -83,10 +83,10 @@ class _ReaRecBase(SequentialRecommender):
 
     def __init__(self, num_items: int, max_len: int, hidden_size: int, num_layers: int, num_heads: int,
                  inner_size: int, dropout: float, attn_dropout: Optional[float], layer_norm_eps: float,
-                 num_steps: int, temperature: float, reasoning_dropout: float, kernels: str, backbone: str,
+                 num_steps: int, temperature: float, reasoning_dropout: float, backend: str, backbone: str,
                  backbone_args: Optional[dict]):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
-                         attn_dropout, layer_norm_eps, temperature, kernels, backbone, backbone_args)
+                         attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
         self.num_steps = check_positive_int("num_steps", num_steps)
         # r_k: reasoning position embedding of step k (ReaRec's "reasoning PE").
         self.reasoning_position = nn.Embedding(num_steps, hidden_size)
@@ -109,13 +109,13 @@ class _ReaRecBase(SequentialRecommender):
         """K steps from ``h_0`` over the prefix KV cache -> ``h_1..h_K`` as ``[B,K,1,d]``."""
         h_start = prefix.hidden[:, -1:, :]  # [B,1,d]: one stream, starting at h_0
         return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps,
-                                lambda h, step: self.reasoning_input(h, step, noise_std), self.kernels)
+                                lambda h, step: self.reasoning_input(h, step, noise_std), self.backend)
 
     def reason_rows(self, prefix, rows, noise_std: float = 0.0) -> torch.Tensor:
         """Sequence mode: ``reason`` for the R prefix ends ``rows`` of one pass -> ``[R,K,1,d]``."""
         h_start = prefix.hidden[rows][:, None, :]  # [R,1,d]
         return stream_reasoning_rows(self.backbone.layers, prefix, rows, h_start, self.num_steps,
-                                     lambda h, step: self.reasoning_input(h, step, noise_std), self.kernels)
+                                     lambda h, step: self.reasoning_input(h, step, noise_std), self.backend)
 
     @staticmethod
     def step_outputs(h0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ class ReaRecERLModel(_ReaRecBase):
     """ReaRec-ERL: mean of the K + 1 step outputs, diversity KL subtracted.
 
     Args (beyond the backbone's ``max_len, hidden_size, num_layers, num_heads,
-    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``):
+    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, backend``):
         num_steps: K reasoning steps (ReaRec's sweet spot: 2).
         kl_weight: lambda of the multi-step diversity regulariser (>= 0).
         kl_detach_target: stop the gradient through log p_j (the public code does).
@@ -138,15 +138,15 @@ class ReaRecERLModel(_ReaRecBase):
                  num_heads: int = 2, inner_size: int = 300, dropout: float = 0.5,
                  attn_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12, num_steps: int = 2,
                  temperature: float = 0.07, kl_weight: float = 0.05, kl_detach_target: bool = True,
-                 reasoning_dropout: float = 0.2, kernels: str = "auto", backbone: str = "sasrec",
+                 reasoning_dropout: float = 0.2, backend: str = "auto", backbone: str = "sasrec",
                  backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout, attn_dropout,
-                         layer_norm_eps, num_steps, temperature, reasoning_dropout, kernels, backbone, backbone_args)
+                         layer_norm_eps, num_steps, temperature, reasoning_dropout, backend, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
             layer_norm_eps=layer_norm_eps, num_steps=num_steps, temperature=temperature, kl_weight=kl_weight,
-            kl_detach_target=kl_detach_target, reasoning_dropout=reasoning_dropout, kernels=kernels,
+            kl_detach_target=kl_detach_target, reasoning_dropout=reasoning_dropout, backend=backend,
             backbone=backbone, backbone_args=backbone_args,
         )
         self.kl_weight = _check_number("kl_weight", kl_weight)
@@ -184,13 +184,13 @@ class ReaRecERLModel(_ReaRecBase):
             kl, nip = reasoning_losses(
                 self.step_outputs(out.h0, out.states), out.z_final, self.item_emb, target,
                 temperature=self.temperature, exclude_index=PADDING, detach_target=self.kl_detach_target,
-                backend=self.kernels,
+                backend=self.backend,
             )
             kl, nip = kl.mean(), nip.mean()
             loss = nip - self.kl_weight * kl  # diversity: subtracted
         else:
             nip = plr_kernels.linear_cross_entropy(out.z_final, self.item_emb, target, temperature=self.temperature,
-                                                   exclude_index=PADDING, backend=self.kernels)
+                                                   exclude_index=PADDING, backend=self.backend)
             kl = torch.zeros((), dtype=nip.dtype, device=nip.device)
             loss = nip
         return loss, {"nip": nip.detach(), "kl": kl.detach()}
@@ -218,15 +218,15 @@ class ReaRecPRLModel(_ReaRecBase):
                  temperature: float = 0.07, temperature_decay: float = 5.0, pl_weight: float = 1.0,
                  noise_std: float = 0.01, rcl_weight: float = 1.0, rcl_temperature: float = 1.0,
                  reasoning_dropout: float = 0.2,
-                 kernels: str = "auto", backbone: str = "sasrec", backbone_args: Optional[dict] = None):
+                 backend: str = "auto", backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout, attn_dropout,
-                         layer_norm_eps, num_steps, temperature, reasoning_dropout, kernels, backbone, backbone_args)
+                         layer_norm_eps, num_steps, temperature, reasoning_dropout, backend, backbone, backbone_args)
         self._config = dict(
             num_items=num_items, max_len=max_len, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, inner_size=inner_size, dropout=dropout, attn_dropout=attn_dropout,
             layer_norm_eps=layer_norm_eps, num_steps=num_steps, temperature=temperature,
             temperature_decay=temperature_decay, pl_weight=pl_weight, noise_std=noise_std, rcl_weight=rcl_weight,
-            rcl_temperature=rcl_temperature, reasoning_dropout=reasoning_dropout, kernels=kernels,
+            rcl_temperature=rcl_temperature, reasoning_dropout=reasoning_dropout, backend=backend,
             backbone=backbone, backbone_args=backbone_args,
         )
         self.temperature_decay = _check_number("temperature_decay", temperature_decay, strict=True)
@@ -275,7 +275,7 @@ class ReaRecPRLModel(_ReaRecBase):
         # Progressive temperature annealing: CE of step k at tau_k; the final step
         # at tau is the prediction, the earlier ones the progressive-learning term.
         ces = [plr_kernels.linear_cross_entropy(outputs[:, k], self.item_emb, target, temperature=tau_k,
-                                                exclude_index=PADDING, backend=self.kernels)
+                                                exclude_index=PADDING, backend=self.backend)
                for k, tau_k in enumerate(self.step_temperatures())]
         nip, pl = ces[-1], sum(ces[:-1]) / self.num_steps
         loss = nip + self.pl_weight * pl

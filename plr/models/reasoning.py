@@ -1,23 +1,75 @@
-"""Latent reasoning over a shared prefix KV cache, shared by PLR and ReaRec.
+"""Latent reasoning over a shared prefix KV cache (PLR Eq. 4-5), shared by PLR and ReaRec.
 
 Step t = 1..T feeds one new token per stream through **all** L layers of the
 backbone; at every layer the token attends to the valid prefix keys and to
 its own stream's tokens 1..t (``plr_kernels.stream_attention``), never to
-another stream (PLR Eq. 4-5). With one stream this is exactly ReaRec's
-append-and-re-encode reasoning, computed from the cache instead of
-re-encoding the extended sequence.
+another stream. ``reasoning_step`` is one step (the equations are in its
+docstring); PLR's ``PLRModel.reason`` (plr/models/plr.py) runs the T steps
+with it directly, ``stream_reasoning`` runs them for ReaRec. With one stream
+this is exactly ReaRec's append-and-re-encode reasoning, computed from the
+cache instead of re-encoding the extended sequence.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ..transformer import PrefixEncoding, Rows, StreamCache
 
-def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
-                     step_input: Callable[[torch.Tensor, int], torch.Tensor], kernels: str) -> torch.Tensor:
-    """Run ``num_steps`` reasoning steps of every stream.
+
+def reasoning_step(layers, x: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor],
+                   key_mask: torch.Tensor, caches: List[StreamCache], backend: str,
+                   rows: Optional[Rows] = None) -> torch.Tensor:
+    """One latent reasoning step of all M streams, through all L layers (PLR Eq. 4-5).
+
+    With ``x_{t,m}`` the step's input token of stream m (``x [B,M,d]``) and, at
+    layer l, ``K^l_P, V^l_P`` the shared prefix cache (``keys[l], values[l]
+    [B,H,N,Dh]``, valid where ``key_mask [B,N]``) and ``K^l_{1..t,m}, V^l_{1..t,m}``
+    the keys/values of stream m's own tokens so far (``caches[l]``, this step's
+    appended):
+
+        a^l_{t,m} = softmax(q^l_{t,m} [K^l_P ; K^l_{1..t,m}]^T / sqrt(Dh)) [V^l_P ; V^l_{1..t,m}]
+        y^l_{t,m} = LN(x^{l-1}_{t,m} + W_O a^l_{t,m}),   x^l_{t,m} = LN(y^l_{t,m} + FFN(y^l_{t,m}))
+        h_{t,m}   = x^L_{t,m},   x^0_{t,m} = x_{t,m}                                   (PLR Eq. 4-5)
+
+    per head (q, K, V the layer's projections of its input; padding prefix keys
+    masked out), in the post-LN blocks of the backbone (plr/transformer.py,
+    ``TransformerBlock.forward_step``; dropout omitted above): stream m never
+    sees a stream m' != m, and all M streams read the prefix cache once
+    (``plr_kernels.stream_attention``).
+
+    ``caches`` (one entry per layer, ``None`` before the first step) is updated
+    in place. ``rows = (b [R], n [R])`` runs the step for R prefix ends of one
+    encoder pass over whole sequences (sequence training: row r's prefix cache is
+    sequence b_r's cut at n_r, ``TransformerBlock.forward_step_rows``); then
+    ``x`` is ``[R,M,d]``. Returns ``h_{t,m}`` shaped like ``x``.
+    """
+    for i, layer in enumerate(layers):
+        if rows is None:
+            x, caches[i] = layer.forward_step(x, keys[i], values[i], key_mask, caches[i], backend)
+        else:
+            x, caches[i] = layer.forward_step_rows(x, rows, keys[i], values[i], key_mask, caches[i], backend)
+    return x
+
+
+def step_prefix_cache(prefix: PrefixEncoding, num_steps: int, backend: str
+                      ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The per-layer prefix keys and values the steps of ``reasoning_step`` read.
+
+    Inference on a GPU: the CUDA forward reads the prefix cache contiguous; lay
+    it out so once per layer instead of once per step. (The CPU kernel and
+    Triton read the head-split layout in place; the reference reads any
+    layout, and its einsum rounds layout-dependently, so it is left as is.)"""
+    if num_steps > 1 and backend != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
+        return [k.contiguous() for k in prefix.keys], [v.contiguous() for v in prefix.values]
+    return prefix.keys, prefix.values
+
+
+def stream_reasoning(layers, prefix: PrefixEncoding, h_start: torch.Tensor, num_steps: int,
+                     step_input: Callable[[torch.Tensor, int], torch.Tensor], backend: str) -> torch.Tensor:
+    """Run ``num_steps`` reasoning steps (``reasoning_step``) of every stream.
 
     Args:
         layers: the backbone's ``TransformerBlock`` list.
@@ -25,31 +77,22 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
         h_start: ``[B, M, d]`` the state each stream starts from (``h_{0,m}``).
         step_input: ``(h_prev [B,M,d], step) -> [B,M,d]``, the input token of
             step ``step`` (0-based) from the previous state.
-        kernels: ``plr_kernels`` backend of the attention.
+        backend: ``plr_kernels`` backend of the attention.
 
     Returns:
-        ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (Eq. 5).
+        ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (PLR Eq. 5).
     """
-    caches = [None] * len(layers)
-    keys, values = prefix.keys, prefix.values
-    if num_steps > 1 and kernels != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
-        # Inference on a GPU: the CUDA forward reads the prefix cache contiguous;
-        # lay it out so once per layer instead of once per step. (The CPU kernel
-        # and Triton read the head-split layout in place; the reference reads any
-        # layout, and its einsum rounds layout-dependently, so it is left as is.)
-        keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
-    h_prev, states = h_start, []
+    keys, values = step_prefix_cache(prefix, num_steps, backend)
+    caches: List[StreamCache] = [None] * len(layers)
+    h, states = h_start, []
     for step in range(num_steps):
-        x = step_input(h_prev, step)
-        for i, layer in enumerate(layers):
-            x, caches[i] = layer.forward_step(x, keys[i], values[i], prefix.key_mask, caches[i], kernels)
-        h_prev = x
-        states.append(x)
+        h = reasoning_step(layers, step_input(h, step), keys, values, prefix.key_mask, caches, backend)
+        states.append(h)
     return torch.stack(states, dim=1)
 
 
-def stream_reasoning_rows(layers, prefix, rows, h_start: torch.Tensor, num_steps: int,
-                          step_input: Callable[[torch.Tensor, int], torch.Tensor], kernels: str) -> torch.Tensor:
+def stream_reasoning_rows(layers, prefix: PrefixEncoding, rows: Rows, h_start: torch.Tensor, num_steps: int,
+                          step_input: Callable[[torch.Tensor, int], torch.Tensor], backend: str) -> torch.Tensor:
     """:func:`stream_reasoning` for R prefix ends of one encoder pass.
 
     ``prefix`` encodes whole sequences ``[B,N]`` (causal, start-anchored
@@ -59,13 +102,10 @@ def stream_reasoning_rows(layers, prefix, rows, h_start: torch.Tensor, num_steps
     ``h_start [R,M,d]``; returns ``[R,T,M,d]``, row r equal to what
     :func:`stream_reasoning` gives for that prefix encoded on its own.
     """
-    caches = [None] * len(layers)
-    h_prev, states = h_start, []
+    caches: List[StreamCache] = [None] * len(layers)
+    h, states = h_start, []
     for step in range(num_steps):
-        x = step_input(h_prev, step)
-        for i, layer in enumerate(layers):
-            x, caches[i] = layer.forward_step_rows(x, rows, prefix.keys[i], prefix.values[i], prefix.key_mask,
-                                                   caches[i], kernels)
-        h_prev = x
-        states.append(x)
+        h = reasoning_step(layers, step_input(h, step), prefix.keys, prefix.values, prefix.key_mask, caches,
+                           backend, rows)
+        states.append(h)
     return torch.stack(states, dim=1)

@@ -30,7 +30,7 @@ class SASRecModel(SequentialRecommender):
         out = self(item_seq)
         target = check_target(target, out.h0.shape[0], self.num_items, out.h0.device)
         nip = plr_kernels.linear_cross_entropy(
-            out.h0, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING, backend=self.kernels
+            out.h0, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING, backend=self.backend
         )
         return nip, {"nip": nip.detach()}
 
@@ -38,6 +38,6 @@ class SASRecModel(SequentialRecommender):
         """CE of ``h_0`` of every prefix end ``rows`` of one encoder pass (SASRec's own training)."""
         h0 = self.backbone.encode(item_seq).hidden[rows]
         nip = plr_kernels.linear_cross_entropy(
-            h0, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING, backend=self.kernels
+            h0, self.item_emb, target, temperature=self.temperature, exclude_index=PADDING, backend=self.backend
         )
         return nip, {"nip": nip.detach()}

@@ -27,7 +27,7 @@ class UniSRecModel(SASRecModel):
     """SASRec training on the ``unisrec`` backbone, cosine scores / temperature.
 
     Args: those of SASRecModel (``max_len, hidden_size, num_layers, num_heads,
-    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, kernels``),
+    inner_size, dropout, attn_dropout, layer_norm_eps, temperature, backend``),
     ``backbone_args`` for UniSRecBackbone (``text_dim, num_experts,
     adaptor_dropout, gate_noise, use_id, normalize_items, text_cache_dir``) and
     ``normalize_sequence`` (L2-normalise h_0 before scoring; UniSRec: True).
