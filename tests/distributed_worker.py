@@ -27,10 +27,11 @@ BASE = ["model.hidden_size=16", "model.inner_size=32", "model.dropout=0.0", "dat
 CASES = {
     "sasrec-sequence": ("sasrec", [], [5, 900, 17, 3000, 42, 7, 1234]),  # shards of 3 and 4 sequences
     "sasrec-one-sample": ("sasrec", [], [77]),  # rank 1 holds none of it
-    "plr-sequence": ("plr", ["model.reasoning_dropout=0.0", "model.rcl_weight=0.0"], [5, 900, 17, 3000, 42, 7, 15639]),
+    # reg_rows=all: L_KL over every row (with "batch" each rank draws its own rows)
+    "plr-sequence": ("plr", ["model.reasoning_dropout=0.0", "model.rcl_weight=0.0", "model.reg_rows=all"], [5, 900, 17, 3000, 42, 7, 15639]),
     "plr-prefix": ("plr", ["model.reasoning_dropout=0.0", "model.rcl_weight=0.0", "train.samples=prefix"],
                    [11, 5000, 123, 80000, 9, 4321, 600, 70000, 2]),
-    "plr-sequence-rcl": ("plr", ["model.reasoning_dropout=0.0", "model.rcl_weight=1.0"],
+    "plr-sequence-rcl": ("plr", ["model.reasoning_dropout=0.0", "model.rcl_weight=1.0", "model.reg_rows=all"],
                          [5, 900, 17, 3000, 42, 7, 8000]),
 }
 

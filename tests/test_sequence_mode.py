@@ -31,7 +31,7 @@ MODELS = {
     "sasrec": {},
     "erl": dict(num_steps=2, reasoning_dropout=0.0),
     "prl": dict(num_steps=2, reasoning_dropout=0.0, noise_std=0.1),
-    "plr": dict(num_streams=3, num_steps=2, rcl_weight=1.0, reasoning_dropout=0.0),
+    "plr": dict(num_streams=3, num_steps=2, rcl_weight=1.0, reasoning_dropout=0.0, reg_rows="all"),
 }
 
 
@@ -113,8 +113,8 @@ def test_reg_rows_batch_regularises_b_random_rows(monkeypatch):
     L_KL and L_RCL over the B rows drawn, each exactly what a prefix batch of
     those B prefixes gives (loss, parts and every gradient, fp64, 1e-10)."""
     torch.manual_seed(1)
-    args = dict(MODELS["plr"], kl_weight=0.5)
-    model = model_class("plr")(V, max_len=L, backend="torch", reg_rows="batch", **TINY, **args).double().train()
+    args = dict(MODELS["plr"], kl_weight=0.5, reg_rows="batch")
+    model = model_class("plr")(V, max_len=L, backend="torch", **TINY, **args).double().train()
     seq, tgt = sequence_batch()
     hist, target = as_prefix_samples(seq, tgt)
     r, b = len(target), seq.shape[0]

@@ -67,18 +67,19 @@ class PLRModel(SequentialRecommender):
         kl_detach_target: stop the gradient through log p_j in Eq. 7 (ReaRec-ERL).
         rcl_weight: w_rcl of Eq. 11; 0 disables the second dropout view.
         rcl_temperature: the InfoNCE temperature of Eq. 8 on cosine similarities.
-        rcl_view: how the second dropout view of Eq. 8 is drawn: ``"full"`` a
-            second forward pass (encoder and reasoning), ``"reasoning"`` the first
-            pass's prefix encoding (h_0 and KV cache) reused, dropout redrawn in
-            the reasoning tokens only (half the cost; the views differ in the
-            reasoning, which is what Eq. 8 regularises).
+        rcl_view: how the second dropout view of Eq. 8 is drawn: ``"reasoning"``
+            (the default) the first pass's prefix encoding (h_0 and KV cache)
+            reused, dropout redrawn in the reasoning tokens only (no second
+            encoder pass; the views differ in the reasoning, which is what Eq. 8
+            regularises), ``"full"`` a second forward pass (encoder and
+            reasoning). See benchmarks/RESULTS.md (issue 11's diagnosis).
         reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
         readout: the vector inference scores with: ``"final"`` = h_0 + z_rea
             (Eq. 10, dual process), ``"rea"`` = z_rea, ``"h0"`` = h_0.
         reg_rows: the rows of a sequence-mode batch (``train.samples:
             sequence``; B sequences, R >= B prefix ends) that the regularisers
             L_KL (Eq. 7) and L_RCL (Eq. 8) are taken over: ``"all"`` every
-            prefix end, ``"batch"`` B of them drawn uniformly without
+            prefix end, ``"batch"`` (the default) B of them drawn uniformly without
             replacement each step -- as many as a prefix-mode batch of B samples
             regularises, an unbiased estimate of the mean over all rows at ~B/R
             of the cost (the K = T*M states' pass over the item table is most of
@@ -92,9 +93,9 @@ class PLRModel(SequentialRecommender):
                  num_streams: int = 2, num_steps: int = 2, temperature: float = 0.07,
                  kl_weight: float = 0.1, kl_objective: str = "diversity", kl_form: str = "bounded",
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
-                 rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "full",
+                 rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "reasoning",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", reg_rows: str = "all", backend: str = "auto",
+                 readout: str = "final", reg_rows: str = "batch", backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
