@@ -141,6 +141,7 @@ def load_suite(path, out=None) -> Suite:
         raise SuiteError(f"{where}: runs: expected a non-empty list of runs")
     runs: List[RunSpec] = []
     by_name: Dict[str, Dict[str, Any]] = {}
+    resolved: Dict[str, Dict[str, Any]] = {}  # run name -> its config before the dataset keys
     for i, entry in enumerate(entries):
         entry = _mapping(entry, f"{where}: runs[{i}]")
         run_name = entry.get("name")
@@ -173,7 +174,8 @@ def load_suite(path, out=None) -> Suite:
             missing = set(ds_names) - set(by_name[source].get("datasets") or datasets)
             if missing:
                 raise SuiteError(f"{run_where}: datasets: run {source!r} is not trained on {sorted(missing)}")
-        cfg = config_mod.merge(config_mod.shipped_config(model), defaults)
+        # A "from" run is its source's config with some model keys changed.
+        cfg = config_mod.merge(config_mod.shipped_config(model), defaults) if source is None else resolved[source]
         if entry.get("config_file"):
             file = Path(entry["config_file"])
             file = file if file.is_absolute() else base / file
@@ -182,7 +184,7 @@ def load_suite(path, out=None) -> Suite:
             cfg = config_mod.merge(cfg, config_mod.load_yaml(file))
         cfg = config_mod.merge(cfg, _mapping(entry.get("config"), f"{run_where}: config"))
         cfg.setdefault("model", {})["name"] = model
-        by_name[run_name] = entry
+        by_name[run_name], resolved[run_name] = entry, cfg
         for ds_name in ds_names:
             run_cfg = config_mod.merge(cfg, {"data": datasets[ds_name]})
             try:
@@ -223,7 +225,9 @@ def _check_run_dirs(suite: Suite) -> None:
         saved = run.run_dir / "config.yaml"
         if saved.is_file():
             try:
-                old = config_mod.check(config_mod.load_yaml(saved))
+                from .training import same_config
+
+                old = same_config(config_mod.load_yaml(saved))
             except (ValueError, TypeError, yaml.YAMLError):
                 old = None
             if old != run.cfg:

@@ -18,6 +18,11 @@ from .errors import UserError
 # old model key -> new model key
 RENAMED_MODEL_KEYS = {"kernels": "backend"}  # models say ``backend`` as the plr_kernels ops do
 
+# Model keys added after run configs were written without them, with the value
+# that reproduces what such a run did (the behaviour before the key existed)
+# where today's default differs: a saved config that lacks the key meant this.
+LEGACY_MODEL_VALUES = {"plr": {"rcl_view": "full", "reg_rows": "all"}}
+
 
 def upgrade_model_args(args: Dict[str, Any], where: str = "model") -> Dict[str, Any]:
     """``args`` (a model section or a model's constructor arguments) with every
@@ -47,3 +52,13 @@ def upgrade_config(cfg: Any) -> Any:
         if model is not cfg["model"]:
             return {**cfg, "model": model}
     return cfg
+
+
+def fill_legacy_model_values(cfg: Any) -> Any:
+    """A saved run config with the model keys it predates (``LEGACY_MODEL_VALUES``)
+    set to what the run did, so it compares equal to a config that pins them."""
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("model"), dict)):
+        return cfg
+    legacy = LEGACY_MODEL_VALUES.get(cfg["model"].get("name"), {})
+    missing = {k: v for k, v in legacy.items() if k not in cfg["model"]}
+    return {**cfg, "model": {**cfg["model"], **missing}} if missing else cfg

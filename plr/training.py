@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import config as config_mod
 from . import distributed, guards
 from .data import check_usable
+from .deprecations import fill_legacy_model_values
 from .errors import UserError
 from .models import build_model, model_class
 from .data.dataset import SequenceSamples
@@ -380,9 +381,10 @@ def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
 
 def same_config(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A saved run config with the defaults of keys added since it was written
-    filled in, so that a newer plr resumes an older run of the same settings."""
+    filled in (model keys: with what the run did, plr.deprecations), so that a
+    newer plr resumes an older run of the same settings."""
     try:
-        return config_mod.check(saved)
+        return fill_legacy_model_values(config_mod.check(saved))
     except ValueError:
         return saved
 
