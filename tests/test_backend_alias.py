@@ -80,3 +80,16 @@ def test_a_run_directory_written_with_kernels_resumes(tmp_path):
         other = config.resolve("sasrec", None, ["model.backend=cpu"], data_path=str(tmp_path))
         with pytest.raises(UserError, match=r"another config.*model.backend"):
             check_run_dir(tmp_path, other, resume=True)
+
+
+def test_a_saved_config_predating_a_model_key_means_what_the_run_did():
+    """A PLR run config written before ``rcl_view`` / ``reg_rows`` existed was
+    trained with a full second view over every row: it compares equal to a
+    config pinning those values, and not to today's defaults."""
+    today = config.resolve("plr", None, [])
+    assert (today["model"]["rcl_view"], today["model"]["reg_rows"]) == ("reasoning", "batch")
+    saved = {**today, "model": {k: v for k, v in today["model"].items() if k not in ("rcl_view", "reg_rows")}}
+    pinned = config.resolve("plr", None, ["model.rcl_view=full", "model.reg_rows=all"])
+    assert same_config(saved) == pinned
+    assert same_config(saved) != today
+    assert same_config(today) == today  # a config that states the keys keeps them
