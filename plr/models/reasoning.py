@@ -10,9 +10,31 @@ re-encoding the extended sequence.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, List, Optional
 
 import torch
+
+# Set by record_attention(): where stream_reasoning appends the attention maps.
+_ATTENTION_RECORD: ContextVar[Optional[list]] = ContextVar("plr_attention_record", default=None)
+
+
+@contextmanager
+def record_attention() -> Iterator[List[List[torch.Tensor]]]:
+    """Record the attention probabilities of every reasoning step (attention maps).
+
+    Inside the block, :func:`stream_reasoning` runs the reference attention op
+    (the model must use ``kernels="torch"``) and appends, per step t, the list
+    over layers of its probabilities ``[B,H,M,N+S]`` (prefix keys first, then
+    the stream's own tokens 1..t; ``plr_kernels.reference.stream_attention``
+    with ``return_probs=True``). Yields that list of steps."""
+    steps: List[List[torch.Tensor]] = []
+    token = _ATTENTION_RECORD.set(steps)
+    try:
+        yield steps
+    finally:
+        _ATTENTION_RECORD.reset(token)
 
 
 def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
@@ -31,6 +53,7 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
         ``[B, T, M, d]``: the final-layer outputs ``h_{t,m}`` (Eq. 5).
     """
     caches = [None] * len(layers)
+    record = _ATTENTION_RECORD.get()
     keys, values = prefix.keys, prefix.values
     if num_steps > 1 and kernels != "torch" and prefix.key_mask.is_cuda and not torch.is_grad_enabled():
         # Inference on a GPU: the CUDA forward reads the prefix cache contiguous;
@@ -41,8 +64,11 @@ def stream_reasoning(layers, prefix, h_start: torch.Tensor, num_steps: int,
     h_prev, states = h_start, []
     for step in range(num_steps):
         x = step_input(h_prev, step)
+        probs = None if record is None else []
         for i, layer in enumerate(layers):
-            x, caches[i] = layer.forward_step(x, keys[i], values[i], prefix.key_mask, caches[i], kernels)
+            x, caches[i] = layer.forward_step(x, keys[i], values[i], prefix.key_mask, caches[i], kernels, probs)
+        if record is not None:
+            record.append(probs)
         h_prev = x
         states.append(x)
     return torch.stack(states, dim=1)
