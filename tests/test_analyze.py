@@ -199,16 +199,17 @@ def test_sensitivity_plots_each_parameter_from_one_suite(tmp_path, capsys):
 def test_robustness_at_rate_zero_is_the_plain_evaluation(runs, tmp_path):
     out = tmp_path / "rob"
     assert main(["analyze", "robustness", "--checkpoint", str(runs / "sasrec"), str(runs / "plr"),
-                 str(runs / "erl" / "best.pt"), "--rates", "0.1", "0.3", "--seed", "5", "--out", str(out)]) == 0
+                 str(runs / "erl" / "best.pt"), "--labels", "SASRec", "PLR", "ERL", "--rates", "0.1", "0.3",
+                 "--seed", "5", "--out", str(out)]) == 0
     rows = read_csv(out / "robustness.csv")
     assert [(r["model"], float(r["drop_rate"])) for r in rows] == [
-        (m, rate) for m in ("sasrec", "plr", "erl") for rate in (0.0, 0.1, 0.3)]
+        (m, rate) for m in ("SASRec", "PLR", "ERL") for rate in (0.0, 0.1, 0.3)]
     for r in rows:
         if float(r["drop_rate"]) == 0.0:
-            plain = json.loads((runs / r["model"] / "metrics.json").read_text())["test"]
+            plain = json.loads((runs / r["model"].lower() / "metrics.json").read_text())["test"]
             for metric in ("ndcg@10", "ndcg@20", "recall@20", "mrr"):
                 assert float(r[metric]) == plain[metric]  # exactly: the same ranks
-    lengths = [float(r["mean_history"]) for r in rows if r["model"] == "plr"]
+    lengths = [float(r["mean_history"]) for r in rows if r["model"] == "PLR"]
     assert lengths[0] > lengths[1] > lengths[2]
     assert_png(out / "robustness.png")
     assert "0%" in (out / "SUMMARY.md").read_text()
@@ -296,3 +297,6 @@ def test_wrong_model_class_and_foreign_dataset_are_clear_errors(runs, tmp_path, 
     assert "--data" in err and "differ from those" in err
     err = cli_error(capsys, ["analyze", "ceiling", "--checkpoint", tmp_path / "nothing", "--out", tmp_path / "e"])
     assert "no run directory or checkpoint" in err
+    err = cli_error(capsys, ["analyze", "ceiling", "--checkpoint", runs / "plr", runs / "erl", "--labels", "x",
+                             "--out", tmp_path / "f"])
+    assert "--labels: expected 2 distinct names" in err

@@ -28,7 +28,7 @@ import plr_kernels
 from ..errors import UserError
 from ..evaluation import metrics_from_ranks, per_user_metric
 from ..models.base import PADDING
-from .common import Output, eval_settings, load_checkpoint, matching_dataset, pyplot
+from .common import Output, check_labels, eval_settings, load_checkpoint, matching_dataset, pyplot, unique_label
 
 CLASSES = ("PLRModel", "ReaRecERLModel", "ReaRecPRLModel")
 
@@ -71,15 +71,16 @@ def state_ranks(model, samples, *, batch_size: int, exclude_history: bool, ties:
 
 
 def run_ceiling(out, checkpoints: Sequence[str], *, data: Optional[str] = None,
-                metrics: Sequence[str] = ("ndcg@20", "recall@20")) -> Output:
+                metrics: Sequence[str] = ("ndcg@20", "recall@20"), labels: Optional[Sequence[str]] = None) -> Output:
     """Writes ``ceiling.csv/json/png``, per-user ranks ``ceiling-<model>-ranks.csv`` and ``SUMMARY.md``."""
     from ..reporting import markdown_table
 
     if not checkpoints:
         raise UserError("--checkpoint: expected at least one run directory or checkpoint")
+    labels = check_labels(checkpoints, labels)
     output = Output(out, "ceiling")
     rows, detail = [], {}
-    for path in checkpoints:
+    for i, path in enumerate(checkpoints):
         model, extra, label = load_checkpoint(path, CLASSES, kind="ceiling")
         settings = eval_settings(extra)
         test = matching_dataset(model, extra, data, str(path)).test
@@ -92,7 +93,7 @@ def run_ceiling(out, checkpoints: Sequence[str], *, data: Optional[str] = None,
         per_state = {n: metrics_from_ranks(states[:, k], ks) for k, n in enumerate(names)}
         entry = {"own": metrics_from_ranks(own, ks), "oracle_states": metrics_from_ranks(oracle_states, ks),
                  "ceiling": metrics_from_ranks(ceiling, ks), "states": per_state}
-        name = label if label not in detail else f"{label}-{len(detail)}"
+        name = labels[i] if labels else unique_label(label, detail)
         detail[name] = entry
         for metric in metrics:
             best_state = max(names, key=lambda n: per_state[n][metric])

@@ -26,11 +26,11 @@ def cmd_analyze(args) -> int:
         from .robustness import run_robustness
 
         return _report(run_robustness(args.out, args.checkpoint, data=args.data, rates=args.rates, seed=args.seed,
-                                      metric=args.metric))
+                                      metric=args.metric, labels=args.labels))
     if kind == "ceiling":
         from .ceiling import run_ceiling
 
-        return _report(run_ceiling(args.out, args.checkpoint, data=args.data))
+        return _report(run_ceiling(args.out, args.checkpoint, data=args.data, labels=args.labels))
     if kind == "attention":
         from .attention import run_attention
 
@@ -39,7 +39,7 @@ def cmd_analyze(args) -> int:
     from .efficiency import run_efficiency
 
     return _report(run_efficiency(args.out, args.checkpoint or (), like=args.like, models=args.models,
-                                  batch_size=args.batch_size, repeats=args.repeats))
+                                  batch_size=args.batch_size, repeats=args.repeats, labels=args.labels))
 
 
 def add_analyze_parser(sub) -> None:
@@ -48,8 +48,11 @@ def add_analyze_parser(sub) -> None:
                                              "ceiling, attention, efficiency (figures + tables)")
     kinds = analyze.add_subparsers(dest="kind", required=True)
 
-    def common(p, help_out: str = "output directory (default runs/analysis/KIND-TIME)"):
+    def common(p, help_out: str = "output directory (default runs/analysis/KIND-TIME)", labels: bool = False):
         p.add_argument("--out", help=help_out)
+        if labels:
+            p.add_argument("--labels", nargs="+", metavar="NAME",
+                           help="a name per model in tables and figures (default: the run directories' names)")
         p.set_defaults(func=cmd_analyze)
 
     for kind, text in (("ablation", "Table 3: PLR vs w/o MoRS, w/o RCL, w/o KL, same protocol, paired t-tests"),
@@ -71,12 +74,12 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.2, 0.3], help="drop rates (0 is added)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dropped items")
     p.add_argument("--metric", default="ndcg@20")
-    common(p)
+    common(p, labels=True)
 
     p = kinds.add_parser("ceiling", help="Figure 4: best reasoning state per user (oracle) vs the model")
     p.add_argument("--checkpoint", nargs="+", required=True, help="PLR / ReaRec run directories or checkpoints")
     p.add_argument("--data", help="dataset (default: each run's)")
-    common(p)
+    common(p, labels=True)
 
     p = kinds.add_parser("attention", help="Figure 5: attention maps of the streams, gate weights")
     p.add_argument("--checkpoint", required=True, help="a PLR / ReaRec run directory or checkpoint")
@@ -92,7 +95,7 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--models", nargs="+", default=["sasrec", "erl", "plr"], help="with --like (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="histories per timed call")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds")
-    common(p)
+    common(p, labels=True)
 
 
 __all__ = ["add_analyze_parser", "cmd_analyze"]

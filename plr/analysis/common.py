@@ -59,6 +59,25 @@ def run_label(file: Path) -> str:
     return file.parent.name if file.name == "best.pt" else file.stem
 
 
+def check_labels(checkpoints: Sequence[str], labels: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """``--labels``: one distinct name per checkpoint (None: the run directories' names)."""
+    if labels is None:
+        return None
+    labels = [str(label) for label in labels]
+    if len(labels) != len(checkpoints) or len(set(labels)) != len(labels):
+        raise UserError(f"--labels: expected {len(checkpoints)} distinct names (one per --checkpoint), got {labels}")
+    return labels
+
+
+def unique_label(label: str, taken) -> str:
+    """``label``, or ``label-2``, ``label-3``... if it is taken."""
+    out, i = label, 1
+    while out in taken:
+        i += 1
+        out = f"{label}-{i}"
+    return out
+
+
 def with_kernels(model, kernels: str):
     """The same model (same weights) with another ``kernels`` backend."""
     if model.kernels == kernels:

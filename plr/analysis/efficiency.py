@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .common import Output, load_checkpoint, pyplot, with_kernels
+from .common import Output, check_labels, load_checkpoint, pyplot, unique_label, with_kernels
 
 SIZE_KEYS = ("max_len", "hidden_size", "num_layers", "num_heads", "inner_size", "dropout", "attn_dropout",
              "layer_norm_eps", "temperature", "kernels", "backbone", "backbone_args")
@@ -92,7 +92,7 @@ def latencies(models: Sequence[Any], batch: int, repeats: int, warmup: int = 3) 
 
 def run_efficiency(out, checkpoints: Sequence[str] = (), *, like: Optional[str] = None,
                    models: Sequence[str] = ("sasrec", "erl", "plr"), batch_size: int = 64, repeats: int = 30,
-                   flop_batch: int = 8) -> Output:
+                   flop_batch: int = 8, labels: Optional[Sequence[str]] = None) -> Output:
     """Writes ``efficiency.csv/json/png`` and ``SUMMARY.md``."""
     from ..reporting import markdown_table
 
@@ -104,11 +104,15 @@ def run_efficiency(out, checkpoints: Sequence[str] = (), *, like: Optional[str] 
             raise UserError(f"{name}: expected an int >= 1, got {value}")
     if like is not None:
         entries = like_models(like, models)
+        labels = check_labels(models, labels)
     else:
+        labels = check_labels(checkpoints, labels)
         entries = []
         for path in checkpoints:
             model, _, label = load_checkpoint(path, kind="efficiency")
-            entries.append((label if all(label != n for n, _ in entries) else f"{label}-{len(entries)}", model))
+            entries.append((unique_label(label, {n for n, _ in entries}), model))
+    if labels:
+        entries = [(label, model) for label, (_, model) in zip(labels, entries)]
     sizes = {(m.backbone.__class__.__name__, m.max_len, m.item_emb.shape[1], len(m.backbone.layers))
              for _, m in entries}
     if len(sizes) > 1:

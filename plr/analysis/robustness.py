@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..evaluation import metrics_from_ranks, rank_targets
-from .common import Output, eval_settings, load_checkpoint, matching_dataset, pyplot
+from .common import Output, check_labels, eval_settings, load_checkpoint, matching_dataset, pyplot, unique_label
 
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3)
 
@@ -47,19 +47,21 @@ def drop_items(item_seq: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
 
 
 def run_robustness(out, checkpoints: Sequence[str], *, data: Optional[str] = None,
-                   rates: Sequence[float] = DEFAULT_RATES, seed: int = 0, metric: str = "ndcg@20") -> Output:
+                   rates: Sequence[float] = DEFAULT_RATES, seed: int = 0, metric: str = "ndcg@20",
+                   labels: Optional[Sequence[str]] = None) -> Output:
     """Evaluate every checkpoint at every drop rate; writes ``robustness.csv/json/png`` and ``SUMMARY.md``."""
     from ..evaluation import metric_names
 
     if not checkpoints:
         raise UserError("--checkpoint: expected at least one run directory or checkpoint")
+    labels = check_labels(checkpoints, labels)
     rates = sorted(set([0.0, *[float(r) for r in rates]]))
     for r in rates:
         if not 0.0 <= r < 1.0:
             raise UserError(f"--rates: expected drop rates in [0, 1), got {r}")
     output = Output(out, "robustness")
     rows, curves, datasets = [], {}, {}
-    for path in checkpoints:
+    for i, path in enumerate(checkpoints):
         model, extra, label = load_checkpoint(path, kind="robustness")
         settings = eval_settings(extra)
         if metric not in metric_names(settings["ks"]):
@@ -69,7 +71,7 @@ def run_robustness(out, checkpoints: Sequence[str], *, data: Optional[str] = Non
             datasets.clear()
             datasets[key] = matching_dataset(model, extra, data, str(path))
         test = datasets[key].test
-        name = label if label not in curves else f"{label}-{len(curves)}"
+        name = labels[i] if labels else unique_label(label, curves)
         curves[name] = []
         for rate in tqdm(rates, desc=f"robustness {name}", leave=False):
             seq = drop_items(test.item_seq, rate, seed)
