@@ -275,6 +275,12 @@ def test_efficiency_flops_exceed_sasrec_by_the_reasoning_tokens_share(runs, tmp_
         assert math.isfinite(float(r["relative latency"])) and float(r["latency ms/sample"]) > 0
     assert float(rows["sasrec"]["relative latency"]) == 1.0
     assert_png(out / "efficiency.png")
+    # The trained checkpoints themselves: the FLOPs do not depend on the weights.
+    assert main(["analyze", "efficiency", "--checkpoint", str(runs / "plr"), str(runs / "sasrec"), "--repeats", "2",
+                 "--batch-size", "4", "--out", str(tmp_path / "eff2")]) == 0
+    trained = {r["model"]: r for r in read_csv(tmp_path / "eff2" / "efficiency.csv")}
+    assert trained["plr"]["MFLOPs/sample"] == rows["plr"]["MFLOPs/sample"]
+    assert trained["sasrec"]["MFLOPs/sample"] == rows["sasrec"]["MFLOPs/sample"]
 
 
 # -- wrong checkpoints, wrong data ---------------------------------------------------------

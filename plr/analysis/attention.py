@@ -56,6 +56,8 @@ def user_rows(dataset, users: Optional[Sequence[str]], count: int) -> List[int]:
 def run_attention(out, checkpoint: str, *, data: Optional[str] = None, users: Optional[Sequence[str]] = None,
                   count: int = 3, layer: int = -1) -> Output:
     """Writes ``attention-<user>.png/json`` per user and ``SUMMARY.md``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"--num-users: expected an int >= 1, got {count!r}")
     model, extra, label = load_checkpoint(checkpoint, CLASSES, kind="attention")
     num_layers = len(model.backbone.layers)
     if not -num_layers <= layer < num_layers:

@@ -54,6 +54,9 @@ def run_robustness(out, checkpoints: Sequence[str], *, data: Optional[str] = Non
 
     if not checkpoints:
         raise UserError("--checkpoint: expected at least one run directory or checkpoint")
+    kind, _, k = metric.partition("@")
+    if not (metric == "mrr" or (kind in ("recall", "ndcg") and k.isdigit() and int(k) >= 1)):
+        raise UserError(f"--metric: expected recall@K, ndcg@K or mrr, got {metric!r}", "e.g. --metric ndcg@20")
     labels = check_labels(checkpoints, labels)
     rates = sorted(set([0.0, *[float(r) for r in rates]]))
     for r in rates:
@@ -65,7 +68,7 @@ def run_robustness(out, checkpoints: Sequence[str], *, data: Optional[str] = Non
         model, extra, label = load_checkpoint(path, kind="robustness")
         settings = eval_settings(extra)
         if metric not in metric_names(settings["ks"]):
-            settings["ks"] = sorted(set(settings["ks"]) | {int(metric.partition("@")[2] or 20)})
+            settings["ks"] = sorted(set(settings["ks"]) | {int(k)})
         key = (data, str((extra.get("run_config") or {}).get("data")))
         if key not in datasets:
             datasets.clear()
