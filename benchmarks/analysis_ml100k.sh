@@ -24,6 +24,6 @@ if [[ $what == analyze || $what == all ]]; then
       --rates 0.1 0.2 0.3 --seed 0 --out "$OUT/robustness"
   $PLR analyze ceiling --checkpoint "$OUT/erl" "$PLR_RUN" --labels ReaRec-ERL PLR --out "$OUT/ceiling"
   $PLR analyze attention --checkpoint "$PLR_RUN" --num-users 3 --out "$OUT/attention"
-  $PLR analyze efficiency --like "$PLR_RUN/best.pt" --models sasrec erl plr --batch-size 64 --repeats 50 \
+  $PLR analyze efficiency --like "$PLR_RUN/best.pt" --models sasrec erl plr --batch-size 256 --repeats 200 \
       --out "$OUT/efficiency"
 fi
