@@ -25,7 +25,8 @@ def base_config(run: Optional[str], config_file: Optional[str], overrides: Seque
                 data: Optional[str]) -> Dict[str, Any]:
     """The PLR config every variant starts from: a trained run's own config
     (``run``: a run directory or checkpoint) or ``plr/configs/plr.yaml`` <-
-    ``config_file``; then ``overrides`` (``section.key=value``) and ``data``."""
+    ``config_file``; then ``overrides`` (``section.key=value``) and ``data``. A
+    relative ``data.path`` is taken from the current directory, as ``plr train`` does."""
     if run is not None:
         if config_file is not None:
             raise UserError("--config: not together with --run (the run's own config is the base)",
