@@ -15,6 +15,7 @@ PLR_RUN=$OUT/ablation/runs/data/full
 what=${1:-all}
 if [[ $what == train || $what == all ]]; then
   $PLR analyze ablation --data "$DATA" "${SET[@]}" --out "$OUT/ablation"      # trains full, no-mors, no-rcl, no-kl
+  $PLR analyze sensitivity --run "$PLR_RUN" --vary M=1,2,4 --vary T=1,2,3 --out "$OUT/sensitivity"  # retrains base
   for model in sasrec erl; do
     [[ -f $OUT/$model/metrics.json ]] || $PLR train --model $model --data "$DATA" "${SET[@]}" --out "$OUT/$model"
   done
