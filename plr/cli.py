@@ -7,6 +7,7 @@
     plr recommend --checkpoint RUN_DIR/best.pt --history "12 55 7" [--k 10]
     plr compare RUN_A RUN_B [--metric ndcg@10]
     plr benchmark SUITE.yaml [--only RUN ...] [--out DIR] [--check | --report]
+    plr analyze ablation|sensitivity|robustness|ceiling|attention|efficiency ...   (plr/analysis/)
     plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
     plr serve --checkpoint RUN_DIR/best.pt [--host 127.0.0.1] [--port 8000] [--max-batch 64] [--max-wait-ms 2]
     plr data stats PATH
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="check the suite and list its runs, train nothing")
     mode.add_argument("--report", action="store_true", help="rewrite the report from the finished runs only")
     bench.set_defaults(func=cmd_benchmark)
+
+    from .analysis.commands import add_analyze_parser
+
+    add_analyze_parser(sub)
 
     tn = sub.add_parser("tune", help="hyperparameter search on the validation split (Optuna)")
     tn.add_argument("--model", required=True, help=" | ".join(MODELS))

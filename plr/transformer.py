@@ -108,8 +108,13 @@ class MultiHeadAttention(nn.Module):
         )
         return self._output(x, ctx), k, v
 
-    def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
-        """``x [B,M,d]``: one new token per stream -> ``(y [B,M,d], new cache)``."""
+    def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str,
+                     probs_out: Optional[list] = None):
+        """``x [B,M,d]``: one new token per stream -> ``(y [B,M,d], new cache)``.
+
+        ``probs_out`` (a list; attention maps): the step runs the reference op
+        (``backend`` must be ``"torch"``) and appends its attention
+        probabilities ``[B,H,M,N+S]`` (``plr_kernels.reference.stream_attention``)."""
         # [B,M,d] -> q [B,H,M,Dh], k/v [B,H,M,1,Dh]: each stream's new token is its latest key.
         q, k_new, v_new = self._step_qkv(x)
         k_new, v_new = k_new[..., None, :], v_new[..., None, :]
@@ -118,6 +123,15 @@ class MultiHeadAttention(nn.Module):
         else:
             k_stream = torch.cat([cache[0], k_new], dim=3)
             v_stream = torch.cat([cache[1], v_new], dim=3)
+        if probs_out is not None:
+            if backend != "torch":
+                raise ValueError(f"backend: recording attention probabilities runs the reference op, "
+                                 f"expected 'torch', got {backend!r}")
+            ctx, probs = plr_kernels.reference.stream_attention(
+                q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask=prefix_mask,
+                dropout_p=self.attn_dropout if self.training else 0.0, return_probs=True)
+            probs_out.append(probs)
+            return self._output(x, ctx), (k_stream, v_stream)
         ctx = plr_kernels.stream_attention(
             q, k_prefix, v_prefix, k_stream, v_stream,
             prefix_mask=prefix_mask,
@@ -190,8 +204,9 @@ class TransformerBlock(nn.Module):
         y, k, v = self.attention.forward_full(x, mask)
         return self.feed_forward(y), k, v
 
-    def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):
-        y, cache = self.attention.forward_step(x, k_prefix, v_prefix, prefix_mask, cache, backend)
+    def forward_step(self, x, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str,
+                     probs_out: Optional[list] = None):
+        y, cache = self.attention.forward_step(x, k_prefix, v_prefix, prefix_mask, cache, backend, probs_out)
         return self.feed_forward(y), cache
 
     def forward_step_rows(self, x, rows: Rows, k_prefix, v_prefix, prefix_mask, cache: StreamCache, backend: str):

@@ -61,6 +61,7 @@ def stream_attention(
     dropout_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     causal_prefix: bool = False,
+    return_probs: bool = False,
 ):
     """One reasoning step of one layer (PLR Eq. 4-5), all M streams at once.
 
@@ -78,7 +79,13 @@ def stream_attention(
 
     ``causal_prefix=True``: the same step for every prefix end n = 0..N-1 of
     one encoder pass (see :func:`causal_prefix_stream_attention`).
+
+    ``return_probs=True`` (a debug output, for attention maps): also return the
+    attention probabilities before dropout, ``[B,H,M,N+S]`` (prefix keys first,
+    masked keys 0), as ``(o, probs)``; not with ``return_lse`` or ``causal_prefix``.
     """
+    if return_probs and (return_lse or causal_prefix):
+        raise ValueError("return_probs: not available together with return_lse or causal_prefix")
     if causal_prefix:
         return causal_prefix_stream_attention(
             q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask=prefix_mask, scale=scale,
@@ -92,7 +99,7 @@ def stream_attention(
     s_stream = torch.einsum("bhmd,bhmsd->bhms", q, k_stream) * scale
     scores = _upcast_half(torch.cat([s_prefix, s_stream], dim=-1))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+    probs = attention_probs = torch.exp(scores - lse[..., None])
     if dropout_mask is not None or dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = dropout_keep_mask(probs.shape, dropout_p, seed, probs.device)
@@ -104,6 +111,8 @@ def stream_attention(
     )
     if return_lse:
         return o, (lse if q.dtype == torch.float64 else lse.float())
+    if return_probs:
+        return o, attention_probs
     return o
 
 

@@ -45,6 +45,7 @@ KL_FORMS = ("bounded", "literal")
 READOUTS = ("final", "rea", "h0")
 RCL_VIEWS = ("full", "reasoning")
 REG_ROWS = ("all", "batch")
+MIXTURES = ("gate", "mean")
 
 
 class PLRModel(SequentialRecommender):
@@ -85,6 +86,9 @@ class PLRModel(SequentialRecommender):
             of the cost (the K = T*M states' pass over the item table is most of
             a PLR step). L_NIP is over every row either way; prefix mode
             (R = B) is unaffected.
+        mixture: how the streams are mixed into z_rea: ``"gate"`` the MoRS gate
+            of Eq. 9, ``"mean"`` the uniform mean over the M streams (the
+            paper's "w/o MoRS" ablation; the model then has no gate weights).
     """
 
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_layers: int = 2,
@@ -95,7 +99,8 @@ class PLRModel(SequentialRecommender):
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
                  rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "reasoning",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", reg_rows: str = "batch", backend: str = "auto",
+                 readout: str = "final", reg_rows: str = "batch", mixture: str = "gate",
+                 backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
@@ -107,7 +112,8 @@ class PLRModel(SequentialRecommender):
             kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
             rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, rcl_view=rcl_view,
             reasoning_dropout=reasoning_dropout,
-            readout=readout, reg_rows=reg_rows, backend=backend, backbone=backbone, backbone_args=backbone_args,
+            readout=readout, reg_rows=reg_rows, mixture=mixture, backend=backend, backbone=backbone,
+            backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
         self.num_steps = check_positive_int("num_steps", num_steps)
@@ -124,6 +130,8 @@ class PLRModel(SequentialRecommender):
             raise ValueError(f"reg_rows: expected one of {list(REG_ROWS)}, got {reg_rows!r}")
         if readout not in READOUTS:
             raise ValueError(f"readout: expected one of {list(READOUTS)}, got {readout!r}")
+        if mixture not in MIXTURES:
+            raise ValueError(f"mixture: expected one of {list(MIXTURES)}, got {mixture!r}")
         for name, value in (("kl_margin", kl_margin), ("rcl_temperature", rcl_temperature),
                             ("kl_temperature", temperature if kl_temperature is None else kl_temperature)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -139,6 +147,7 @@ class PLRModel(SequentialRecommender):
         self.rcl_view = rcl_view
         self.readout = readout
         self.reg_rows = reg_rows
+        self.mixture = mixture
 
         # Eq. 3: one learnable trigger token tau_m per stream.
         self.trigger_tokens = nn.Parameter(torch.empty(num_streams, hidden_size))
@@ -146,8 +155,8 @@ class PLRModel(SequentialRecommender):
         self.reasoning_position = nn.Embedding(num_steps, hidden_size)
         self.reasoning_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.reasoning_dropout = nn.Dropout(check_probability("reasoning_dropout", reasoning_dropout))
-        # Eq. 9: the MoRS gate W_g, b_g.
-        self.gate = nn.Linear(hidden_size, num_streams)
+        # Eq. 9: the MoRS gate W_g, b_g (none with mixture="mean": no unused weights).
+        self.gate = nn.Linear(hidden_size, num_streams) if mixture == "gate" else None
         self._init_weights()
         nn.init.normal_(self.trigger_tokens, mean=0.0, std=0.02)
 
@@ -198,7 +207,10 @@ class PLRModel(SequentialRecommender):
     def _aggregate(self, h0: torch.Tensor, states: torch.Tensor) -> ModelOutput:
         """Eq. 6, 9, 10 from ``h0 [R,d]`` and the states ``[R,T,M,d]``."""
         z_streams = states.mean(dim=1)  # Eq. 6: z_m = mean_t h_{t,m}   [R,M,d]
-        gate = torch.softmax(self.gate(h0), dim=-1)  # Eq. 9             [R,M]
+        if self.gate is not None:
+            gate = torch.softmax(self.gate(h0), dim=-1)  # Eq. 9         [R,M]
+        else:  # mixture="mean" (w/o MoRS): uniform weights 1/M instead of Eq. 9
+            gate = h0.new_full((h0.shape[0], self.num_streams), 1.0 / self.num_streams)
         z_rea = (gate[..., None] * z_streams).sum(dim=1)
         z_final = h0 + z_rea  # Eq. 10: dual-process inference
         return ModelOutput(h0=h0, z_final=z_final, states=states, gate=gate, z_rea=z_rea)
