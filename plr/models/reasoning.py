@@ -20,7 +20,7 @@ import torch
 
 from ..transformer import PrefixEncoding, Rows, StreamCache
 
-# Set by record_attention(): where stream_reasoning appends the attention maps.
+# Set by record_attention(): where reasoning_step appends the attention maps.
 _ATTENTION_RECORD: ContextVar[Optional[list]] = ContextVar("plr_attention_record", default=None)
 
 
@@ -28,7 +28,7 @@ _ATTENTION_RECORD: ContextVar[Optional[list]] = ContextVar("plr_attention_record
 def record_attention() -> Iterator[List[List[torch.Tensor]]]:
     """Record the attention probabilities of every reasoning step (attention maps).
 
-    Inside the block, :func:`stream_reasoning` runs the reference attention op
+    Inside the block, every :func:`reasoning_step` (PLR's and ReaRec's) runs the reference attention op
     (the model must use ``backend="torch"``) and appends, per step t, the list
     over layers of its probabilities ``[B,H,M,N+S]`` (prefix keys first, then
     the stream's own tokens 1..t; ``plr_kernels.reference.stream_attention``
@@ -43,7 +43,7 @@ def record_attention() -> Iterator[List[List[torch.Tensor]]]:
 
 def reasoning_step(layers, x: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor],
                    key_mask: torch.Tensor, caches: List[StreamCache], backend: str,
-                   rows: Optional[Rows] = None, probs_out: Optional[list] = None) -> torch.Tensor:
+                   rows: Optional[Rows] = None) -> torch.Tensor:
     """One latent reasoning step of all M streams, through all L layers (PLR Eq. 4-5).
 
     With ``x_{t,m}`` the step's input token of stream m (``x [B,M,d]``) and, at
@@ -66,15 +66,19 @@ def reasoning_step(layers, x: torch.Tensor, keys: List[torch.Tensor], values: Li
     in place. ``rows = (b [R], n [R])`` runs the step for R prefix ends of one
     encoder pass over whole sequences (sequence training: row r's prefix cache is
     sequence b_r's cut at n_r, ``TransformerBlock.forward_step_rows``); then
-    ``x`` is ``[R,M,d]``. Returns ``h_{t,m}`` shaped like ``x``. ``probs_out``
-    (a list; not with ``rows``) receives each layer's attention probabilities
-    (``record_attention``).
+    ``x`` is ``[R,M,d]``. Returns ``h_{t,m}`` shaped like ``x``. Inside
+    ``record_attention`` (and without ``rows``) the step's attention
+    probabilities, one tensor per layer, are appended to the record.
     """
+    record = _ATTENTION_RECORD.get() if rows is None else None
+    probs = None if record is None else []
     for i, layer in enumerate(layers):
         if rows is None:
-            x, caches[i] = layer.forward_step(x, keys[i], values[i], key_mask, caches[i], backend, probs_out)
+            x, caches[i] = layer.forward_step(x, keys[i], values[i], key_mask, caches[i], backend, probs)
         else:
             x, caches[i] = layer.forward_step_rows(x, rows, keys[i], values[i], key_mask, caches[i], backend)
+    if record is not None:
+        record.append(probs)
     return x
 
 
@@ -108,14 +112,9 @@ def stream_reasoning(layers, prefix: PrefixEncoding, h_start: torch.Tensor, num_
     """
     keys, values = step_prefix_cache(prefix, num_steps, backend)
     caches: List[StreamCache] = [None] * len(layers)
-    record = _ATTENTION_RECORD.get()
     h, states = h_start, []
     for step in range(num_steps):
-        probs = None if record is None else []
-        h = reasoning_step(layers, step_input(h, step), keys, values, prefix.key_mask, caches, backend,
-                           probs_out=probs)
-        if record is not None:
-            record.append(probs)
+        h = reasoning_step(layers, step_input(h, step), keys, values, prefix.key_mask, caches, backend)
         states.append(h)
     return torch.stack(states, dim=1)
 
