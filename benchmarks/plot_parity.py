@@ -40,24 +40,28 @@ def main():
     import matplotlib.pyplot as plt
 
     root = Path(args.runs)
-    models = sorted({d.name.rsplit("-", 1)[0] for d in root.iterdir() if (d / "metrics.json").is_file()})
+    # runs <model>-prefix, <model>-sequence and optionally <model>-sequence-<tag> (e.g. another batch size)
+    models = sorted({d.name.split("-")[0] for d in root.iterdir() if (d / "metrics.json").is_file()})
     data, summary = {}, {}
     fig, axes = plt.subplots(1, len(models), figsize=(5.0 * len(models), 3.6), dpi=90, squeeze=False)
     for ax, model in zip(axes[0], models):
-        for mode in ("prefix", "sequence"):
-            run = root / f"{model}-{mode}"
-            if (run / "metrics.json").is_file():
-                xs, ys = curve(run, args.metric)
-                data[f"{model}-{mode}"] = {"train_seconds": xs, f"valid_{args.metric}": ys}
-                ax.plot(xs, ys, "o-", label=f"{mode} samples")
-        if f"{model}-prefix" in data and f"{model}-sequence" in data:
+        runs = sorted(d.name for d in root.iterdir() if d.name.split("-")[0] == model
+                      and (d / "metrics.json").is_file())
+        for name in runs:
+            xs, ys = curve(root / name, args.metric)
+            data[name] = {"train_seconds": xs, f"valid_{args.metric}": ys}
+            ax.plot(xs, ys, "o-", label=name[len(model) + 1:])
+        if f"{model}-prefix" in data:
             best_prefix = max(data[f"{model}-prefix"][f"valid_{args.metric}"])
             t_p = first_reaching(*data[f"{model}-prefix"].values(), best_prefix)
-            t_s = first_reaching(*data[f"{model}-sequence"].values(), best_prefix)
-            summary[model] = {"best_prefix": best_prefix, "prefix_seconds": t_p, "sequence_seconds": t_s}
-            print(f"{model}: prefix mode's best valid {args.metric} {best_prefix:.4f} reached after "
-                  f"{t_p:.0f} s (prefix) and " + (f"{t_s:.0f} s (sequence)" if t_s is not None else
-                                                  "never (sequence)"))
+            summary[model] = {"best_prefix": best_prefix, "prefix_seconds": t_p}
+            for name in runs:
+                if name.startswith(f"{model}-sequence"):
+                    t_s = first_reaching(*data[name].values(), best_prefix)
+                    summary[model][f"{name}_seconds"] = t_s
+                    print(f"{model}: prefix mode's best valid {args.metric} {best_prefix:.4f} reached after "
+                          f"{t_p:.0f} s (prefix) and " + (f"{t_s:.0f} s ({name})" if t_s is not None else
+                                                          f"never ({name})"))
         ax.set_title(model)
         ax.set_xlabel("training seconds")
         ax.set_ylabel(f"valid {args.metric}")
