@@ -40,3 +40,24 @@ def cli_error(capsys, argv):
     lines = [line for line in err if line.startswith("plr: error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def poll_training_state(proc, state_path, ready, timeout, interval=0.02):
+    """Poll ``state_path`` (a run's ``last.pt``) while ``proc`` runs; return its
+    training state as soon as ``ready(state)`` holds, or None when ``proc``
+    ended or ``timeout`` seconds passed first (for kill-and-resume tests)."""
+    import time
+
+    import torch
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if state_path.is_file():
+            try:
+                state = torch.load(state_path, weights_only=True)["state"]
+            except Exception:  # noqa: BLE001 - being replaced right now; atomic, so retry
+                state = None
+            if state and ready(state):
+                return state
+        time.sleep(interval)
+    return None

@@ -18,13 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import poll_training_state
 from distributed_worker import BASE, CASES, ML100K, case_config
 from plr import config, distributed
 from plr.data.loading import load_dataset
@@ -186,21 +186,15 @@ def test_two_process_run_ends_with_the_metrics_of_one_process(dataset, tmp_path)
 def kill_when_checkpointed(proc, state_path, pid_files, min_step, timeout=TIMEOUT):
     """SIGKILL the workers (ids in ``pid_files``; torchrun starts them in sessions of
     their own) once ``last.pt`` holds a mid-epoch state at step >= ``min_step``."""
-    deadline = time.time() + timeout
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if state_path.is_file():
-                try:
-                    state = torch.load(state_path, weights_only=True)["state"]
-                except Exception:  # noqa: BLE001 - being replaced right now; atomic, so retry
-                    state = None
-                if state and state["global_step"] >= min_step and state["step_in_epoch"] > 0 and not state["finished"]:
-                    for pid in pid_files:
-                        os.kill(int(pid.read_text()), signal.SIGKILL)
-                    finish(proc)  # torchrun sees its workers die and exits
-                    assert proc.returncode != 0
-                    return torch.load(state_path, weights_only=True)["state"]  # the last one written
-            time.sleep(0.02)
+        state = poll_training_state(proc, state_path, lambda st: st["global_step"] >= min_step
+                                    and st["step_in_epoch"] > 0 and not st["finished"], timeout)
+        if state is not None:
+            for pid in pid_files:
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+            finish(proc)  # torchrun sees its workers die and exits
+            assert proc.returncode != 0
+            return torch.load(state_path, weights_only=True)["state"]  # the last one written
     finally:
         if proc.poll() is None:
             proc.terminate()

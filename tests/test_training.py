@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import cli_error
+from conftest import cli_error, poll_training_state
 from plr import config
 from plr.cli import main
 from plr.data import build_dataset, read_interactions
@@ -85,19 +84,13 @@ def test_compare_prints_a_paired_t_test(synthetic, tmp_path, capsys):
 
 def _kill_when_checkpointed(cmd, state_path, min_step, timeout=300):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if state_path.is_file():
-                try:
-                    state = torch.load(state_path, weights_only=True)["state"]
-                except Exception:  # noqa: BLE001 - being replaced right now; atomic, so retry
-                    state = None
-                if state and state["global_step"] >= min_step and not state["finished"]:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return state
-            time.sleep(0.05)
+        state = poll_training_state(proc, state_path, lambda st: st["global_step"] >= min_step and not st["finished"],
+                                    timeout, interval=0.05)
+        if state is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return state
     finally:
         if proc.poll() is None:
             proc.kill()
