@@ -362,7 +362,8 @@ at::ScalarType acc_scalar_type(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tensor& x, const at::Tensor& item_emb,
                                                                  const std::optional<at::Tensor>& target,
-                                                                 double temperature, int64_t exclude_index) {
+                                                                 double temperature, int64_t exclude_index,
+                                                                 bool /*mu_direct: for the autograd only*/) {
   check_common("vocab_forward", x, item_emb, target, temperature, exclude_index);
   const int64_t R = x.size(0), d = x.size(1), V = item_emb.size(0);
   const auto acc = acc_scalar_type(x);

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 import plr_kernels
-from plr_kernels.vocab_pass import reasoning_losses
+from plr_kernels.reasoning_losses import reasoning_losses
 
 from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
@@ -220,7 +220,7 @@ class PLRModel(SequentialRecommender):
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(nip + kl term, nip, kl)``, means over the rows: Eq. 7 over the K = T*M
         states of each row and L_NIP of ``z_rea``, from one pass over the item table
-        (plr_kernels.vocab_pass.reasoning_losses)."""
+        (plr_kernels.reasoning_losses)."""
         if self.kl_weight > 0 and self.num_steps * self.num_streams >= 2:
             # The pass scores every row at ``temperature``; feeding the states scaled
             # by temperature / kl_temperature gives Eq. 7 at kl_temperature exactly.
