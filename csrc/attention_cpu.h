@@ -1,11 +1,14 @@
 // Helpers shared by the CPU attention kernels (csrc/stream_attention.cpp,
 // csrc/causal_stream_attention.cpp): the dropout RNG -- triton's tl.rand, so
 // that the CPU and Triton backends draw the same mask for the same seed -- and
-// the D-long vector loops (fixed summation order: deterministic results).
+// the D-long vector loops (fixed summation order: deterministic results; the
+// dot product and the accumulation type are those of csrc/common.h).
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
+
+#include "common.h"
 
 namespace plr_kernels {
 namespace attention_cpu {
@@ -53,19 +56,6 @@ struct Dropout {
 
 // ------------------------------------------------------------- vector helpers
 
-// q . k over D: 8 independent partial sums (vectorisable without
-// reassociation), combined in a fixed order.
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t D) {
-  acc_t lane[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= D; k += 8) {
-    for (int j = 0; j < 8; ++j) lane[j] += a[k + j] * b[k + j];
-  }
-  for (int j = 0; k < D; ++k, ++j) lane[j] += a[k] * b[k];
-  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-}
-
 // y += a * x over D.
 template <typename acc_t>
 inline void axpy(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ x, int64_t D) {
@@ -94,10 +84,6 @@ inline void store(scalar_t* dst, const acc_t* src, int64_t count, acc_t factor) 
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i] * factor);
 }
 
-
-// Accumulation dtype of a kernel: double for double inputs, else float.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 }  // namespace attention_cpu
 }  // namespace plr_kernels

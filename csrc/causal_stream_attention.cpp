@@ -265,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> causal_stream_attention_fwd_cpu(
   const auto shape = check_causal_stream_attention_inputs("causal_stream_attention_fwd", q, k_prefix,
                                                           v_prefix, k_stream, v_stream, prefix_mask,
                                                           scale, dropout_p, seed);
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   auto o = at::empty(q.sizes(), q.options());
   auto lse = at::empty({shape.B, shape.H, shape.N, shape.M}, q.options().dtype(lse_type));
   if (shape.B * shape.H * shape.N * shape.M == 0) return {o, lse};

@@ -151,7 +151,7 @@ template <typename scalar_t>
 void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, RowLayout kl, const scalar_t* VP,
                     RowLayout vl, const scalar_t* KS, const scalar_t* VS, scalar_t* O,
                     std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
   const acc_t scale = static_cast<acc_t>(in.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -260,7 +260,7 @@ void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, co
                      const scalar_t* VP, const scalar_t* KS, const scalar_t* VS, const scalar_t* O,
                      const std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE,
                      scalar_t* DQ, scalar_t* DKP, scalar_t* DVP, scalar_t* DKS, scalar_t* DVS) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
   const acc_t scale = static_cast<acc_t>(in.scale);
   const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
@@ -366,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
   const auto shape = check_stream_attention_inputs("stream_attention_fwd", q, k_prefix, v_prefix,
                                                    k_stream, v_stream, prefix_mask, scale,
                                                    dropout_p, seed);
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   auto o = at::empty(q.sizes(), q.options());
   auto lse = at::empty({shape.B, shape.H, shape.M}, q.options().dtype(lse_type));
   if (shape.B * shape.H * shape.M == 0) return {o, lse};
@@ -378,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
   const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
   const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_fwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(), row_layout(kpc),
                              vpc.const_data_ptr<scalar_t>(), row_layout(vpc), ksc.const_data_ptr<scalar_t>(),
                              vsc.const_data_ptr<scalar_t>(), o.mutable_data_ptr<scalar_t>(),
@@ -411,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_at
   const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
   const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_bwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     backward_kernel<scalar_t>(in, doc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
                               kpc.const_data_ptr<scalar_t>(), vpc.const_data_ptr<scalar_t>(),
                               ksc.const_data_ptr<scalar_t>(), vsc.const_data_ptr<scalar_t>(),

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <optional>
 
+#include "common.h"
+
 namespace plr_kernels {
 
 // Shapes of one call: q [B,H,M,D], prefix [B,H,N,D], stream [B,H,M,S,D].
@@ -99,7 +101,7 @@ inline void check_stream_attention_bwd_inputs(const at::Tensor& grad_o, const at
   TORCH_CHECK(grad_o.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type(), op,
               ": grad_o and o must have the dtype of q (", q.scalar_type(), "), got ",
               grad_o.scalar_type(), " and ", o.scalar_type());
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   TORCH_CHECK(lse.scalar_type() == lse_type, op, ": lse must be ", lse_type, " for ",
               q.scalar_type(), " inputs, got ", lse.scalar_type());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
@@ -152,7 +154,7 @@ inline void check_causal_stream_attention_bwd_inputs(const at::Tensor& grad_o, c
   TORCH_CHECK(grad_o.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type(), op,
               ": grad_o and o must have the dtype of q (", q.scalar_type(), "), got ",
               grad_o.scalar_type(), " and ", o.scalar_type());
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   TORCH_CHECK(lse.scalar_type() == lse_type, op, ": lse must be ", lse_type, " for ",
               q.scalar_type(), " inputs, got ", lse.scalar_type());
   TORCH_CHECK(lse.dim() == 4 && lse.sizes() == q.sizes().slice(0, 4), op,
