@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cuda_inference.py --out results.json [--quick]
 
-stream_attention forward (DESIGN 4.1, 7): B in {1, 64, 1024}, H=2, D=128
+stream_attention forward (PLR Eq. 4-5): B in {1, 64, 1024}, H=2, D=128
 (hidden 256, 2 heads), N=50, M in {1, 2, 8}, S in {1, 2}, bf16 and fp32:
   cuda      torch.ops.plr_kernels.stream_attention_fwd (csrc/cuda/stream_attention.cu)
   triton    plr_kernels.stream_attention(..., backend="triton")
@@ -12,7 +12,7 @@ stream_attention forward (DESIGN 4.1, 7): B in {1, 64, 1024}, H=2, D=128
             a boolean mask for stream isolation (the naive formulation)
 and the M=8 / M=1 cost ratio of each (target <= 1.3 for the fused kernels).
 
-topk (DESIGN 4.3): B in {1, 64, 1024}, V in {12k, 100k}, d=256, k in {10, 100}:
+topk: B in {1, 64, 1024}, V in {12k, 100k}, d=256, k in {10, 100}:
   cuda      torch.ops.plr_kernels.topk (csrc/cuda/topk.cu)
   triton    plr_kernels.topk(..., backend="triton")
   torch     z @ E^T then torch.topk (materialises the [B, V] scores)

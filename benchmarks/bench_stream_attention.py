@@ -1,4 +1,4 @@
-"""Stream-isolated attention (DESIGN 4.1, PLR Eq. 4-5): Triton vs the PyTorch formulations.
+"""Stream-isolated attention (PLR Eq. 4-5): Triton vs the PyTorch formulations.
 
     pytest benchmarks/bench_stream_attention.py                   # CUDA: PLR shapes
     pytest benchmarks --benchmark-disable                         # CPU smoke test (CI)
@@ -14,7 +14,7 @@ Implementations, forward and forward+backward, one reasoning step of one layer:
 * ``flex``      -- FlexAttention (compiled on CUDA) with the same mask as a mask_mod.
 
 Shapes on CUDA: B=2048, H=2, D=128, N=50, M in {1,2,4,8}, S in {1,5}, bf16
-(the DESIGN 7 target: cost(M=8) <= 1.3 cost(M=1), >= 3x faster than sdpa).
+(the target: cost(M=8) <= 1.3 cost(M=1), >= 3x faster than sdpa).
 On CPU tiny shapes; Triton only under TRITON_INTERPRET=1, FlexAttention only on CUDA.
 
 extra_info: ``bytes_floor`` (q, prefix K/V read ONCE, stream K/V, o written,

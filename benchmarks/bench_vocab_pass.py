@@ -1,4 +1,4 @@
-"""Vocabulary pass (DESIGN 4.2 / 7): fused Triton path vs the PyTorch reference.
+"""Vocabulary pass (PLR Eq. 7 and 11): fused Triton path vs the PyTorch reference.
 
 One training step of PLR's two vocabulary losses -- L_KL over the K = 4
 reasoning states (Eq. 7) and L_NIP of z (Eq. 11), forward and backward to the

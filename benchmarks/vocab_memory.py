@@ -1,4 +1,4 @@
-"""Peak extra CPU memory and time of the vocabulary pass: reference vs compiled C++ vs fused Triton (DESIGN 7).
+"""Peak extra CPU memory and time of the vocabulary pass: reference vs compiled C++ vs fused Triton.
 
     python benchmarks/vocab_memory.py [--batch 256 --streams 4 --items 100000 --dim 256]
                                       [--methods reference cpu fused] [--json OUT.json]

@@ -2,7 +2,7 @@
 
 Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``;
 ``plr_kernels.reference`` holds the pure-PyTorch truth of each op with the
-same signature. See DESIGN.md section 8.
+same signature. The README lists the ops.
 """
 
 from . import reference

@@ -1,7 +1,7 @@
 """Next-item cross-entropy over the full item table, L_NIP of PLR Eq. 11.
 
 ``CE(z, y) = lse_v(z.e_v / tau) - z.e_y / tau`` and ``dCE/dz = (mu_z - e_y) / tau``
-(DESIGN 4.2): the fused kernels stream the item table and never store the
+(plr_kernels/vocab_pass.py): the fused kernels stream the item table and never store the
 ``[B x V]`` logits.
 """
 

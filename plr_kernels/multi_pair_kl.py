@@ -2,7 +2,7 @@
 
 With ``l_k(v) = h_k.e_v / tau``, ``lse_k`` its log-sum-exp and
 ``mu_k = sum_v p_k(v) e_v``, ``KL(p_i||p_j) = (h_i - h_j).mu_i / tau - lse_i + lse_j``;
-over all ordered pairs the lse terms cancel (DESIGN 4.2), so
+over all ordered pairs the lse terms cancel (plr_kernels/vocab_pass.py), so
 ``L_KL = 1/(K-1) sum_i (h_i - h_mean).mu_i / tau`` -- one streaming pass over
 the item table suffices for the fused kernels.
 """

@@ -3,7 +3,7 @@
 These functions are the truth the fused kernels are tested against and the
 ``backend="torch"`` implementation. They favour clarity over speed: they
 materialise the ``[rows x items]`` logits and the dense attention weights that
-the kernels avoid. Signatures match the public API (DESIGN.md section 8); the
+the kernels avoid. Signatures match the public API (plr_kernels/__init__.py); the
 public wrappers in ``plr_kernels`` validate arguments before calling in here.
 
 Notation (PLR paper): ``h_k`` a reasoning state, ``E`` the item table,
@@ -29,7 +29,7 @@ __all__ = [
 
 
 def _upcast_half(x: torch.Tensor) -> torch.Tensor:
-    """Softmax statistics are kept in fp32 for 16-bit inputs (DESIGN 4)."""
+    """Softmax statistics are kept in fp32 for 16-bit inputs (as the kernels, plr_kernels/_checks.py)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 

@@ -1,4 +1,4 @@
-"""Stream-isolated causal attention over a shared prefix KV cache (DESIGN 4.1).
+"""Stream-isolated causal attention over a shared prefix KV cache (PLR Eq. 4-5).
 
 One reasoning step of one layer of PLR (Eq. 4-5): the query of stream m at
 step t attends to every valid prefix key and to its own stream's keys 1..t,

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: the exact rank of each target item (DESIGN 4.3).
+"""Full-ranking evaluation: the exact rank of each target item (Recall@K, NDCG@K).
 
 ``rank[b] = 1 + #{v candidate : s_b(v) > s_b(target_b)}`` with ``s = z E^T``,
 never materialising the ``[B x V]`` score matrix in the compiled kernels.

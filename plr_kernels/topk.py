@@ -1,4 +1,4 @@
-"""Top-K retrieval for serving: ``topk_v z.e_v`` over the item table (DESIGN 4.3)."""
+"""Top-K retrieval for serving: ``topk_v z.e_v`` over the item table (PLR Eq. 10's z_final scores the items)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triton full-ranking evaluation and top-K (DESIGN 4.3) vs brute force.
+"""Triton full-ranking evaluation and top-K (plr_kernels/target_rank.py, topk.py) vs brute force.
 
 Ranks must be bit-identical (exact integers) to sorting the materialised
 score matrix, with both tie policies, ``exclude_index`` and history

@@ -1,5 +1,5 @@
 """The compiled CPU kernels torch.ops.plr_kernels.stream_attention_fwd / _bwd
-(csrc/stream_attention.cpp, DESIGN 4.1) against plr_kernels.reference.
+(csrc/stream_attention.cpp, PLR Eq. 4-5) against plr_kernels.reference.
 
 Mirrors tests/test_stream_attention_triton.py; the dropout mask is checked
 against the Triton kernel's (same seed, same mask) and against a Philox4x32-10

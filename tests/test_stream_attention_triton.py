@@ -1,4 +1,4 @@
-"""Triton stream-isolated attention (DESIGN 4.1, PLR Eq. 4-5) against the reference.
+"""Triton stream-isolated attention (PLR Eq. 4-5) against the reference.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so the
 shapes are tiny and the (M, S, N, D) grid is a covering set, not a product.

@@ -1,4 +1,4 @@
-"""The compiled CPU top-k (csrc/topk.cpp, DESIGN 4.3) against
+"""The compiled CPU top-k (csrc/topk.cpp) against
 plr_kernels.reference.topk and a brute-force sort written here.
 
 The kernel splits the items into chunks of >= 2048 when the batch is small

@@ -1,4 +1,4 @@
-"""The compiled CPU vocabulary pass (csrc/vocab_pass.cpp, DESIGN 4.2) against the
+"""The compiled CPU vocabulary pass (csrc/vocab_pass.cpp) against the
 reference: softmax statistics, multi-pair KL (PLR Eq. 7, both conventions),
 next-item cross-entropy (L_NIP, Eq. 11), the combined reasoning_losses, their
 gradients, determinism and memory.

@@ -1,4 +1,4 @@
-"""Triton vocabulary pass (DESIGN 4.2) vs the reference: multi-pair KL (PLR Eq. 7),
+"""Triton vocabulary pass (plr_kernels/vocab_pass.py) vs the reference: multi-pair KL (PLR Eq. 7),
 next-item cross-entropy (L_NIP, Eq. 11) and the combined one-pass entry point.
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py), so shapes are
@@ -124,7 +124,7 @@ def test_linear_cross_entropy_value_and_gradients(v, dtype, reduction, tau, excl
 
 
 def test_cross_entropy_gradient_is_mu_minus_target_embedding():
-    # dCE/dz = (mu_z - e_y) / tau (DESIGN 4.2), with mu from the softmax over E.
+    # dCE/dz = (mu_z - e_y) / tau (plr_kernels/vocab_pass.py), with mu from the softmax over E.
     z = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     e = torch.randn(33, 8, dtype=torch.float64)
     target = torch.randint(1, 33, (4,))
