@@ -5,7 +5,11 @@
 // dot product and the accumulation type are those of csrc/common.h).
 #pragma once
 
+#include <torch/types.h>
+
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "common.h"
@@ -54,6 +58,20 @@ struct Dropout {
   }
 };
 
+// The dropout of one call from the op's arguments (seed: int64 [1], read only
+// when dropout_p > 0); row_len = N + S keys per row of the keep-mask.
+inline Dropout make_dropout(int64_t row_len, double dropout_p, const std::optional<at::Tensor>& seed) {
+  Dropout drop;
+  if (dropout_p > 0.0) {
+    drop.on = true;
+    drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
+    drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
+    drop.keep_scale = 1.0 / (1.0 - dropout_p);
+    drop.row_len = row_len;
+  }
+  return drop;
+}
+
 // ------------------------------------------------------------- vector helpers
 
 // y += a * x over D.
@@ -84,6 +102,32 @@ inline void store(scalar_t* dst, const acc_t* src, int64_t count, acc_t factor) 
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i] * factor);
 }
 
+
+// ---------------------------------------------------------------- backward
+
+// One (query row, key) term of the attention backward, for the query q of
+// keep-mask row `row` (its dO, lse and Delta = dO . o) and key j (k, v):
+// p = exp(scale q.k - lse), dp = dO.v; with dropout, pd = keep p / (1 - p_drop)
+// (so dv += pd dO) and dp -> keep dp / (1 - p_drop); ds = p (dp - Delta)
+// (so dq += scale ds k, dk += scale ds q).
+template <typename acc_t>
+struct BackwardTerm {
+  acc_t pd, ds;
+};
+
+template <typename acc_t>
+inline BackwardTerm<acc_t> backward_term(const acc_t* q, const acc_t* dout, acc_t lse, acc_t delta,
+                                         const acc_t* k, const acc_t* v, int64_t D, acc_t scale,
+                                         const Dropout& drop, acc_t keep_scale, int64_t row, int64_t j) {
+  const acc_t p = std::exp(scale * dot(q, k, D) - lse);
+  acc_t dp = dot(dout, v, D), pd = p;
+  if (drop.on) {
+    const bool kept = drop.keep(row, j);
+    pd = kept ? p * keep_scale : acc_t(0);
+    dp = kept ? dp * keep_scale : acc_t(0);
+  }
+  return {pd, p * (dp - delta)};
+}
 
 }  // namespace attention_cpu
 }  // namespace plr_kernels

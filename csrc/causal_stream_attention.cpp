@@ -197,18 +197,12 @@ void backward_kernel(const CausalInputs& in, const scalar_t* DO, const scalar_t*
         for (int64_t r = j * M; r < R; ++r) {
           const acc_t* qr = q.data() + r * D;
           const acc_t* dor = dout.data() + r * D;
-          const acc_t p = std::exp(scale * dot(qr, k, D) - lse[r]);
-          acc_t dp = dot(dor, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(bh * R + r, j);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[r]);
-          if (pd != acc_t(0)) axpy(dv.data(), pd, dor, D);
-          if (ds != acc_t(0)) {
-            axpy(dk.data(), ds, qr, D);
-            axpy(dq.data() + r * D, ds, k, D);
+          const auto t = backward_term(qr, dor, lse[r], delta[r], k, v, D, scale, in.drop, keep_scale,
+                                       bh * R + r, j);
+          if (t.pd != acc_t(0)) axpy(dv.data(), t.pd, dor, D);
+          if (t.ds != acc_t(0)) {
+            axpy(dk.data(), t.ds, qr, D);
+            axpy(dq.data() + r * D, t.ds, k, D);
           }
         }
         store(dk_out, dk.data(), D, scale);
@@ -223,17 +217,11 @@ void backward_kernel(const CausalInputs& in, const scalar_t* DO, const scalar_t*
         for (int64_t i = 0; i < S; ++i) {
           const acc_t* k = as_acc(KS + (row * S + i) * D, D, kbuf.data());
           const acc_t* v = as_acc(VS + (row * S + i) * D, D, vbuf.data());
-          const acc_t p = std::exp(scale * dot(qr, k, D) - lse[r]);
-          acc_t dp = dot(dor, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(row, N + i);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[r]);
-          store(DKS + (row * S + i) * D, qr, D, scale * ds);
-          store(DVS + (row * S + i) * D, dor, D, pd);
-          if (ds != acc_t(0)) axpy(dq.data() + r * D, ds, k, D);
+          const auto t = backward_term(qr, dor, lse[r], delta[r], k, v, D, scale, in.drop, keep_scale, row,
+                                       N + i);
+          store(DKS + (row * S + i) * D, qr, D, scale * t.ds);
+          store(DVS + (row * S + i) * D, dor, D, t.pd);
+          if (t.ds != acc_t(0)) axpy(dq.data() + r * D, t.ds, k, D);
         }
         store(DQ + row * D, dq.data() + r * D, D, scale);
       }
@@ -245,16 +233,9 @@ void backward_kernel(const CausalInputs& in, const scalar_t* DO, const scalar_t*
 
 CausalInputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, double scale,
                          double dropout_p, const std::optional<at::Tensor>& seed) {
-  CausalInputs in{shape.B, shape.H, shape.N, shape.M, shape.S, shape.D,
-                  mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale, Dropout{}};
-  if (dropout_p > 0.0) {
-    in.drop.on = true;
-    in.drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
-    in.drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
-    in.drop.keep_scale = 1.0 / (1.0 - dropout_p);
-    in.drop.row_len = shape.N + shape.S;
-  }
-  return in;
+  return {shape.B, shape.H, shape.N, shape.M, shape.S, shape.D,
+          mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale,
+          make_dropout(shape.N + shape.S, dropout_p, seed)};
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_stream_attention_fwd_cpu(
@@ -291,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_st
   const auto shape = check_causal_stream_attention_inputs("causal_stream_attention_bwd", q, k_prefix,
                                                           v_prefix, k_stream, v_stream, prefix_mask,
                                                           scale, dropout_p, seed);
-  check_causal_stream_attention_bwd_inputs(grad_o, q, o, lse);
+  check_attention_bwd_inputs("causal_stream_attention_bwd", grad_o, q, o, lse);
   auto dq = at::empty(q.sizes(), q.options());
   auto dkp = at::empty(k_prefix.sizes(), q.options());
   auto dvp = at::empty(k_prefix.sizes(), q.options());

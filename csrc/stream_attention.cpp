@@ -298,18 +298,12 @@ void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, co
         for (int64_t m = 0; m < M; ++m) {
           const acc_t* qm = q.data() + m * D;
           const acc_t* dom = dout.data() + m * D;
-          const acc_t p = std::exp(scale * dot(qm, k, D) - lse[m]);
-          acc_t dp = dot(dom, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(bh * M + m, n);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[m]);
-          if (pd != acc_t(0)) axpy(dv.data(), pd, dom, D);
-          if (ds != acc_t(0)) {
-            axpy(dk.data(), ds, qm, D);
-            axpy(dq.data() + m * D, ds, k, D);
+          const auto t = backward_term(qm, dom, lse[m], delta[m], k, v, D, scale, in.drop, keep_scale,
+                                       bh * M + m, n);
+          if (t.pd != acc_t(0)) axpy(dv.data(), t.pd, dom, D);
+          if (t.ds != acc_t(0)) {
+            axpy(dk.data(), t.ds, qm, D);
+            axpy(dq.data() + m * D, t.ds, k, D);
           }
         }
         store(dk_out, dk.data(), D, scale);
@@ -324,17 +318,11 @@ void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, co
         for (int64_t j = 0; j < S; ++j) {
           const acc_t* k = as_acc(KS + (row * S + j) * D, D, kbuf.data());
           const acc_t* v = as_acc(VS + (row * S + j) * D, D, vbuf.data());
-          const acc_t p = std::exp(scale * dot(qm, k, D) - lse[m]);
-          acc_t dp = dot(dom, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(row, N + j);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[m]);
-          store(DKS + (row * S + j) * D, qm, D, scale * ds);
-          store(DVS + (row * S + j) * D, dom, D, pd);
-          if (ds != acc_t(0)) axpy(dq.data() + m * D, ds, k, D);
+          const auto t = backward_term(qm, dom, lse[m], delta[m], k, v, D, scale, in.drop, keep_scale, row,
+                                       N + j);
+          store(DKS + (row * S + j) * D, qm, D, scale * t.ds);
+          store(DVS + (row * S + j) * D, dom, D, t.pd);
+          if (t.ds != acc_t(0)) axpy(dq.data() + m * D, t.ds, k, D);
         }
         store(DQ + row * D, dq.data() + m * D, D, scale);
       }
@@ -346,16 +334,9 @@ void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, co
 
 Inputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, double scale,
                    double dropout_p, const std::optional<at::Tensor>& seed) {
-  Inputs in{shape.B, shape.H, shape.M, shape.N, shape.S, shape.D,
-            mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale, Dropout{}};
-  if (dropout_p > 0.0) {
-    in.drop.on = true;
-    in.drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
-    in.drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
-    in.drop.keep_scale = 1.0 / (1.0 - dropout_p);
-    in.drop.row_len = shape.N + shape.S;
-  }
-  return in;
+  return {shape.B, shape.H, shape.M, shape.N, shape.S, shape.D,
+          mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale,
+          make_dropout(shape.N + shape.S, dropout_p, seed)};
 }
 
 std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
@@ -395,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_at
   const auto shape = check_stream_attention_inputs("stream_attention_bwd", q, k_prefix, v_prefix,
                                                    k_stream, v_stream, prefix_mask, scale,
                                                    dropout_p, seed);
-  check_stream_attention_bwd_inputs(grad_o, q, o, lse);
+  check_attention_bwd_inputs("stream_attention_bwd", grad_o, q, o, lse);
   auto dq = at::empty(q.sizes(), q.options());
   auto dkp = at::empty(k_prefix.sizes(), q.options());
   auto dvp = at::empty(k_prefix.sizes(), q.options());
