@@ -135,6 +135,9 @@ void forward_kernel(const CausalInputs& in, const scalar_t* Q, const scalar_t* K
 
 // ------------------------------------------------------------------ backward
 
+// The backward is attention_backward of attention_cpu.h: prefix key j is seen by
+// the rows (n, m) of the positions n >= j.
+
 // ------------------------------------------------------------------ op entry
 
 CausalInputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, double scale,

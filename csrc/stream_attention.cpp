@@ -1,5 +1,5 @@
 // CPU kernels of plr_kernels::stream_attention_fwd / stream_attention_bwd
-// (DESIGN 4.1; PLR Eq. 4-5): stream-isolated causal attention over a shared
+// (PLR Eq. 4-5): stream-isolated causal attention over a shared
 // prefix KV cache, one reasoning step of one layer.
 //
 // Per (user b, head h) -- the unit of OpenMP parallelism -- with the M stream

@@ -1,4 +1,4 @@
-// Input checks of plr_kernels::stream_attention_fwd / _bwd (DESIGN 4.1),
+// Input checks of plr_kernels::stream_attention_fwd / _bwd (PLR Eq. 4-5),
 // shared by the CPU kernel (stream_attention.cpp) and any other backend that
 // includes this header, so that every backend rejects the same inputs with the
 // same messages. Each message names the argument, what was expected and what

@@ -1,4 +1,4 @@
-// CPU kernel of plr_kernels::target_rank (DESIGN.md 4.3): the exact rank of
+// CPU kernel of plr_kernels::target_rank (plr_kernels/target_rank.py): the exact rank of
 // each row's target among all candidate items, without materialising [B, V].
 //
 // rank[b] = 1 + #{candidate v : s(b,v) > s(b,target)}   (">=" when pessimistic)

@@ -1,4 +1,4 @@
-// CPU kernel of plr_kernels::topk (DESIGN.md 4.3): the k best items of each
+// CPU kernel of plr_kernels::topk (plr_kernels/topk.py): the k best items of each
 // row by score s(b,v) = z_b . e_v, streamed over tiles of the item table, in
 // O(B k) memory (never the [B x V] score matrix).
 //

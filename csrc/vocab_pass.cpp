@@ -1,4 +1,4 @@
-// CPU kernels of plr_kernels::vocab_forward / vocab_backward (DESIGN.md 4.2):
+// CPU kernels of plr_kernels::vocab_forward / vocab_backward (plr_kernels/vocab_pass.py):
 // softmax statistics of rows x_r over the item table E, streamed over tiles of
 // items, without a [R x V] logit matrix. The semantics are those of the Triton
 // kernels (plr_kernels/triton/vocab_pass.py).

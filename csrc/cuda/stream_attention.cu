@@ -1,4 +1,4 @@
-// CUDA forward of plr_kernels::stream_attention_fwd (DESIGN 4.1, PLR Eq. 4-5),
+// CUDA forward of plr_kernels::stream_attention_fwd (PLR Eq. 4-5),
 // inference only (dropout_p must be 0; training uses the Triton kernels).
 //
 // For user b, head h and stream m, with scores scaled by `scale`:
@@ -8,7 +8,7 @@
 //
 // One block per (b, h) holds all M <= 16 stream queries. The prefix is read
 // in tiles of TN rows that go to shared memory ONCE and serve all M queries
-// (the point of DESIGN 4.1: the prefix is never expanded M times). The stream
+// (the point of the fused kernel: the prefix is never expanded M times). The stream
 // keys follow as tiles whose rows are (m, j) pairs, each query scoring only
 // its own stream's rows. Every tile goes through the same online softmax
 // (FlashAttention): with the running max mx, sum l and output acc,

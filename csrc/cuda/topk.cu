@@ -1,4 +1,4 @@
-// CUDA kernel of plr_kernels::topk (DESIGN 4.3): the k best items of each row
+// CUDA kernel of plr_kernels::topk (plr_kernels/topk.py): the k best items of each row
 // by score s_b(v) = z_b . e_v, without writing the [B x V] score matrix.
 //
 // Semantics (plr_kernels/reference.py::topk): entries are ordered by score,
