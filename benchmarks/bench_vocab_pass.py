@@ -29,7 +29,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from plr_kernels import reference as ref  # noqa: E402
-from plr_kernels.vocab_pass import reasoning_losses  # noqa: E402
+from plr_kernels.reasoning_losses import reasoning_losses  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if CUDA else "cpu"

@@ -61,7 +61,7 @@ def _step(method, states, z, e, target, tau=0.07):
     import torch
 
     from plr_kernels import reference as ref
-    from plr_kernels.vocab_pass import reasoning_losses
+    from plr_kernels.reasoning_losses import reasoning_losses
 
     if method == "reference":
         kl = ref.multi_pair_kl(states, e, temperature=tau, exclude_index=0)

@@ -1,11 +1,23 @@
-// Helpers shared by the CPU attention kernels (csrc/stream_attention.cpp,
-// csrc/causal_stream_attention.cpp): the dropout RNG -- triton's tl.rand, so
+// What the CPU attention kernels (csrc/stream_attention.cpp,
+// csrc/causal_stream_attention.cpp) share: the dropout RNG -- triton's tl.rand, so
 // that the CPU and Triton backends draw the same mask for the same seed -- and
-// the D-long vector loops (fixed summation order: deterministic results).
+// the D-long vector loops (fixed summation order: deterministic results; the
+// dot product and the accumulation type are those of csrc/common.h), and the
+// whole backward, which both forms run with their own rows per key.
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <type_traits>
+#include <vector>
+
+#include "common.h"
 
 namespace plr_kernels {
 namespace attention_cpu {
@@ -51,20 +63,21 @@ struct Dropout {
   }
 };
 
-// ------------------------------------------------------------- vector helpers
-
-// q . k over D: 8 independent partial sums (vectorisable without
-// reassociation), combined in a fixed order.
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t D) {
-  acc_t lane[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= D; k += 8) {
-    for (int j = 0; j < 8; ++j) lane[j] += a[k + j] * b[k + j];
+// The dropout of one call from the op's arguments (seed: int64 [1], read only
+// when dropout_p > 0); row_len = N + S keys per row of the keep-mask.
+inline Dropout make_dropout(int64_t row_len, double dropout_p, const std::optional<at::Tensor>& seed) {
+  Dropout drop;
+  if (dropout_p > 0.0) {
+    drop.on = true;
+    drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
+    drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
+    drop.keep_scale = 1.0 / (1.0 - dropout_p);
+    drop.row_len = row_len;
   }
-  for (int j = 0; k < D; ++k, ++j) lane[j] += a[k] * b[k];
-  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+  return drop;
 }
+
+// ------------------------------------------------------------- vector helpers
 
 // y += a * x over D.
 template <typename acc_t>
@@ -95,9 +108,152 @@ inline void store(scalar_t* dst, const acc_t* src, int64_t count, acc_t factor) 
 }
 
 
-// Accumulation dtype of a kernel: double for double inputs, else float.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+// ----------------------------------------------------------------- forward
+
+// The last step of the forward of one query row (keep-mask row `row`): its S
+// own-stream keys 1..S (always valid) merged into the running max m and sum l
+// of the online softmax over the prefix, then o = acc / l (times 1/(1-p)
+// under dropout) and lse = m + log l. q: the row's query (acc_t); KS / VS the
+// row's S keys and values; acc: its running sum_j p_j v_j; sc, sbuf: scratch
+// of S and S*D values.
+template <typename acc_t, typename scalar_t>
+inline void finish_row_with_own_stream(int64_t row, const acc_t* q, const scalar_t* KS, const scalar_t* VS,
+                                       int64_t N, int64_t S, int64_t D, acc_t scale, const Dropout& drop,
+                                       acc_t keep_scale, acc_t& m_i, acc_t& l_i, acc_t* acc, acc_t* sc,
+                                       acc_t* sbuf, scalar_t* O, acc_t* LSE) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* ks = as_acc(KS, S * D, sbuf);
+  acc_t s_max = neg_inf;
+  for (int64_t j = 0; j < S; ++j) {
+    sc[j] = scale * dot(q, ks + j * D, D);
+    s_max = std::max(s_max, sc[j]);
+  }
+  const acc_t m_new = std::max(m_i, s_max);
+  const acc_t alpha = m_i == neg_inf ? acc_t(0) : std::exp(m_i - m_new);
+  if (alpha != acc_t(1)) scale_row(acc, alpha, D);
+  const acc_t* vs = as_acc(VS, S * D, sbuf);
+  acc_t sum = 0;
+  for (int64_t j = 0; j < S; ++j) {
+    const acc_t e = std::exp(sc[j] - m_new);
+    sum += e;
+    if (drop.on && !drop.keep(row, N + j)) continue;
+    axpy(acc, e, vs + j * D, D);
+  }
+  l_i = l_i * alpha + sum;
+  m_i = m_new;
+  const acc_t inv = (drop.on ? keep_scale : acc_t(1)) / l_i;
+  store(O + row * D, acc, D, inv);
+  LSE[row] = m_i + std::log(l_i);
+}
+
+// ---------------------------------------------------------------- backward
+
+// One (query row, key) term of the attention backward, for the query q of
+// keep-mask row `row` (its dO, lse and Delta = dO . o) and key j (k, v):
+// p = exp(scale q.k - lse), dp = dO.v; with dropout, pd = keep p / (1 - p_drop)
+// (so dv += pd dO) and dp -> keep dp / (1 - p_drop); ds = p (dp - Delta)
+// (so dq += scale ds k, dk += scale ds q).
+template <typename acc_t>
+struct BackwardTerm {
+  acc_t pd, ds;
+};
+
+template <typename acc_t>
+inline BackwardTerm<acc_t> backward_term(const acc_t* q, const acc_t* dout, acc_t lse, acc_t delta,
+                                         const acc_t* k, const acc_t* v, int64_t D, acc_t scale,
+                                         const Dropout& drop, acc_t keep_scale, int64_t row, int64_t j) {
+  const acc_t p = std::exp(scale * dot(q, k, D) - lse);
+  acc_t dp = dot(dout, v, D), pd = p;
+  if (drop.on) {
+    const bool kept = drop.keep(row, j);
+    pd = kept ? p * keep_scale : acc_t(0);
+    dp = kept ? dp * keep_scale : acc_t(0);
+  }
+  return {pd, p * (dp - delta)};
+}
+
+// The backward of both attention forms, per (b, h) of B*H: R query rows (the
+// M streams of csrc/stream_attention.cpp, or the N*M (position, stream) rows
+// of csrc/causal_stream_attention.cpp), each with its S own-stream keys, and N
+// prefix keys, of which key j is seen by the rows [first_row(j), R) (when
+// mask[b, j], if given). With P = exp(s - lse) recomputed, Delta_r = dO_r.O_r
+// and ds = P (dP - Delta): dq_r = scale sum ds k, dk_j = scale sum_r ds q_r,
+// dv_j = sum_r P~ dO_r (P~ the dropped, rescaled probabilities). A prefix
+// key's dk/dv are summed over its rows inside the task: no atomics, and every
+// output's summation order is fixed (deterministic for any thread count).
+template <typename scalar_t, typename FirstRow>
+void attention_backward(int64_t B, int64_t H, int64_t R, int64_t N, int64_t S, int64_t D, const bool* mask,
+                        double scale_in, const Dropout& drop, FirstRow first_row, const scalar_t* DO,
+                        const scalar_t* Q, const scalar_t* KP, const scalar_t* VP, const scalar_t* KS,
+                        const scalar_t* VS, const scalar_t* O, const acc_type<scalar_t>* LSE, scalar_t* DQ,
+                        scalar_t* DKP, scalar_t* DVP, scalar_t* DKS, scalar_t* DVS) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const acc_t keep_scale = static_cast<acc_t>(drop.keep_scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(R * D), dout(R * D), dq(R * D), delta(R), obuf(D);
+    std::vector<acc_t> kbuf(D), vbuf(D), dk(D), dv(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const acc_t* qa = as_acc(Q + bh * R * D, R * D, q.data());
+      if (qa != q.data()) std::copy(qa, qa + R * D, q.begin());
+      const acc_t* da = as_acc(DO + bh * R * D, R * D, dout.data());
+      if (da != dout.data()) std::copy(da, da + R * D, dout.begin());
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      for (int64_t r = 0; r < R; ++r) {  // Delta_r = dO_r . O_r (O as stored, dropout included)
+        const acc_t* o = as_acc(O + (bh * R + r) * D, D, obuf.data());
+        delta[r] = dot(dout.data() + r * D, o, D);
+      }
+      const acc_t* lse = LSE + bh * R;
+
+      // Prefix key j: its dk/dv sum over the rows that see it, here.
+      for (int64_t j = 0; j < N; ++j) {
+        scalar_t* dk_out = DKP + (bh * N + j) * D;
+        scalar_t* dv_out = DVP + (bh * N + j) * D;
+        if (mask != nullptr && !mask[b * N + j]) {  // P = 0: no gradient
+          std::fill(dk_out, dk_out + D, scalar_t(0));
+          std::fill(dv_out, dv_out + D, scalar_t(0));
+          continue;
+        }
+        const acc_t* k = as_acc(KP + (bh * N + j) * D, D, kbuf.data());
+        const acc_t* v = as_acc(VP + (bh * N + j) * D, D, vbuf.data());
+        std::fill(dk.begin(), dk.end(), acc_t(0));
+        std::fill(dv.begin(), dv.end(), acc_t(0));
+        for (int64_t r = first_row(j); r < R; ++r) {
+          const acc_t* qr = q.data() + r * D;
+          const acc_t* dor = dout.data() + r * D;
+          const auto t = backward_term(qr, dor, lse[r], delta[r], k, v, D, scale, drop, keep_scale,
+                                       bh * R + r, j);
+          if (t.pd != acc_t(0)) axpy(dv.data(), t.pd, dor, D);
+          if (t.ds != acc_t(0)) {
+            axpy(dk.data(), t.ds, qr, D);
+            axpy(dq.data() + r * D, t.ds, k, D);
+          }
+        }
+        store(dk_out, dk.data(), D, scale);
+        store(dv_out, dv.data(), D, acc_t(1));
+      }
+
+      // Own-stream keys: each belongs to one row, so no sum over rows.
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = bh * R + r;
+        const acc_t* qr = q.data() + r * D;
+        const acc_t* dor = dout.data() + r * D;
+        for (int64_t i = 0; i < S; ++i) {
+          const acc_t* k = as_acc(KS + (row * S + i) * D, D, kbuf.data());
+          const acc_t* v = as_acc(VS + (row * S + i) * D, D, vbuf.data());
+          const auto t = backward_term(qr, dor, lse[r], delta[r], k, v, D, scale, drop, keep_scale, row,
+                                       N + i);
+          store(DKS + (row * S + i) * D, qr, D, scale * t.ds);
+          store(DVS + (row * S + i) * D, dor, D, t.pd);
+          if (t.ds != acc_t(0)) axpy(dq.data() + r * D, t.ds, k, D);
+        }
+        store(DQ + row * D, dq.data() + r * D, D, scale);
+      }
+    }
+  });
+}
 
 }  // namespace attention_cpu
 }  // namespace plr_kernels

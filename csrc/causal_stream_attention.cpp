@@ -125,29 +125,9 @@ void forward_kernel(const CausalInputs& in, const scalar_t* Q, const scalar_t* K
       // Each row's own stream keys 1..S (always valid), merged into the same (m, l).
       for (int64_t r = 0; r < R; ++r) {
         const int64_t row = bh * R + r;
-        const acc_t* ks = as_acc(KS + row * S * D, S * D, sbuf.data());
-        acc_t s_max = neg_inf;
-        for (int64_t i = 0; i < S; ++i) {
-          sc[i] = scale * dot(q.data() + r * D, ks + i * D, D);
-          s_max = std::max(s_max, sc[i]);
-        }
-        const acc_t m_new = std::max(m_i[r], s_max);
-        const acc_t alpha = m_i[r] == neg_inf ? acc_t(0) : std::exp(m_i[r] - m_new);
-        acc_t* ar = acc.data() + r * D;
-        if (alpha != acc_t(1)) scale_row(ar, alpha, D);
-        const acc_t* vs = as_acc(VS + row * S * D, S * D, sbuf.data());
-        acc_t sum = 0;
-        for (int64_t i = 0; i < S; ++i) {
-          const acc_t e = std::exp(sc[i] - m_new);
-          sum += e;
-          if (in.drop.on && !in.drop.keep(row, N + i)) continue;
-          axpy(ar, e, vs + i * D, D);
-        }
-        l_i[r] = l_i[r] * alpha + sum;
-        m_i[r] = m_new;
-        const acc_t inv = (in.drop.on ? keep_scale : acc_t(1)) / l_i[r];
-        store(O + row * D, ar, D, inv);
-        LSE[row] = m_i[r] + std::log(l_i[r]);
+        finish_row_with_own_stream(row, q.data() + r * D, KS + row * S * D, VS + row * S * D, N, S, D, scale,
+                                   in.drop, keep_scale, m_i[r], l_i[r], acc.data() + r * D, sc.data(),
+                                   sbuf.data(), O, LSE);
       }
     }
   });
@@ -155,106 +135,16 @@ void forward_kernel(const CausalInputs& in, const scalar_t* Q, const scalar_t* K
 
 // ------------------------------------------------------------------ backward
 
-template <typename scalar_t>
-void backward_kernel(const CausalInputs& in, const scalar_t* DO, const scalar_t* Q, const scalar_t* KP,
-                     const scalar_t* VP, const scalar_t* KS, const scalar_t* VS, const scalar_t* O,
-                     const acc_type<scalar_t>* LSE, scalar_t* DQ, scalar_t* DKP, scalar_t* DVP,
-                     scalar_t* DKS, scalar_t* DVS) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t H = in.H, N = in.N, M = in.M, S = in.S, D = in.D, R = N * M;
-  const acc_t scale = static_cast<acc_t>(in.scale);
-  const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
-
-  at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(R * D), dout(R * D), dq(R * D), delta(R), obuf(D);
-    std::vector<acc_t> kbuf(D), vbuf(D), dk(D), dv(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H;
-      const acc_t* qa = as_acc(Q + bh * R * D, R * D, q.data());
-      if (qa != q.data()) std::copy(qa, qa + R * D, q.begin());
-      const acc_t* da = as_acc(DO + bh * R * D, R * D, dout.data());
-      if (da != dout.data()) std::copy(da, da + R * D, dout.begin());
-      std::fill(dq.begin(), dq.end(), acc_t(0));
-      for (int64_t r = 0; r < R; ++r) {  // Delta_r = dO_r . O_r (O as stored, dropout included)
-        const acc_t* o = as_acc(O + (bh * R + r) * D, D, obuf.data());
-        delta[r] = dot(dout.data() + r * D, o, D);
-      }
-      const acc_t* lse = LSE + bh * R;
-
-      // Prefix key j: its dk/dv sum over the rows of positions n >= j, here.
-      for (int64_t j = 0; j < N; ++j) {
-        scalar_t* dk_out = DKP + (bh * N + j) * D;
-        scalar_t* dv_out = DVP + (bh * N + j) * D;
-        if (in.mask != nullptr && !in.mask[b * N + j]) {  // P = 0: no gradient
-          std::fill(dk_out, dk_out + D, scalar_t(0));
-          std::fill(dv_out, dv_out + D, scalar_t(0));
-          continue;
-        }
-        const acc_t* k = as_acc(KP + (bh * N + j) * D, D, kbuf.data());
-        const acc_t* v = as_acc(VP + (bh * N + j) * D, D, vbuf.data());
-        std::fill(dk.begin(), dk.end(), acc_t(0));
-        std::fill(dv.begin(), dv.end(), acc_t(0));
-        for (int64_t r = j * M; r < R; ++r) {
-          const acc_t* qr = q.data() + r * D;
-          const acc_t* dor = dout.data() + r * D;
-          const acc_t p = std::exp(scale * dot(qr, k, D) - lse[r]);
-          acc_t dp = dot(dor, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(bh * R + r, j);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[r]);
-          if (pd != acc_t(0)) axpy(dv.data(), pd, dor, D);
-          if (ds != acc_t(0)) {
-            axpy(dk.data(), ds, qr, D);
-            axpy(dq.data() + r * D, ds, k, D);
-          }
-        }
-        store(dk_out, dk.data(), D, scale);
-        store(dv_out, dv.data(), D, acc_t(1));
-      }
-
-      // Own-stream keys: each belongs to one row, so no sum over rows.
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t row = bh * R + r;
-        const acc_t* qr = q.data() + r * D;
-        const acc_t* dor = dout.data() + r * D;
-        for (int64_t i = 0; i < S; ++i) {
-          const acc_t* k = as_acc(KS + (row * S + i) * D, D, kbuf.data());
-          const acc_t* v = as_acc(VS + (row * S + i) * D, D, vbuf.data());
-          const acc_t p = std::exp(scale * dot(qr, k, D) - lse[r]);
-          acc_t dp = dot(dor, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(row, N + i);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[r]);
-          store(DKS + (row * S + i) * D, qr, D, scale * ds);
-          store(DVS + (row * S + i) * D, dor, D, pd);
-          if (ds != acc_t(0)) axpy(dq.data() + r * D, ds, k, D);
-        }
-        store(DQ + row * D, dq.data() + r * D, D, scale);
-      }
-    }
-  });
-}
+// The backward is attention_backward of attention_cpu.h: prefix key j is seen by
+// the rows (n, m) of the positions n >= j.
 
 // ------------------------------------------------------------------ op entry
 
 CausalInputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, double scale,
                          double dropout_p, const std::optional<at::Tensor>& seed) {
-  CausalInputs in{shape.B, shape.H, shape.N, shape.M, shape.S, shape.D,
-                  mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale, Dropout{}};
-  if (dropout_p > 0.0) {
-    in.drop.on = true;
-    in.drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
-    in.drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
-    in.drop.keep_scale = 1.0 / (1.0 - dropout_p);
-    in.drop.row_len = shape.N + shape.S;
-  }
-  return in;
+  return {shape.B, shape.H, shape.N, shape.M, shape.S, shape.D,
+          mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale,
+          make_dropout(shape.N + shape.S, dropout_p, seed)};
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_stream_attention_fwd_cpu(
@@ -265,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> causal_stream_attention_fwd_cpu(
   const auto shape = check_causal_stream_attention_inputs("causal_stream_attention_fwd", q, k_prefix,
                                                           v_prefix, k_stream, v_stream, prefix_mask,
                                                           scale, dropout_p, seed);
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   auto o = at::empty(q.sizes(), q.options());
   auto lse = at::empty({shape.B, shape.H, shape.N, shape.M}, q.options().dtype(lse_type));
   if (shape.B * shape.H * shape.N * shape.M == 0) return {o, lse};
@@ -291,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_st
   const auto shape = check_causal_stream_attention_inputs("causal_stream_attention_bwd", q, k_prefix,
                                                           v_prefix, k_stream, v_stream, prefix_mask,
                                                           scale, dropout_p, seed);
-  check_causal_stream_attention_bwd_inputs(grad_o, q, o, lse);
+  check_attention_bwd_inputs("causal_stream_attention_bwd", grad_o, q, o, lse);
   auto dq = at::empty(q.sizes(), q.options());
   auto dkp = at::empty(k_prefix.sizes(), q.options());
   auto dvp = at::empty(k_prefix.sizes(), q.options());
@@ -306,13 +196,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_st
   const CausalInputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_stream_attention_bwd_cpu",
                                   [&] {
-    backward_kernel<scalar_t>(in, doc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
-                              kpc.const_data_ptr<scalar_t>(), vpc.const_data_ptr<scalar_t>(),
-                              ksc.const_data_ptr<scalar_t>(), vsc.const_data_ptr<scalar_t>(),
-                              oc.const_data_ptr<scalar_t>(), lsec.const_data_ptr<acc_type<scalar_t>>(),
-                              dq.mutable_data_ptr<scalar_t>(), dkp.mutable_data_ptr<scalar_t>(),
-                              dvp.mutable_data_ptr<scalar_t>(), dks.mutable_data_ptr<scalar_t>(),
-                              dvs.mutable_data_ptr<scalar_t>());
+    // Prefix key j is seen by the rows (n, m) of the positions n >= j.
+    const int64_t M = in.M;
+    attention_backward(in.B, in.H, in.N * M, in.N, in.S, in.D, in.mask, in.scale, in.drop,
+                       [M](int64_t j) { return j * M; }, doc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
+                       kpc.const_data_ptr<scalar_t>(), vpc.const_data_ptr<scalar_t>(),
+                       ksc.const_data_ptr<scalar_t>(), vsc.const_data_ptr<scalar_t>(),
+                       oc.const_data_ptr<scalar_t>(), lsec.const_data_ptr<acc_type<scalar_t>>(),
+                       dq.mutable_data_ptr<scalar_t>(), dkp.mutable_data_ptr<scalar_t>(),
+                       dvp.mutable_data_ptr<scalar_t>(), dks.mutable_data_ptr<scalar_t>(),
+                       dvs.mutable_data_ptr<scalar_t>());
   });
   return {dq, dkp, dvp, dks, dvs};
 }

@@ -9,29 +9,34 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-TORCH_LIBRARY(plr_kernels, m) {
-  // The fake (meta) kernels live in Python; this tells torch which module to
-  // import when it needs one (torch.compile, FakeTensorMode).
+// The fake (meta) kernels and the autograd of these ops live in Python,
+// beside each op's functional API; this tells torch which module to import
+// when it needs a fake (torch.compile, FakeTensorMode) for the ops def'ed after it.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-  m.set_python_module("plr_kernels._extension");
+#define PLR_FAKES_IN(m, module) (m).set_python_module(module)
 #else
-  m.impl_abstract_pystub("plr_kernels._extension");
+#define PLR_FAKES_IN(m, module) (m).impl_abstract_pystub(module)
 #endif
+
+TORCH_LIBRARY(plr_kernels, m) {
+  PLR_FAKES_IN(m, "plr_kernels.target_rank");
   // exclude_index = -1: none. pessimistic=False counts ">" (ties favour the
   // target), True counts ">=". Returns int64 [B], 1 = best.
   m.def(
       "target_rank(Tensor z, Tensor item_emb, Tensor target, int exclude_index, "
       "Tensor? exclude_items, bool pessimistic) -> Tensor");
 
-  // Top-k items by score z.e_v (DESIGN 4.3): (values [B,k], ids [B,k] int64),
+  PLR_FAKES_IN(m, "plr_kernels.topk");
+  // Top-k items by score z.e_v (plr_kernels/topk.py): (values [B,k], ids [B,k] int64),
   // best first, equal scores by smaller id; rows with fewer than k candidates
   // end in (-inf, -1). Same exclusion rules as target_rank.
   m.def(
       "topk(Tensor z, Tensor item_emb, int k, int exclude_index, Tensor? exclude_items) "
       "-> (Tensor, Tensor)");
 
-  // Stream-isolated attention over a shared prefix KV cache (DESIGN 4.1, PLR
-  // Eq. 4-5). q [B,H,M,D]; k_prefix/v_prefix [B,H,N,D]; k_stream/v_stream
+  PLR_FAKES_IN(m, "plr_kernels.stream_attention");
+  // Stream-isolated attention over a shared prefix KV cache (PLR Eq. 4-5,
+  // plr_kernels/stream_attention.py). q [B,H,M,D]; k_prefix/v_prefix [B,H,N,D]; k_stream/v_stream
   // [B,H,M,S,D]; prefix_mask [B,N] bool (True = valid key). Returns
   // (o [B,H,M,D], lse [B,H,M] in fp32, fp64 for fp64 inputs). seed: int64 [1]
   // of the dropout RNG (None when dropout_p == 0).
@@ -45,6 +50,7 @@ TORCH_LIBRARY(plr_kernels, m) {
       "Tensor k_stream, Tensor v_stream, Tensor? prefix_mask, Tensor o, Tensor lse, float scale, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  PLR_FAKES_IN(m, "plr_kernels.causal_stream_attention");
   // The causal-prefix form (plr_kernels/causal_stream_attention.py): the M
   // streams of every prefix end n attend to the prefix keys j <= n and to
   // their own tokens. q [B,H,N,M,D]; k_prefix/v_prefix [B,H,N,D]; k_stream/
@@ -59,17 +65,20 @@ TORCH_LIBRARY(plr_kernels, m) {
       "Tensor k_stream, Tensor v_stream, Tensor? prefix_mask, Tensor o, Tensor lse, float scale, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // The vocabulary pass (DESIGN 4.2), streamed over tiles of the item table:
-  // x [R,d], item_emb [V,d], target [R] int64 (-1 = none) ->
+  PLR_FAKES_IN(m, "plr_kernels.vocab_pass");
+  // The vocabulary pass (plr_kernels/vocab_pass.py), streamed over tiles of
+  // the item table: x [R,d], item_emb [V,d], target [R] int64 (-1 = none) ->
   // (lse [R], mu [R,d], t [R]) with l_r(v) = x_r.e_v / temperature,
   // lse_r = logsumexp_v l_r(v), mu_r = sum_v p_r(v) e_v, t_r = l_r(target_r)
   // (0 where target_r = -1); fp32 statistics (fp64 for fp64 inputs).
+  // mu_direct is read by the autograd only (its backward passes it on to
+  // vocab_backward): the forward does not depend on it.
   m.def(
       "vocab_forward(Tensor x, Tensor item_emb, Tensor? target, float temperature, "
-      "int exclude_index) -> (Tensor, Tensor, Tensor)");
+      "int exclude_index, bool mu_direct=True) -> (Tensor, Tensor, Tensor)");
   // Gradients (dx [R,d], dE [V,d]) for upstream gradients of (lse, mu, t);
   // c_r = g_mu_r . mu_r. mu_direct=False drops the explicit dependence of mu on
-  // E (the stop-gradient KL, see plr_kernels/vocab_pass.py).
+  // E (the stop-gradient KL of PLR Eq. 7, see plr_kernels/vocab_pass.py).
   m.def(
       "vocab_backward(Tensor x, Tensor item_emb, Tensor? target, Tensor lse, Tensor? g_lse, "
       "Tensor? g_mu, Tensor? c, Tensor? g_t, float temperature, int exclude_index, "

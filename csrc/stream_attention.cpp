@@ -1,5 +1,5 @@
 // CPU kernels of plr_kernels::stream_attention_fwd / stream_attention_bwd
-// (DESIGN 4.1; PLR Eq. 4-5): stream-isolated causal attention over a shared
+// (PLR Eq. 4-5): stream-isolated causal attention over a shared
 // prefix KV cache, one reasoning step of one layer.
 //
 // Per (user b, head h) -- the unit of OpenMP parallelism -- with the M stream
@@ -151,7 +151,7 @@ template <typename scalar_t>
 void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, RowLayout kl, const scalar_t* VP,
                     RowLayout vl, const scalar_t* KS, const scalar_t* VS, scalar_t* O,
                     std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
   const acc_t scale = static_cast<acc_t>(in.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -224,30 +224,9 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, Row
       // Each stream's own keys 1..S (always valid), merged into the same (m, l).
       for (int64_t m = 0; m < M; ++m) {
         const int64_t row = bh * M + m;
-        const acc_t* ks = as_acc(KS + row * S * D, S * D, sbuf.data());
-        acc_t s_max = neg_inf;
-        for (int64_t j = 0; j < S; ++j) {
-          sc[j] = scale * dot(q.data() + m * D, ks + j * D, D);
-          s_max = std::max(s_max, sc[j]);
-        }
-        const acc_t m_new = std::max(m_i[m], s_max);
-        const acc_t alpha = m_i[m] == neg_inf ? acc_t(0) : std::exp(m_i[m] - m_new);
-        acc_t* am = acc.data() + m * D;
-        if (alpha != acc_t(1)) scale_row(am, alpha, D);
-        const acc_t* vs = as_acc(VS + row * S * D, S * D, sbuf.data());
-        acc_t sum = 0;
-        for (int64_t j = 0; j < S; ++j) {
-          const acc_t e = std::exp(sc[j] - m_new);
-          sum += e;
-          if (in.drop.on && !in.drop.keep(row, N + j)) continue;
-          axpy(am, e, vs + j * D, D);
-        }
-        l_i[m] = l_i[m] * alpha + sum;
-        m_i[m] = m_new;
-        // o = acc / l (times 1/(1-p) under dropout); lse = m + log l.
-        const acc_t inv = (in.drop.on ? keep_scale : acc_t(1)) / l_i[m];
-        store(O + row * D, am, D, inv);
-        LSE[row] = m_i[m] + std::log(l_i[m]);
+        finish_row_with_own_stream(row, q.data() + m * D, KS + row * S * D, VS + row * S * D, N, S, D, scale,
+                                   in.drop, keep_scale, m_i[m], l_i[m], acc.data() + m * D, sc.data(),
+                                   sbuf.data(), O, LSE);
       }
     }
   });
@@ -255,107 +234,15 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, Row
 
 // ------------------------------------------------------------------ backward
 
-template <typename scalar_t>
-void backward_kernel(const Inputs& in, const scalar_t* DO, const scalar_t* Q, const scalar_t* KP,
-                     const scalar_t* VP, const scalar_t* KS, const scalar_t* VS, const scalar_t* O,
-                     const std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* LSE,
-                     scalar_t* DQ, scalar_t* DKP, scalar_t* DVP, scalar_t* DKS, scalar_t* DVS) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t H = in.H, M = in.M, N = in.N, S = in.S, D = in.D;
-  const acc_t scale = static_cast<acc_t>(in.scale);
-  const acc_t keep_scale = static_cast<acc_t>(in.drop.keep_scale);
-
-  at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(M * D), dout(M * D), dq(M * D), delta(M), obuf(D);
-    std::vector<acc_t> kbuf(D), vbuf(D), dk(D), dv(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H;
-      const acc_t* qa = as_acc(Q + bh * M * D, M * D, q.data());
-      if (qa != q.data()) std::copy(qa, qa + M * D, q.begin());
-      const acc_t* da = as_acc(DO + bh * M * D, M * D, dout.data());
-      if (da != dout.data()) std::copy(da, da + M * D, dout.begin());
-      std::fill(dq.begin(), dq.end(), acc_t(0));
-      // Delta_m = dO_m . O_m = sum_j P~_mj dP_mj (O as stored, dropout included).
-      for (int64_t m = 0; m < M; ++m) {
-        const acc_t* o = as_acc(O + (bh * M + m) * D, D, obuf.data());
-        delta[m] = dot(dout.data() + m * D, o, D);
-      }
-      const acc_t* lse = LSE + bh * M;
-
-      // Prefix keys, one at a time: its dk/dv sum over the M streams here.
-      for (int64_t n = 0; n < N; ++n) {
-        scalar_t* dk_out = DKP + (bh * N + n) * D;
-        scalar_t* dv_out = DVP + (bh * N + n) * D;
-        if (in.mask != nullptr && !in.mask[b * N + n]) {  // P = 0: no gradient
-          std::fill(dk_out, dk_out + D, scalar_t(0));
-          std::fill(dv_out, dv_out + D, scalar_t(0));
-          continue;
-        }
-        const acc_t* k = as_acc(KP + (bh * N + n) * D, D, kbuf.data());
-        const acc_t* v = as_acc(VP + (bh * N + n) * D, D, vbuf.data());
-        std::fill(dk.begin(), dk.end(), acc_t(0));
-        std::fill(dv.begin(), dv.end(), acc_t(0));
-        for (int64_t m = 0; m < M; ++m) {
-          const acc_t* qm = q.data() + m * D;
-          const acc_t* dom = dout.data() + m * D;
-          const acc_t p = std::exp(scale * dot(qm, k, D) - lse[m]);
-          acc_t dp = dot(dom, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(bh * M + m, n);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[m]);
-          if (pd != acc_t(0)) axpy(dv.data(), pd, dom, D);
-          if (ds != acc_t(0)) {
-            axpy(dk.data(), ds, qm, D);
-            axpy(dq.data() + m * D, ds, k, D);
-          }
-        }
-        store(dk_out, dk.data(), D, scale);
-        store(dv_out, dv.data(), D, acc_t(1));
-      }
-
-      // Own-stream keys: each belongs to one stream, so no sum over m.
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t row = bh * M + m;
-        const acc_t* qm = q.data() + m * D;
-        const acc_t* dom = dout.data() + m * D;
-        for (int64_t j = 0; j < S; ++j) {
-          const acc_t* k = as_acc(KS + (row * S + j) * D, D, kbuf.data());
-          const acc_t* v = as_acc(VS + (row * S + j) * D, D, vbuf.data());
-          const acc_t p = std::exp(scale * dot(qm, k, D) - lse[m]);
-          acc_t dp = dot(dom, v, D), pd = p;
-          if (in.drop.on) {
-            const bool kept = in.drop.keep(row, N + j);
-            pd = kept ? p * keep_scale : acc_t(0);
-            dp = kept ? dp * keep_scale : acc_t(0);
-          }
-          const acc_t ds = p * (dp - delta[m]);
-          store(DKS + (row * S + j) * D, qm, D, scale * ds);
-          store(DVS + (row * S + j) * D, dom, D, pd);
-          if (ds != acc_t(0)) axpy(dq.data() + m * D, ds, k, D);
-        }
-        store(DQ + row * D, dq.data() + m * D, D, scale);
-      }
-    }
-  });
-}
+// The backward is attention_backward of attention_cpu.h: every stream sees every prefix key.
 
 // ------------------------------------------------------------------ op entry
 
 Inputs make_inputs(const StreamAttentionShape& shape, const at::Tensor& mask, double scale,
                    double dropout_p, const std::optional<at::Tensor>& seed) {
-  Inputs in{shape.B, shape.H, shape.M, shape.N, shape.S, shape.D,
-            mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale, Dropout{}};
-  if (dropout_p > 0.0) {
-    in.drop.on = true;
-    in.drop.seed = static_cast<uint64_t>(seed->item<int64_t>());  // two's complement, as triton
-    in.drop.p = static_cast<float>(dropout_p);  // triton receives p as a float32 argument
-    in.drop.keep_scale = 1.0 / (1.0 - dropout_p);
-    in.drop.row_len = shape.N + shape.S;
-  }
-  return in;
+  return {shape.B, shape.H, shape.M, shape.N, shape.S, shape.D,
+          mask.defined() ? mask.const_data_ptr<bool>() : nullptr, scale,
+          make_dropout(shape.N + shape.S, dropout_p, seed)};
 }
 
 std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
@@ -366,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
   const auto shape = check_stream_attention_inputs("stream_attention_fwd", q, k_prefix, v_prefix,
                                                    k_stream, v_stream, prefix_mask, scale,
                                                    dropout_p, seed);
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   auto o = at::empty(q.sizes(), q.options());
   auto lse = at::empty({shape.B, shape.H, shape.M}, q.options().dtype(lse_type));
   if (shape.B * shape.H * shape.M == 0) return {o, lse};
@@ -378,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cpu(
   const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
   const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_fwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     forward_kernel<scalar_t>(in, qc.const_data_ptr<scalar_t>(), kpc.const_data_ptr<scalar_t>(), row_layout(kpc),
                              vpc.const_data_ptr<scalar_t>(), row_layout(vpc), ksc.const_data_ptr<scalar_t>(),
                              vsc.const_data_ptr<scalar_t>(), o.mutable_data_ptr<scalar_t>(),
@@ -395,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_at
   const auto shape = check_stream_attention_inputs("stream_attention_bwd", q, k_prefix, v_prefix,
                                                    k_stream, v_stream, prefix_mask, scale,
                                                    dropout_p, seed);
-  check_stream_attention_bwd_inputs(grad_o, q, o, lse);
+  check_attention_bwd_inputs("stream_attention_bwd", grad_o, q, o, lse);
   auto dq = at::empty(q.sizes(), q.options());
   auto dkp = at::empty(k_prefix.sizes(), q.options());
   auto dvp = at::empty(k_prefix.sizes(), q.options());
@@ -411,14 +298,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_at
   const at::Tensor mask = prefix_mask.has_value() ? prefix_mask->contiguous() : at::Tensor();
   const Inputs in = make_inputs(shape, mask, scale, dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_bwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_kernel<scalar_t>(in, doc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
-                              kpc.const_data_ptr<scalar_t>(), vpc.const_data_ptr<scalar_t>(),
-                              ksc.const_data_ptr<scalar_t>(), vsc.const_data_ptr<scalar_t>(),
-                              oc.const_data_ptr<scalar_t>(), lsec.const_data_ptr<acc_t>(),
-                              dq.mutable_data_ptr<scalar_t>(), dkp.mutable_data_ptr<scalar_t>(),
-                              dvp.mutable_data_ptr<scalar_t>(), dks.mutable_data_ptr<scalar_t>(),
-                              dvs.mutable_data_ptr<scalar_t>());
+    attention_backward(in.B, in.H, in.M, in.N, in.S, in.D, in.mask, in.scale, in.drop,
+                       [](int64_t) { return int64_t(0); }, doc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
+                       kpc.const_data_ptr<scalar_t>(), vpc.const_data_ptr<scalar_t>(),
+                       ksc.const_data_ptr<scalar_t>(), vsc.const_data_ptr<scalar_t>(),
+                       oc.const_data_ptr<scalar_t>(), lsec.const_data_ptr<acc_type<scalar_t>>(),
+                       dq.mutable_data_ptr<scalar_t>(), dkp.mutable_data_ptr<scalar_t>(),
+                       dvp.mutable_data_ptr<scalar_t>(), dks.mutable_data_ptr<scalar_t>(),
+                       dvs.mutable_data_ptr<scalar_t>());
   });
   return {dq, dkp, dvp, dks, dvs};
 }

@@ -1,4 +1,4 @@
-// Input checks of plr_kernels::stream_attention_fwd / _bwd (DESIGN 4.1),
+// Input checks of plr_kernels::stream_attention_fwd / _bwd (PLR Eq. 4-5),
 // shared by the CPU kernel (stream_attention.cpp) and any other backend that
 // includes this header, so that every backend rejects the same inputs with the
 // same messages. Each message names the argument, what was expected and what
@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <optional>
+
+#include "common.h"
 
 namespace plr_kernels {
 
@@ -87,11 +89,11 @@ inline StreamAttentionShape check_stream_attention_inputs(
   return {B, H, M, N, S, D};
 }
 
-// The extra arguments of the backward: grad_o and o [B,H,M,D] of q's dtype,
-// lse [B,H,M] in the accumulation dtype (float32; float64 for float64 inputs).
-inline void check_stream_attention_bwd_inputs(const at::Tensor& grad_o, const at::Tensor& q,
-                                              const at::Tensor& o, const at::Tensor& lse) {
-  const char* op = "stream_attention_bwd";
+// The extra arguments of the backward of either form: grad_o and o of q's
+// shape and dtype; lse = q's shape without D ([B,H,M], causal [B,H,N,M]) in
+// the accumulation dtype (float32; float64 for float64 inputs).
+inline void check_attention_bwd_inputs(const char* op, const at::Tensor& grad_o, const at::Tensor& q,
+                                       const at::Tensor& o, const at::Tensor& lse) {
   TORCH_CHECK(grad_o.sizes() == q.sizes(), op, ": grad_o must have the shape of q ", q.sizes(),
               ", got ", grad_o.sizes());
   TORCH_CHECK(o.sizes() == q.sizes(), op, ": o must have the shape of q ", q.sizes(), ", got ",
@@ -99,12 +101,12 @@ inline void check_stream_attention_bwd_inputs(const at::Tensor& grad_o, const at
   TORCH_CHECK(grad_o.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type(), op,
               ": grad_o and o must have the dtype of q (", q.scalar_type(), "), got ",
               grad_o.scalar_type(), " and ", o.scalar_type());
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_type = acc_scalar_type(q.scalar_type());
   TORCH_CHECK(lse.scalar_type() == lse_type, op, ": lse must be ", lse_type, " for ",
               q.scalar_type(), " inputs, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2),
-              op, ": lse must have shape [B, H, M] = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
+  const auto lse_shape = q.sizes().slice(0, q.dim() - 1);
+  TORCH_CHECK(lse.sizes() == lse_shape, op, ": lse must have shape ",
+              q.dim() == 5 ? "[B, H, N, M] = " : "[B, H, M] = ", lse_shape, ", got ", lse.sizes());
   TORCH_CHECK(grad_o.device() == q.device() && o.device() == q.device() && lse.device() == q.device(),
               op, ": grad_o, o and lse must be on ", q.device(), " (as q), got ", grad_o.device(),
               ", ", o.device(), " and ", lse.device());
@@ -138,28 +140,6 @@ inline StreamAttentionShape check_causal_stream_attention_inputs(
   check_attention_common(op, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, B, N, scale,
                          dropout_p, seed);
   return {B, H, M, N, S, D};
-}
-
-// The extra arguments of the causal backward: grad_o and o of q's shape and
-// dtype, lse [B,H,N,M] in the accumulation dtype.
-inline void check_causal_stream_attention_bwd_inputs(const at::Tensor& grad_o, const at::Tensor& q,
-                                                     const at::Tensor& o, const at::Tensor& lse) {
-  const char* op = "causal_stream_attention_bwd";
-  TORCH_CHECK(grad_o.sizes() == q.sizes(), op, ": grad_o must have the shape of q ", q.sizes(),
-              ", got ", grad_o.sizes());
-  TORCH_CHECK(o.sizes() == q.sizes(), op, ": o must have the shape of q ", q.sizes(), ", got ",
-              o.sizes());
-  TORCH_CHECK(grad_o.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type(), op,
-              ": grad_o and o must have the dtype of q (", q.scalar_type(), "), got ",
-              grad_o.scalar_type(), " and ", o.scalar_type());
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.scalar_type() == lse_type, op, ": lse must be ", lse_type, " for ",
-              q.scalar_type(), " inputs, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 4 && lse.sizes() == q.sizes().slice(0, 4), op,
-              ": lse must have shape [B, H, N, M] = ", q.sizes().slice(0, 4), ", got ", lse.sizes());
-  TORCH_CHECK(grad_o.device() == q.device() && o.device() == q.device() && lse.device() == q.device(),
-              op, ": grad_o, o and lse must be on ", q.device(), " (as q), got ", grad_o.device(),
-              ", ", o.device(), " and ", lse.device());
 }
 
 }  // namespace plr_kernels

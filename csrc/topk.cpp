@@ -1,4 +1,4 @@
-// CPU kernel of plr_kernels::topk (DESIGN.md 4.3): the k best items of each
+// CPU kernel of plr_kernels::topk (plr_kernels/topk.py): the k best items of each
 // row by score s(b,v) = z_b . e_v, streamed over tiles of the item table, in
 // O(B k) memory (never the [B x V] score matrix).
 //
@@ -10,7 +10,7 @@
 // (double for fp64), the returned values too (bf16/fp16 scores are fp32, as in
 // the reference).
 //
-// Work split: tasks = (block of rows) x (chunk of items). Large batches fill
+// Work split (csrc/common.h): tasks = (block of rows) x (chunk of items). Large batches fill
 // the threads with row blocks (one chunk); a single request (B = 1, serving)
 // splits the items into chunks whose per-row top-k are merged at the end.
 // Within a task each row keeps a bounded heap of its k best (worst on top); an
@@ -19,6 +19,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "common.h"
 #include "topk.h"
 
 #include <algorithm>
@@ -29,7 +30,6 @@
 namespace plr_kernels {
 namespace {
 
-constexpr int kLanes = 8;                 // partial sums per dot product
 constexpr int kGroup = 4;                 // rows scored together against each item row
 constexpr int64_t kRowBlock = 16;         // rows sharing each tile of items
 constexpr int64_t kTileBytes = 64 << 10;  // a tile of (widened) item rows stays in L2
@@ -45,26 +45,6 @@ struct Entry {
 template <typename acc_t>
 inline bool before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
   return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
-
-// NR dot products z_r . e with kLanes independent partial sums (vectorisable
-// without reassociation), combined in a fixed order.
-template <int NR, typename T>
-inline void dot_rows(const T* __restrict__ z, const T* __restrict__ e, int64_t d, T* __restrict__ out) {
-  T acc[NR][kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= d; k += kLanes) {
-    for (int r = 0; r < NR; ++r) {
-      for (int j = 0; j < kLanes; ++j) acc[r][j] += z[r * d + k + j] * e[k + j];
-    }
-  }
-  for (int j = 0; k < d; ++k, ++j) {
-    for (int r = 0; r < NR; ++r) acc[r][j] += z[r * d + k] * e[k];
-  }
-  for (int r = 0; r < NR; ++r) {
-    const T* a = acc[r];
-    out[r] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-  }
 }
 
 // The k best of one row within one task: a heap ordered by `before`, whose
@@ -94,19 +74,15 @@ struct RowHeap {
 template <typename scalar_t>
 void topk_kernel(const scalar_t* z_in, const scalar_t* E, int64_t k, int64_t exclude_index, const int64_t* ex,
                  int64_t L, int64_t B, int64_t V, int64_t d,
-                 std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* values, int64_t* ids) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+                 acc_type<scalar_t>* values, int64_t* ids) {
+  using acc_t = acc_type<scalar_t>;
   constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
 
   std::vector<acc_t> z(static_cast<size_t>(B * d));
   for (int64_t i = 0; i < B * d; ++i) z[i] = static_cast<acc_t>(z_in[i]);
 
-  const int64_t n_row_blocks = (B + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = at::get_num_threads();
-  const int64_t max_chunks = std::max<int64_t>(1, V / kMinItemsPerChunk);
-  const int64_t n_chunks =
-      std::min(max_chunks, std::max<int64_t>(1, (4 * threads + n_row_blocks - 1) / n_row_blocks));
-  const int64_t chunk = (V + n_chunks - 1) / n_chunks;
+  const WorkSplit split = split_rows_by_items(B, V, kRowBlock, kMinItemsPerChunk, at::get_num_threads());
+  const int64_t n_row_blocks = split.row_blocks, n_chunks = split.chunks, chunk = split.chunk;
   const int64_t tile = std::max<int64_t>(16, kTileBytes / std::max<int64_t>(1, d * sizeof(acc_t)));
 
   // Per (chunk, row): up to k entries, best first, and their count.
@@ -203,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& z, const at::Tenso
   check_topk_inputs(z, item_emb, k, exclude_index, exclude_items);
   TORCH_CHECK(z.device().is_cpu(), "topk: z and item_emb must be CPU tensors, got ", z.device());
   const int64_t B = z.size(0), V = item_emb.size(0), d = z.size(1);
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_scalar_type(z.scalar_type());
   auto values = at::empty({B, k}, z.options().dtype(acc));
   auto ids = at::empty({B, k}, z.options().dtype(at::kLong));
   if (B == 0) return {values, ids};
@@ -216,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& z, const at::Tenso
     L = exc.size(1);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "topk_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     topk_kernel<scalar_t>(zc.const_data_ptr<scalar_t>(), ec.const_data_ptr<scalar_t>(), k, exclude_index,
                           L > 0 ? exc.const_data_ptr<int64_t>() : nullptr, L, B, V, d,
                           values.mutable_data_ptr<acc_t>(), ids.mutable_data_ptr<int64_t>());

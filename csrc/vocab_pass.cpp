@@ -1,4 +1,4 @@
-// CPU kernels of plr_kernels::vocab_forward / vocab_backward (DESIGN.md 4.2):
+// CPU kernels of plr_kernels::vocab_forward / vocab_backward (plr_kernels/vocab_pass.py):
 // softmax statistics of rows x_r over the item table E, streamed over tiles of
 // items, without a [R x V] logit matrix. The semantics are those of the Triton
 // kernels (plr_kernels/triton/vocab_pass.py).
@@ -39,15 +39,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
+
 namespace plr_kernels {
 namespace {
 
 constexpr int64_t kRowBlock = 64;          // rows sharing each tile of items
 constexpr int64_t kTileBytes = 128 << 10;  // a tile of (widened) item rows stays in L2
 constexpr int64_t kMinTile = 16, kMaxTile = 512;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 int64_t tile_items(int64_t d, size_t acc_bytes) {
   const int64_t fit = kTileBytes / std::max<int64_t>(1, d * static_cast<int64_t>(acc_bytes));
@@ -356,16 +355,13 @@ at::Tensor row_input(const char* name, const at::Tensor& t, at::IntArrayRef shap
   return t.to(acc).contiguous();
 }
 
-at::ScalarType acc_scalar_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tensor& x, const at::Tensor& item_emb,
                                                                  const std::optional<at::Tensor>& target,
-                                                                 double temperature, int64_t exclude_index) {
+                                                                 double temperature, int64_t exclude_index,
+                                                                 bool /*mu_direct: for the autograd only*/) {
   check_common("vocab_forward", x, item_emb, target, temperature, exclude_index);
   const int64_t R = x.size(0), d = x.size(1), V = item_emb.size(0);
-  const auto acc = acc_scalar_type(x);
+  const auto acc = acc_scalar_type(x.scalar_type());
   auto opts = x.options().dtype(acc);
   auto lse = at::empty({R}, opts), mu = at::empty({R, d}, opts), t_logit = at::zeros({R}, opts);
   if (R == 0) return {lse, mu, t_logit};
@@ -389,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor> vocab_backward_cpu(
     int64_t exclude_index, bool mu_direct) {
   check_common("vocab_backward", x, item_emb, target, temperature, exclude_index);
   const int64_t R = x.size(0), d = x.size(1), V = item_emb.size(0);
-  const auto acc = acc_scalar_type(x);
+  const auto acc = acc_scalar_type(x.scalar_type());
   TORCH_CHECK(!g_mu.has_value() || c.has_value(),
               "vocab_backward: c (= sum_d g_mu * mu) must be given with g_mu, got None");
   auto lse_a = row_input("lse", lse, {R}, acc);

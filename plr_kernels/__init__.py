@@ -2,7 +2,7 @@
 
 Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``;
 ``plr_kernels.reference`` holds the pure-PyTorch truth of each op with the
-same signature. See DESIGN.md section 8.
+same signature. The README lists the ops.
 """
 
 from . import reference
@@ -10,10 +10,10 @@ from ._dispatch import BACKENDS, BackendUnavailableError
 from ._extension import extension_error
 from .linear_cross_entropy import linear_cross_entropy
 from .multi_pair_kl import multi_pair_kl
+from .reasoning_losses import reasoning_losses
 from .stream_attention import stream_attention
 from .target_rank import target_rank
 from .topk import topk
-from .vocab_pass import reasoning_losses
 
 __all__ = [
     "BACKENDS",

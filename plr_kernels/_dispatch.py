@@ -6,7 +6,7 @@ order, ``cuda_order``: stream_attention's inference puts the CUDA kernel
 first; topk on a GPU times its candidates, plr_kernels/_autotune.py); for CPU tensors the compiled
 C++ kernel when ``plr_kernels._C`` is built and has the op, else the reference.
 A backend asked for by name that cannot run is an error, never a silent
-fallback (DESIGN.md section 2).
+fallback.
 """
 
 from __future__ import annotations

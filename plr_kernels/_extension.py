@@ -80,61 +80,21 @@ def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
             sys.modules["plr_kernels._C"] = module
     except ImportError as e:
         return None, f"plr_kernels._C ({so}) failed to load: {e}; {_REINSTALL}"
-    _register_fakes()
     return module, None
 
 
-def _register_fakes() -> None:
-    # Shape functions for torch.compile / FakeTensorMode; ops.cpp names this
-    # module as the one holding them. An op the loaded build lacks is skipped.
-    def register_fake(name):
-        try:
-            torch._C._dispatch_find_schema_or_throw(name, "")
-        except RuntimeError:
-            return lambda fn: fn
-        return torch.library.register_fake(name)
-    @register_fake("plr_kernels::target_rank")
-    def _target_rank_fake(z, item_emb, target, exclude_index, exclude_items, pessimistic):
-        return z.new_empty((z.shape[0],), dtype=torch.int64)
-
-    @register_fake("plr_kernels::topk")
-    def _topk_fake(z, item_emb, k, exclude_index, exclude_items):
-        return (z.new_empty((z.shape[0], k), dtype=_stats_dtype(z)),
-                z.new_empty((z.shape[0], k), dtype=torch.int64))
-
-    @register_fake("plr_kernels::stream_attention_fwd")
-    def _stream_attention_fwd_fake(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stats_dtype(q))
-
-    @register_fake("plr_kernels::stream_attention_bwd")
-    def _stream_attention_bwd_fake(grad_o, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale,
-                                   dropout_p, seed):
-        return tuple(t.new_empty(t.shape) for t in (q, k_prefix, v_prefix, k_stream, v_stream))
-
-    @register_fake("plr_kernels::causal_stream_attention_fwd")
-    def _causal_stream_attention_fwd_fake(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
-                                          dropout_p, seed):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=_stats_dtype(q))
-
-    @register_fake("plr_kernels::causal_stream_attention_bwd")
-    def _causal_stream_attention_bwd_fake(grad_o, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o,
-                                          lse, scale, dropout_p, seed):
-        return tuple(t.new_empty(t.shape) for t in (q, k_prefix, v_prefix, k_stream, v_stream))
-
-    @register_fake("plr_kernels::vocab_forward")
-    def _vocab_forward_fake(x, item_emb, target, temperature, exclude_index):
-        dt = _stats_dtype(x)
-        r, d = x.shape
-        return x.new_empty(r, dtype=dt), x.new_empty(r, d, dtype=dt), x.new_empty(r, dtype=dt)
-
-    @register_fake("plr_kernels::vocab_backward")
-    def _vocab_backward_fake(x, item_emb, target, lse, g_lse, g_mu, c, g_t, temperature, exclude_index, mu_direct):
-        return x.new_empty(x.shape), item_emb.new_empty(item_emb.shape)
-
-
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    """Softmax statistics (lse, mu) are fp32, fp64 for fp64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def compiled_op_exists(qualname: str) -> bool:
+    """Whether the loaded ``plr_kernels._C`` defines the op ``qualname``
+    ("plr_kernels::<op>", any device). The op modules register the fakes and
+    the autograd of their compiled ops only then (csrc/ops.cpp names each
+    op's module)."""
+    if extension() is None:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def extension() -> Optional[ModuleType]:

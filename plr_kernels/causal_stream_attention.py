@@ -26,13 +26,11 @@ the non-causal op with its M stream rows replaced by the N*M rows (n, m):
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from . import _checks, _dispatch, _extension, reference
-from .stream_attention import _backward_through, _seed_tensor, _setup_context, cpu_dropout_mask
+from . import _attention, _checks, _dispatch, _extension, reference
 
 
 def _reference(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
@@ -46,11 +44,8 @@ IMPLS = {"torch": _reference}
 
 
 # -- Triton: kernels in plr_kernels/triton/causal_stream_attention.py, wrapped
-# as torch.library custom ops (fakes beside them, autograd through the backward
-# kernels). triton is imported on first use, not with plr_kernels.
-
-_FWD = "plr_kernels::causal_stream_attention_triton_fwd"
-_BWD = "plr_kernels::causal_stream_attention_triton_bwd"
+# as the custom ops plr_kernels::causal_stream_attention_triton_fwd / _bwd
+# (plr_kernels/_attention.py).
 
 
 def _kernels():
@@ -59,93 +54,26 @@ def _kernels():
     return kernels
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def causal_triton_dropout_mask(b: int, h: int, n: int, m: int, s: int, dropout_p: float, seed: int,
                                device="cpu") -> torch.Tensor:
     """Debug path: the bool keep-mask ``[B,H,N,M,N+S]`` (prefix keys first) that
     ``stream_attention(..., causal_prefix=True, dropout_p=p, seed=seed, backend="triton")``
     uses, for ``reference.stream_attention(..., causal_prefix=True, dropout_mask=...)``."""
-    return _kernels().dropout_mask(b, h, n, m, s, dropout_p, _seed_tensor(seed, 1.0, torch.device(device)))
+    return _kernels().dropout_mask(b, h, n, m, s, dropout_p,
+                                   _attention.seed_tensor(seed, 1.0, torch.device(device)))
 
 
 if _dispatch.triton_importable():
-
-    @torch.library.custom_op(_FWD, mutates_args=())
-    def _triton_fwd(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_stream: torch.Tensor,
-                    v_stream: torch.Tensor, prefix_mask: Optional[torch.Tensor], scale: float, dropout_p: float,
-                    seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _kernels().forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
-
-    @_triton_fwd.register_fake
-    def _(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=_lse_dtype(q.dtype))
-
-    @torch.library.custom_op(_BWD, mutates_args=())
-    def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
-                    k_stream: torch.Tensor, v_stream: torch.Tensor, prefix_mask: Optional[torch.Tensor],
-                    o: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
-                    seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
-        return _kernels().backward(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale,
-                                   dropout_p, seed)
-
-    @_triton_bwd.register_fake
-    def _(do, q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, o, lse, scale, dropout_p, seed):
-        return (q.new_empty(q.shape), q.new_empty(k_prefix.shape), q.new_empty(v_prefix.shape),
-                q.new_empty(k_stream.shape), q.new_empty(v_stream.shape))
-
-    _triton_fwd.register_autograd(_backward_through(_triton_bwd), setup_context=_setup_context)
-
-    def _triton(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        o, _ = torch.ops.plr_kernels.causal_stream_attention_triton_fwd(
-            q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p,
-            _seed_tensor(seed, dropout_p, q.device))
-        return o
-
-    IMPLS["triton"] = _triton
+    IMPLS["triton"] = _attention.define_triton_ops("causal_stream_attention", _kernels)
 
 
 # -- Compiled kernels of plr_kernels._C: torch.ops.plr_kernels.causal_stream_attention_fwd
-# / _bwd (schemas in csrc/ops.cpp, CPU kernels in csrc/causal_stream_attention.cpp,
-# CUDA forward in csrc/cuda/causal_stream_attention.cu, fakes in _extension.py),
-# with the autograd of plr_kernels/stream_attention.py.
+# / _bwd (schemas in csrc/ops.cpp, which names this module as the home of their
+# fakes; CPU kernels in csrc/causal_stream_attention.cpp, the CUDA forward in
+# csrc/cuda/causal_stream_attention.cu), with the autograd of plr_kernels/_attention.py.
 
 _COMPILED_FWD = "plr_kernels::causal_stream_attention_fwd"
-
-
-def _compiled_op_exists() -> bool:
-    if _extension.extension() is None:
-        return False
-    try:
-        torch._C._dispatch_find_schema_or_throw(_COMPILED_FWD, "")
-    except RuntimeError:
-        return False
-    return True
-
-
-def _compiled_fwd(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o, _ = torch.ops.plr_kernels.causal_stream_attention_fwd(
-        q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p,
-        _seed_tensor(seed, dropout_p, q.device))
-    return o
-
-
-def _cuda(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
-    # Inference only, as the non-causal CUDA kernel: no backward, no dropout.
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k_prefix, v_prefix, k_stream, v_stream))
-    if needs_grad or dropout_p > 0.0:
-        why = "a gradient is required" if needs_grad else f"dropout_p={dropout_p} > 0"
-        raise _dispatch.BackendUnavailableError(
-            f"backend='cuda' cannot run stream_attention(causal_prefix=True) here: {why}, but the CUDA "
-            "kernel is inference-only (no backward, no dropout); use backend='triton' (or 'auto') for "
-            "training, or call it under torch.no_grad() with dropout_p=0")
-    return _compiled_fwd(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed)
+_COMPILED_BWD = "plr_kernels::causal_stream_attention_bwd"
 
 
 def causal_cpu_dropout_mask(b: int, h: int, n: int, m: int, s: int, dropout_p: float, seed: int) -> torch.Tensor:
@@ -157,38 +85,20 @@ def causal_cpu_dropout_mask(b: int, h: int, n: int, m: int, s: int, dropout_p: f
     ``((b*H + h)*N + n)*M + m`` of the non-causal layout, so this is the mask
     of the non-causal compiled kernel with N*M rows, read off that kernel
     (entries j > n exist in the layout but no query uses them)."""
-    return cpu_dropout_mask(b, h, n * m, n, s, dropout_p, seed).view(b, h, n, m, n + s)
+    return _attention.cpu_dropout_mask(b, h, n * m, n, s, dropout_p, seed).view(b, h, n, m, n + s)
 
 
-if _compiled_op_exists():
-
+if _extension.compiled_op_exists(_COMPILED_FWD):
+    torch.library.register_fake(_COMPILED_FWD, _attention.forward_fake)
+    torch.library.register_fake(_COMPILED_BWD, _attention.backward_fake)
     torch.library.register_autograd(
-        _COMPILED_FWD, _backward_through(torch.ops.plr_kernels.causal_stream_attention_bwd),
-        setup_context=_setup_context)
+        _COMPILED_FWD, _attention.backward_through(torch.ops.plr_kernels.causal_stream_attention_bwd),
+        setup_context=_attention.setup_context)
 
 # Listed even without a build: _dispatch checks that the loaded _C has the
 # kernel for the device, and its error then says why it is missing.
-IMPLS["cpu"] = _compiled_fwd
-IMPLS["cuda"] = _cuda
-
-
-def check_causal_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
-                                       dropout_p, seed):
-    _checks.check_tensor("q", q, ndim=5, dtypes=_checks.FLOAT_DTYPES)
-    b, h, n, m, d = q.shape
-    for name, t in (("k_prefix", k_prefix), ("v_prefix", v_prefix)):
-        _checks.check_tensor(name, t, ndim=4, shape=(b, h, n, d), device=q.device)
-    s = k_stream.shape[4] if isinstance(k_stream, torch.Tensor) and k_stream.dim() == 6 else None
-    for name, t in (("k_stream", k_stream), ("v_stream", v_stream)):
-        _checks.check_tensor(name, t, ndim=6, shape=(b, h, n, m, s, d), device=q.device)
-    if s == 0:
-        raise ValueError("k_stream: expected S >= 1 (the current reasoning token is its own key), got S=0")
-    _checks.check_same_dtype(
-        ("q", "k_prefix", "v_prefix", "k_stream", "v_stream"), (q, k_prefix, v_prefix, k_stream, v_stream)
-    )
-    if prefix_mask is not None:
-        _checks.check_tensor("prefix_mask", prefix_mask, dtypes=(torch.bool,), shape=(b, n), device=q.device)
-    _checks.check_attention_scalars(scale, dropout_p, seed)
+IMPLS["cpu"] = _attention.compiled_forward("causal_stream_attention_fwd")
+IMPLS["cuda"] = _attention.inference_only(IMPLS["cpu"], "stream_attention(causal_prefix=True)")
 
 
 @torch.compiler.assume_constant_result
@@ -234,7 +144,7 @@ def causal_stream_attention(
     Returns:
         ``o [B, H, N, M, D]``.
     """
-    check_causal_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
-                                       dropout_p, seed)
+    _checks.check_stream_attention_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
+                                        dropout_p, seed, causal_prefix=True)
     impl = IMPLS[_backend_name(backend, q.device.type, q.device.index)]
     return impl(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, float(dropout_p), seed)

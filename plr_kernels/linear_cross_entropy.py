@@ -1,19 +1,18 @@
 """Next-item cross-entropy over the full item table, L_NIP of PLR Eq. 11.
 
 ``CE(z, y) = lse_v(z.e_v / tau) - z.e_y / tau`` and ``dCE/dz = (mu_z - e_y) / tau``
-(DESIGN 4.2): the fused kernels stream the item table and never store the
+(plr_kernels/vocab_pass.py): the fused kernels stream the item table and never store the
 ``[B x V]`` logits.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from . import _checks, _dispatch, reference
-from .multi_pair_kl import check_vocab_args
-from .vocab_pass import linear_cross_entropy_compiled
+from . import _checks, _dispatch, reference, vocab_pass
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -24,14 +23,20 @@ def _reference(z, item_emb, target, temperature, exclude_index, reduction):
     )
 
 
-# "cpu": the C++ kernels of plr_kernels._C (csrc/vocab_pass.cpp), offered only
-# where _C has them (resolved with kernel="vocab_forward").
-IMPLS = {"torch": _reference, "cpu": linear_cross_entropy_compiled}
+def _fused(stats, z, item_emb, target, temperature, exclude_index, reduction):
+    loss = vocab_pass.cross_entropy_from(stats, z, item_emb, target, temperature, exclude_index)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.mean()
+    return loss.to(z.dtype)
 
-if _dispatch.triton_importable():
-    from .vocab_pass import linear_cross_entropy_triton
 
-    IMPLS["triton"] = linear_cross_entropy_triton  # plr_kernels/triton/vocab_pass.py
+# The fused backends: lse - t through the vocabulary pass of each backend
+# (plr_kernels/vocab_pass.py); "cpu" is offered only where _C has
+# vocab_forward (resolved with kernel="vocab_forward").
+IMPLS = {"torch": _reference}
+IMPLS.update({name: functools.partial(_fused, stats) for name, stats in vocab_pass.STATS.items() if name != "torch"})
 
 
 def linear_cross_entropy(
@@ -56,7 +61,7 @@ def linear_cross_entropy(
         backend: ``auto | triton | cpu | torch`` (``cpu``: the compiled C++
             kernels of ``plr_kernels._C``, picked by ``auto`` for CPU tensors).
     """
-    check_vocab_args("z", z, 2, item_emb, temperature, exclude_index)
+    _checks.check_vocab_args("z", z, 2, item_emb, temperature, exclude_index)
     _checks.check_targets(target, z.shape[0], item_emb.shape[0], exclude_index, z.device)
     _checks.check_choice("reduction", reduction, REDUCTIONS)
     impl = _dispatch.resolve("linear_cross_entropy", backend, z.device, IMPLS, kernel="vocab_forward")

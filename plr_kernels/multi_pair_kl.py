@@ -2,19 +2,19 @@
 
 With ``l_k(v) = h_k.e_v / tau``, ``lse_k`` its log-sum-exp and
 ``mu_k = sum_v p_k(v) e_v``, ``KL(p_i||p_j) = (h_i - h_j).mu_i / tau - lse_i + lse_j``;
-over all ordered pairs the lse terms cancel (DESIGN 4.2), so
+over all ordered pairs the lse terms cancel (plr_kernels/vocab_pass.py), so
 ``L_KL = 1/(K-1) sum_i (h_i - h_mean).mu_i / tau`` -- one streaming pass over
 the item table suffices for the fused kernels.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from . import _checks, _dispatch, reference
-from .vocab_pass import multi_pair_kl_compiled
+from . import _checks, _dispatch, reference, vocab_pass
 
 
 def _reference(h, item_emb, temperature, exclude_index, detach_target):
@@ -23,27 +23,12 @@ def _reference(h, item_emb, temperature, exclude_index, detach_target):
     )
 
 
-# "cpu": the C++ kernels of plr_kernels._C (csrc/vocab_pass.cpp), offered only
-# where _C has them (resolved with kernel="vocab_forward").
-IMPLS = {"torch": _reference, "cpu": multi_pair_kl_compiled}
-
-if _dispatch.triton_importable():
-    from .vocab_pass import multi_pair_kl_triton
-
-    IMPLS["triton"] = multi_pair_kl_triton  # plr_kernels/triton/vocab_pass.py
-
-
-def check_vocab_args(name: str, x: torch.Tensor, ndim: int, item_emb, temperature, exclude_index):
-    """Checks shared by the vocabulary-pass ops (KL and cross-entropy)."""
-    _checks.check_tensor(name, x, ndim=ndim, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(
-        "item_emb", item_emb, ndim=2, dtypes=_checks.FLOAT_DTYPES, shape=(None, x.shape[-1]), device=x.device
-    )
-    _checks.check_same_dtype((name, "item_emb"), (x, item_emb))
-    _checks.check_positive("temperature", temperature)
-    _checks.check_optional_index("exclude_index", exclude_index, item_emb.shape[0])
-    if item_emb.shape[0] - (exclude_index is not None) < 1:
-        raise ValueError(f"item_emb: expected at least one item besides exclude_index, got {item_emb.shape[0]} rows")
+# The fused backends: the mu-form through the vocabulary pass of each backend
+# (plr_kernels/vocab_pass.py); "cpu" is offered only where _C has
+# vocab_forward (resolved with kernel="vocab_forward").
+IMPLS = {"torch": _reference}
+IMPLS.update({name: functools.partial(vocab_pass.multi_pair_kl_from, stats)
+              for name, stats in vocab_pass.STATS.items() if name != "torch"})
 
 
 def multi_pair_kl(
@@ -69,8 +54,7 @@ def multi_pair_kl(
     Returns:
         ``[B]``, differentiable in ``h`` and ``item_emb``.
     """
-    check_vocab_args("h", h, 3, item_emb, temperature, exclude_index)
-    if h.shape[1] < 2:
-        raise ValueError(f"h: expected K >= 2 states per user (dim 1), got K={h.shape[1]}")
+    _checks.check_vocab_args("h", h, 3, item_emb, temperature, exclude_index)
+    _checks.check_num_states("h", h)
     impl = _dispatch.resolve("multi_pair_kl", backend, h.device, IMPLS, kernel="vocab_forward")
     return impl(h, item_emb, float(temperature), exclude_index, bool(detach_target))

@@ -3,7 +3,7 @@
 These functions are the truth the fused kernels are tested against and the
 ``backend="torch"`` implementation. They favour clarity over speed: they
 materialise the ``[rows x items]`` logits and the dense attention weights that
-the kernels avoid. Signatures match the public API (DESIGN.md section 8); the
+the kernels avoid. Signatures match the public API (plr_kernels/__init__.py); the
 public wrappers in ``plr_kernels`` validate arguments before calling in here.
 
 Notation (PLR paper): ``h_k`` a reasoning state, ``E`` the item table,
@@ -29,7 +29,7 @@ __all__ = [
 
 
 def _upcast_half(x: torch.Tensor) -> torch.Tensor:
-    """Softmax statistics are kept in fp32 for 16-bit inputs (DESIGN 4)."""
+    """Softmax statistics are kept in fp32 for 16-bit inputs (as the kernels, plr_kernels/_checks.py)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -90,30 +90,51 @@ def stream_attention(
         return causal_prefix_stream_attention(
             q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask=prefix_mask, scale=scale,
             dropout_p=dropout_p, seed=seed, dropout_mask=dropout_mask, return_lse=return_lse)
-    d = q.shape[-1]
+    b, h, m, d = q.shape
+    n, s = k_prefix.shape[2], k_stream.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # Scores against the shared prefix [B,H,M,N] and the own stream [B,H,M,S].
-    s_prefix = torch.einsum("bhmd,bhnd->bhmn", q, k_prefix) * scale
-    if prefix_mask is not None:
-        s_prefix = s_prefix.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
-    s_stream = torch.einsum("bhmd,bhmsd->bhms", q, k_stream) * scale
-    scores = _upcast_half(torch.cat([s_prefix, s_stream], dim=-1))
+    # The keys of the step: the shared prefix, then every stream's tokens
+    # [B,H,N + M*S,D]; the explicit mask lets query m see the valid prefix keys
+    # and the S tokens of its own stream only (PLR Eq. 4-5).
+    keys = torch.cat([k_prefix, k_stream.reshape(b, h, m * s, d)], dim=2)
+    values = torch.cat([v_prefix, v_stream.reshape(b, h, m * s, d)], dim=2)
+    allowed = _stream_isolated_mask(prefix_mask, b, m, n, s, q.device)  # [B,M,N+M*S]
+    scores = torch.einsum("bhmd,bhkd->bhmk", q, keys) * scale
+    scores = _upcast_half(scores.masked_fill(~allowed[:, None], float("-inf")))
     lse = torch.logsumexp(scores, dim=-1)
     probs = attention_probs = torch.exp(scores - lse[..., None])
     if dropout_mask is not None or dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = dropout_keep_mask(probs.shape, dropout_p, seed, probs.device)
-        probs = probs * dropout_mask / (1.0 - dropout_p)
-    probs = probs.to(q.dtype)
-    n = k_prefix.shape[2]
-    o = torch.einsum("bhmn,bhnd->bhmd", probs[..., :n], v_prefix) + torch.einsum(
-        "bhms,bhmsd->bhmd", probs[..., n:], v_stream
-    )
+            dropout_mask = dropout_keep_mask((b, h, m, n + s), dropout_p, seed, probs.device)
+        probs = probs * _own_stream_layout(dropout_mask, n) / (1.0 - dropout_p)
+    o = torch.einsum("bhmk,bhkd->bhmd", probs.to(q.dtype), values)
     if return_lse:
         return o, (lse if q.dtype == torch.float64 else lse.float())
-    if return_probs:
-        return o, attention_probs
+    if return_probs:  # [B,H,M,N+M*S] -> the prefix keys and the query's own stream, [B,H,M,N+S]
+        own = torch.diagonal(attention_probs[..., n:].reshape(b, h, m, m, s), dim1=2, dim2=3)  # [B,H,S,M]
+        return o, torch.cat([attention_probs[..., :n], own.transpose(-1, -2)], dim=-1)
     return o
+
+
+def _stream_isolated_mask(prefix_mask, b: int, m: int, n: int, s: int, device) -> torch.Tensor:
+    """``allowed [B,M,N+M*S]``: query m may attend to prefix key j when
+    ``prefix_mask[b,j]`` and to token (m', i) of the streams when m' = m."""
+    prefix = torch.ones(b, m, n, dtype=torch.bool, device=device)
+    if prefix_mask is not None:
+        prefix = prefix & prefix_mask[:, None, :]
+    own = torch.eye(m, dtype=torch.bool, device=device)[:, :, None].expand(m, m, s).reshape(m, m * s)
+    return torch.cat([prefix, own.expand(b, m, m * s)], dim=-1)
+
+
+def _own_stream_layout(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """A keep-mask ``[B,H,M,N+S]`` (prefix keys, then the query's own stream)
+    spread over the keys ``[prefix | all M*S stream tokens]`` of
+    :func:`stream_attention`; the other streams' entries (masked keys) are 0."""
+    b, h, m, width = keep.shape
+    s = width - n
+    own = torch.eye(m, dtype=torch.bool, device=keep.device)[:, :, None]  # [M, M', 1]
+    stream = keep[..., n:][:, :, :, None, :] & own  # [B,H,M,M',S]
+    return torch.cat([keep[..., :n], stream.reshape(b, h, m, m * s)], dim=-1)
 
 
 def causal_prefix_stream_attention(
@@ -203,30 +224,35 @@ def multi_pair_kl(
     """Mean KL over the K(K-1) ordered pairs of a user's K states (PLR Eq. 7).
 
     ``h [B,K,d]``, ``item_emb [V,d]`` -> ``[B]``:
-    ``1/(K(K-1)) * sum_{i != j} KL(p_i || p_j)`` with ``p_k = softmax(h_k E^T / tau)``
-    over the items other than ``exclude_index``. ``detach_target`` stops the
-    gradient through ``log p_j`` (the target side, E included), as ReaRec-ERL does.
 
-    With ``mu_i = sum_v p_i(v) e_v`` and ``log p_j(v) = h_j.e_v / tau - lse_j``:
-    ``sum_v p_i log p_i = h_i.mu_i / tau - lse_i`` and, for ``S = sum_j h_j``,
-    ``L = sum_j lse_j``, ``sum_{j != i} sum_v p_i log p_j = mu_i.(S - h_i) / tau - (L - lse_i)``.
-    So only the logits and p are ``[B,K,V]``; the brute-force test checks this
-    against the materialised pairwise KL, values and gradients, both conventions.
+        L_KL = 1/(K(K-1)) * sum_{i != j} KL(p_i || p_j),
+        KL(p_i || p_j) = sum_v p_i(v) (log p_i(v) - log p_j(v)),
+
+    with ``p_k = softmax(h_k E^T / tau)`` over the items other than
+    ``exclude_index``. ``detach_target`` stops the gradient through
+    ``log p_j`` (the target side, E included), as ReaRec-ERL does. Written
+    literally: every pair's KL is formed (``[B,K,K]``) and the off-diagonal
+    ones averaged. The fused kernels compute the same value in the rearranged
+    mu-form of plr_kernels/vocab_pass.py.
     """
     k = h.shape[1]
-    logits = torch.matmul(h, item_emb.transpose(0, 1)) / temperature
+    log_p = _item_log_probs_without(h, item_emb, temperature, exclude_index)  # [B,K,V']
+    p = log_p.exp()
+    log_p_target = log_p.detach() if detach_target else log_p
+    # kl[b, i, j] = sum_v p_i(v) log p_i(v) - sum_v p_i(v) log p_j(v)
+    kl = (p * log_p).sum(-1)[:, :, None] - torch.einsum("biv,bjv->bij", p, log_p_target)
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=h.device)
+    return (kl * off_diagonal).sum(dim=(1, 2)).div(k * (k - 1)).to(h.dtype)
+
+
+def _item_log_probs_without(h, item_emb, temperature, exclude_index):
+    """log p(v) = log softmax_v(h . e_v / tau) over the items other than
+    ``exclude_index`` (its column removed: p = 0 there, and 0 * log 0 is no term)."""
     if exclude_index is not None:
-        logits = logits.index_fill(-1, torch.tensor([exclude_index], device=h.device), float("-inf"))
-    logits = _upcast_half(logits)
-    lse = torch.logsumexp(logits, dim=-1)  # [B,K]
-    p = torch.softmax(logits, dim=-1)
-    hf = _upcast_half(h)
-    mu = torch.matmul(p, _upcast_half(item_emb))  # [B,K,d]
-    self_term = (hf * mu).sum(-1) / temperature - lse  # sum_v p_i log p_i
-    if detach_target:
-        hf, lse, mu = hf.detach(), lse.detach(), torch.matmul(p, _upcast_half(item_emb).detach())
-    cross = (mu * (hf.sum(1, keepdim=True) - hf)).sum(-1) / temperature - (lse.sum(1, keepdim=True) - lse)
-    return (((k - 1) * self_term - cross).sum(1) / (k * (k - 1))).to(h.dtype)
+        keep = torch.arange(item_emb.shape[0], device=item_emb.device) != exclude_index
+        item_emb = item_emb[keep]
+    logits = torch.matmul(h, item_emb.transpose(0, 1)) / temperature
+    return torch.log_softmax(_upcast_half(logits), dim=-1)
 
 
 def linear_cross_entropy(

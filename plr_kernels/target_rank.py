@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: the exact rank of each target item (DESIGN 4.3).
+"""Full-ranking evaluation: the exact rank of each target item (Recall@K, NDCG@K).
 
 ``rank[b] = 1 + #{v candidate : s_b(v) > s_b(target_b)}`` with ``s = z E^T``,
 never materialising the ``[B x V]`` score matrix in the compiled kernels.
@@ -11,20 +11,10 @@ from typing import Optional
 
 import torch
 
-from . import _checks, _dispatch, reference
+from . import _checks, _dispatch, _extension, reference
 
 TIES = ("optimistic", "pessimistic")
-
-
-def _compiled(z, item_emb, target, exclude_index, exclude_items, ties):
-    return torch.ops.plr_kernels.target_rank(
-        z.contiguous(),
-        item_emb.contiguous(),
-        target.contiguous(),
-        -1 if exclude_index is None else exclude_index,
-        None if exclude_items is None else exclude_items.contiguous(),
-        ties == "pessimistic",
-    )
+Tensor = torch.Tensor
 
 
 def _reference(z, item_emb, target, exclude_index, exclude_items, ties):
@@ -33,26 +23,47 @@ def _reference(z, item_emb, target, exclude_index, exclude_items, ties):
     )
 
 
-def _triton(z, item_emb, target, exclude_index, exclude_items, ties):
-    from .triton.rank import target_rank as kernel  # plr_kernels/triton/rank.py
-
-    return kernel(z, item_emb, target, exclude_index, exclude_items, ties == "pessimistic")
+# Every backend's op: (z, item_emb, target, exclude_index (-1 = none),
+# exclude_items or None, pessimistic) -> rank int64 [B].
 
 
-IMPLS = {"torch": _reference, "cpu": _compiled, "cuda": _compiled}
+def _fake(z, item_emb, target, exclude_index, exclude_items, pessimistic):
+    return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
+def _calling(op_name: str):
+    """The IMPLS entry calling ``torch.ops.plr_kernels.<op_name>``."""
+
+    def impl(z, item_emb, target, exclude_index, exclude_items, ties):
+        return getattr(torch.ops.plr_kernels, op_name)(
+            z.contiguous(), item_emb.contiguous(), target.contiguous(),
+            _checks.NO_INDEX if exclude_index is None else exclude_index,
+            None if exclude_items is None else exclude_items.contiguous(), ties == "pessimistic")
+
+    return impl
+
+
+# Compiled: plr_kernels::target_rank (csrc/target_rank.cpp for CPU tensors,
+# csrc/cuda/target_rank.cu for CUDA ones); csrc/ops.cpp names this module as
+# the home of its fake.
+if _extension.compiled_op_exists("plr_kernels::target_rank"):
+    torch.library.register_fake("plr_kernels::target_rank", _fake)
+
+_compiled = _calling("target_rank")
+IMPLS = {"torch": _reference, "cpu": _compiled, "cuda": _compiled}  # one op, a kernel per device
+
 if _dispatch.triton_importable():
-    IMPLS["triton"] = _triton
 
+    # Triton: plr_kernels/triton/rank.py, imported on first use.
+    @torch.library.custom_op("plr_kernels::target_rank_triton", mutates_args=())
+    def _triton_op(z: Tensor, item_emb: Tensor, target: Tensor, exclude_index: int, exclude_items: Optional[Tensor],
+                   pessimistic: bool) -> Tensor:
+        from .triton.rank import target_rank as kernel
 
-def check_rank_args(z, item_emb, exclude_index, exclude_items):
-    """Checks shared by ``target_rank`` and ``topk``."""
-    _checks.check_tensor("z", z, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(
-        "item_emb", item_emb, ndim=2, dtypes=_checks.FLOAT_DTYPES, shape=(None, z.shape[1]), device=z.device
-    )
-    _checks.check_same_dtype(("z", "item_emb"), (z, item_emb))
-    _checks.check_optional_index("exclude_index", exclude_index, item_emb.shape[0])
-    _checks.check_exclude_items(exclude_items, z.shape[0], item_emb.shape[0], z.device)
+        return kernel(z, item_emb, target, exclude_index, exclude_items, pessimistic)
+
+    _triton_op.register_fake(_fake)
+    IMPLS["triton"] = _calling("target_rank_triton")
 
 
 def target_rank(
@@ -82,7 +93,7 @@ def target_rank(
     Returns:
         ``[B]`` int64, 1 = best. No gradient.
     """
-    check_rank_args(z, item_emb, exclude_index, exclude_items)
+    _checks.check_rank_args(z, item_emb, exclude_index, exclude_items)
     _checks.check_targets(target, z.shape[0], item_emb.shape[0], exclude_index, z.device)
     _checks.check_choice("ties", ties, TIES)
     impl = _dispatch.resolve("target_rank", backend, z.device, IMPLS)

@@ -1,4 +1,4 @@
-"""Top-K retrieval for serving: ``topk_v z.e_v`` over the item table (DESIGN 4.3)."""
+"""Top-K retrieval for serving: ``topk_v z.e_v`` over the item table (PLR Eq. 10's z_final scores the items)."""
 
 from __future__ import annotations
 
@@ -6,34 +6,55 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _autotune, _dispatch, reference
-from .target_rank import check_rank_args
+from . import _autotune, _checks, _dispatch, _extension, reference
+
+Tensor = torch.Tensor
 
 
 def _reference(z, item_emb, k, exclude_index, exclude_items):
     return reference.topk(z, item_emb, k, exclude_index=exclude_index, exclude_items=exclude_items)
 
 
-def _compiled(z, item_emb, k, exclude_index, exclude_items):
-    """torch.ops.plr_kernels.topk: csrc/topk.cpp for CPU tensors, csrc/cuda/topk.cu for CUDA ones."""
-    return torch.ops.plr_kernels.topk(
-        z.contiguous(),
-        item_emb.contiguous(),
-        k,
-        -1 if exclude_index is None else exclude_index,
-        None if exclude_items is None else exclude_items.contiguous(),
-    )
+# Every backend's op: (z, item_emb, k, exclude_index (-1 = none), exclude_items
+# or None) -> (values [B,k] in the statistics dtype, indices [B,k] int64).
 
 
-def _triton(z, item_emb, k, exclude_index, exclude_items):
-    from .triton.rank import topk as kernel  # plr_kernels/triton/rank.py
+def _fake(z, item_emb, k, exclude_index, exclude_items):
+    return (z.new_empty((z.shape[0], k), dtype=_checks.stats_dtype(z.dtype)),
+            z.new_empty((z.shape[0], k), dtype=torch.int64))
 
-    return kernel(z, item_emb, k, exclude_index, exclude_items)
+
+def _calling(op_name: str):
+    """The IMPLS entry calling ``torch.ops.plr_kernels.<op_name>``."""
+
+    def impl(z, item_emb, k, exclude_index, exclude_items):
+        return getattr(torch.ops.plr_kernels, op_name)(
+            z.contiguous(), item_emb.contiguous(), k, _checks.NO_INDEX if exclude_index is None else exclude_index,
+            None if exclude_items is None else exclude_items.contiguous())
+
+    return impl
 
 
-IMPLS = {"torch": _reference, "cpu": _compiled, "cuda": _compiled}
+# Compiled: plr_kernels::topk (csrc/topk.cpp for CPU tensors, csrc/cuda/topk.cu
+# for CUDA ones); csrc/ops.cpp names this module as the home of its fake.
+if _extension.compiled_op_exists("plr_kernels::topk"):
+    torch.library.register_fake("plr_kernels::topk", _fake)
+
+_compiled = _calling("topk")
+IMPLS = {"torch": _reference, "cpu": _compiled, "cuda": _compiled}  # one op, a kernel per device
+
 if _dispatch.triton_importable():
-    IMPLS["triton"] = _triton
+
+    # Triton: plr_kernels/triton/rank.py, imported on first use.
+    @torch.library.custom_op("plr_kernels::topk_triton", mutates_args=())
+    def _triton_op(z: Tensor, item_emb: Tensor, k: int, exclude_index: int,
+                   exclude_items: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        from .triton.rank import topk as kernel
+
+        return kernel(z, item_emb, k, exclude_index, exclude_items)
+
+    _triton_op.register_fake(_fake)
+    IMPLS["triton"] = _calling("topk_triton")
 
 
 def topk(
@@ -64,7 +85,7 @@ def topk(
         ordered by smaller item id. Values are fp32 (fp64 for fp64 inputs). A row left with fewer than ``k``
         candidates by ``exclude_items`` ends in ``(-inf, -1)`` entries.
     """
-    check_rank_args(z, item_emb, exclude_index, exclude_items)
+    _checks.check_rank_args(z, item_emb, exclude_index, exclude_items)
     most = item_emb.shape[0] - (exclude_index is not None)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
         raise ValueError(f"k: expected an int in [1, {most}] (the number of candidate items), got {k!r}")

@@ -46,7 +46,7 @@ def test_multi_pair_kl_matches_pairwise_kl(b, k, v, d, exclude_index, detach_tar
 
 
 def test_multi_pair_kl_equals_mu_form_of_design():
-    """PLR Eq. 7 over all ordered pairs, the lse terms cancelled: L_KL = 1/(K-1) sum_i (h_i - h_mean).mu_i / tau."""
+    """plr_kernels/vocab_pass.py: L_KL = 1/(K-1) sum_i (h_i - h_mean).mu_i / tau."""
     b, k, v, d, tau = 4, 5, 33, 8, 0.3
     h, e = torch.randn(b, k, d, dtype=f64), torch.randn(v, d, dtype=f64)
     p = torch.softmax(h @ e.T / tau, dim=-1)

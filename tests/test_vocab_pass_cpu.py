@@ -19,7 +19,8 @@ import torch
 import plr_kernels as K
 from plr_kernels import _dispatch, _extension
 from plr_kernels import reference as ref
-from plr_kernels.vocab_pass import reasoning_losses, vocab_stats
+from plr_kernels.reasoning_losses import reasoning_losses
+from plr_kernels.vocab_pass import vocab_stats
 
 pytestmark = pytest.mark.skipif(
     not _extension.has_kernel("vocab_forward", "cpu"),
@@ -218,7 +219,7 @@ def test_vocab_stats_gradcheck_every_output():
     x = torch.randn(5, 3, dtype=f64, requires_grad=True)
     e = torch.randn(11, 3, dtype=f64, requires_grad=True)
     target = torch.tensor([1, -1, 10, 4, -1])
-    fn = lambda x, e: vocab_stats(x, e, target, temperature=0.7, exclude_index=5, impl="compiled")  # noqa: E731
+    fn = lambda x, e: vocab_stats(x, e, target, temperature=0.7, exclude_index=5, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, e), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -249,7 +250,7 @@ def test_stop_gradient_equals_the_covariance_part_of_the_full_gradient():
     h = torch.randn(b, k, d, dtype=f64, requires_grad=True)
     e = torch.randn(v, d, dtype=f64, requires_grad=True)
     _, mu, _ = vocab_stats(h.reshape(b * k, d), e, None, temperature=tau, exclude_index=0, mu_direct=False,
-                           impl="compiled")
+                           backend="cpu")
     w = ((h - h.mean(1, keepdim=True)) / (tau * (k - 1))).detach().reshape(b * k, d)
     got = torch.autograd.grad((w * mu).sum(), (h, e))
     logits = (h.reshape(b * k, d) @ e.T / tau).index_fill(1, torch.tensor([0]), float("-inf"))
@@ -337,9 +338,9 @@ def test_no_rows_by_items_allocation():
 
 
 def test_auto_picks_the_compiled_kernels_for_cpu_tensors(monkeypatch):
-    for name in ("multi_pair_kl", "linear_cross_entropy", "vocab_pass"):
+    for name in ("multi_pair_kl", "linear_cross_entropy", "reasoning_losses"):
         impls = importlib.import_module(f"plr_kernels.{name}").IMPLS
-        op = "reasoning_losses" if name == "vocab_pass" else name
+        op = name
         assert _dispatch.resolve(op, "auto", torch.device("cpu"), impls, kernel="vocab_forward") is impls["cpu"]
     # ... and the public ops do call vocab_forward.
     calls = []
@@ -407,12 +408,12 @@ def test_plr_model_loss_and_gradients_with_cpu_kernels(detach):
 
 
 def test_op_registrations_with_the_compiled_impl():
-    # Schema, fake (meta) kernels and autograd registration: the vocab_stats
-    # custom op with impl="compiled" and the raw compiled ops it calls.
+    # Schema, fake (meta) kernels and autograd registration of the compiled
+    # ops (the CPU backend of plr_kernels/vocab_pass.py).
     x = torch.randn(5, 4, dtype=f64, requires_grad=True)
     e = torch.randn(9, 4, dtype=f64, requires_grad=True)
     target = torch.tensor([1, -1, 3, 8, -1])
-    torch.library.opcheck(torch.ops.plr_kernels.vocab_stats.default, (x, e, target, 0.5, 0, True, "compiled"),
+    torch.library.opcheck(torch.ops.plr_kernels.vocab_forward.default, (x, e, target, 0.5, 0, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     xs, es = x.detach().float(), e.detach().float()
     torch.library.opcheck(torch.ops.plr_kernels.vocab_forward.default, (xs, es, target, 0.5, 0),
@@ -422,8 +423,9 @@ def test_op_registrations_with_the_compiled_impl():
     args = (xs, es, target, lse, torch.randn(5), g_mu, (g_mu * mu).sum(-1), torch.randn(5), 0.5, 0, True)
     torch.library.opcheck(torch.ops.plr_kernels.vocab_backward.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    with pytest.raises(ValueError, match=r"impl: expected one of \['triton', 'compiled'\], got 'cuda'"):
-        vocab_stats(xs, es, impl="cuda")
+    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'triton', 'cuda', 'cpu', 'torch'\], "
+                                         r"got 'compiled'"):
+        vocab_stats(xs, es, backend="compiled")
 
 
 def test_torch_compile_traces_the_compiled_path():

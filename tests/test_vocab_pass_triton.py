@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("triton_device")
 
 import plr_kernels as K  # noqa: E402
 from plr_kernels import reference as ref  # noqa: E402
-from plr_kernels.vocab_pass import reasoning_losses  # noqa: E402
+from plr_kernels.reasoning_losses import reasoning_losses  # noqa: E402
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
@@ -210,9 +210,9 @@ def test_vocab_stats_op_registration():
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     e = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1, -1, 3, 8, -1])
-    torch.library.opcheck(torch.ops.plr_kernels.vocab_stats.default, (x, e, target, 0.5, 0, True),
+    torch.library.opcheck(torch.ops.plr_kernels.vocab_stats_triton.default, (x, e, target, 0.5, 0, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    lse, mu, t = torch.ops.plr_kernels.vocab_stats(x, e, target, 0.5, 0, True)
+    lse, mu, t = torch.ops.plr_kernels.vocab_stats_triton(x, e, target, 0.5, 0, True)
     logits = (x @ e.T / 0.5).detach()
     logits[:, 0] = float("-inf")
     assert rel_err(lse, torch.logsumexp(logits, -1)) < 1e-12

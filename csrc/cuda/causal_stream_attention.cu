@@ -33,8 +33,12 @@
 
 #include "../stream_attention.h"
 
+#include "common.cuh"
+
 namespace plr_kernels {
 namespace {
+
+using namespace cuda_common;  // fma_acc, exp_acc, log_acc, neg_inf, serial_dot (cuda/common.cuh)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -42,15 +46,7 @@ constexpr int64_t kMaxHeadDim = 256;  // D
 constexpr int kPer = 4;               // output elements per thread: RB * D <= kPer * kThreads
 constexpr int64_t kMaxRows = 16;      // RB
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
 template <typename acc_t>
 struct Smem {
@@ -96,9 +92,7 @@ __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[kPer]
     if (visible) {
       const acc_t* qi = sm.q + i * D;
       const acc_t* kr = sm.k + row * (D + 1);
-      acc_t dot = 0;
-      for (int64_t c = 0; c < D; ++c) dot = fma_acc(qi[c], kr[c], dot);
-      s = dot;
+      s = serial_dot(qi, kr, D);
     }
     sm.p[i * TN + j] = s;
   }
@@ -232,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> causal_stream_attention_fwd_cuda(
   TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "causal_stream_attention_fwd (CUDA): the head dim D must lie "
               "in [1, ", kMaxHeadDim, "], got D = ", D);
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto stat_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat_type = acc_scalar_type(q.scalar_type());
   auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({B, H, N, M}, q.options().dtype(stat_type));
   const int64_t R = N * M;
@@ -251,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> causal_stream_attention_fwd_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_stream_attention_fwd_cuda",
                                   [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     // 32 keys per tile (one per lane in the softmax step), 16 when shared
     // memory is short; TN >= RB keeps TS >= 1.
     int TN = 32;

@@ -1,4 +1,4 @@
-// CUDA forward of plr_kernels::stream_attention_fwd (DESIGN 4.1, PLR Eq. 4-5),
+// CUDA forward of plr_kernels::stream_attention_fwd (PLR Eq. 4-5),
 // inference only (dropout_p must be 0; training uses the Triton kernels).
 //
 // For user b, head h and stream m, with scores scaled by `scale`:
@@ -8,7 +8,7 @@
 //
 // One block per (b, h) holds all M <= 16 stream queries. The prefix is read
 // in tiles of TN rows that go to shared memory ONCE and serve all M queries
-// (the point of DESIGN 4.1: the prefix is never expanded M times). The stream
+// (the point of the fused kernel: the prefix is never expanded M times). The stream
 // keys follow as tiles whose rows are (m, j) pairs, each query scoring only
 // its own stream's rows. Every tile goes through the same online softmax
 // (FlashAttention): with the running max mx, sum l and output acc,
@@ -29,8 +29,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "../stream_attention.h"
+#include "common.cuh"
+
 namespace plr_kernels {
 namespace {
+
+using namespace cuda_common;  // fma_acc, exp_acc, log_acc, neg_inf, serial_dot (cuda/common.cuh)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -42,15 +47,7 @@ constexpr int64_t kMaxHeadDim = 256;  // D
 constexpr int kPerThreadSmall = 4;
 constexpr int kPerThreadLarge = static_cast<int>(kMaxStreams * kMaxHeadDim / kThreads);
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
 // Shared memory of one block (acc_t arrays, then the int row flags).
 template <typename acc_t>
@@ -94,9 +91,7 @@ __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[PER],
     if (sm.valid[row]) {
       const acc_t* qm = sm.q + m * D;
       const acc_t* kr = sm.k + row * (D + 1);
-      acc_t dot = 0;
-      for (int64_t c = 0; c < D; ++c) dot = fma_acc(qm[c], kr[c], dot);
-      s = dot;
+      s = serial_dot(qm, kr, D);
     }
     sm.p[m * TN + j] = s;
   }
@@ -213,59 +208,21 @@ __global__ void __launch_bounds__(kThreads)
     lse[bh * M + m] = sm.l[m] > 0 ? sm.mx[m] + log_acc(sm.l[m]) : neg_inf<acc_t>();
 }
 
-void check_stream_attention_inputs(const at::Tensor& q, const at::Tensor& k_prefix,
-                                   const at::Tensor& v_prefix, const at::Tensor& k_stream,
-                                   const at::Tensor& v_stream,
-                                   const std::optional<at::Tensor>& prefix_mask, double scale,
-                                   double dropout_p) {
+// The checks every backend shares (stream_attention.h), after the limits of
+// this inference-only kernel.
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k_prefix, const at::Tensor& v_prefix,
+                       const at::Tensor& k_stream, const at::Tensor& v_stream,
+                       const std::optional<at::Tensor>& prefix_mask, double scale, double dropout_p,
+                       const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(dropout_p == 0.0,
               "stream_attention_fwd (CUDA): dropout_p must be 0, the CUDA kernel is inference-only "
               "(use backend='triton' for attention dropout), got dropout_p = ", dropout_p);
-  TORCH_CHECK(q.dim() == 4, "stream_attention_fwd: q must be 4-D [B, H, M, D], got shape ",
-              q.sizes());
-  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
-  TORCH_CHECK(k_prefix.dim() == 4 && k_prefix.size(0) == B && k_prefix.size(1) == H &&
-                  k_prefix.size(3) == D,
-              "stream_attention_fwd: k_prefix must have shape [B, H, N, D] = [", B, ", ", H,
-              ", N, ", D, "], got ", k_prefix.sizes());
-  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(),
-              "stream_attention_fwd: v_prefix must have the shape of k_prefix ", k_prefix.sizes(),
-              ", got ", v_prefix.sizes());
-  TORCH_CHECK(k_stream.dim() == 5 && k_stream.size(0) == B && k_stream.size(1) == H &&
-                  k_stream.size(2) == M && k_stream.size(4) == D,
-              "stream_attention_fwd: k_stream must have shape [B, H, M, S, D] = [", B, ", ", H,
-              ", ", M, ", S, ", D, "], got ", k_stream.sizes());
-  TORCH_CHECK(v_stream.sizes() == k_stream.sizes(),
-              "stream_attention_fwd: v_stream must have the shape of k_stream ", k_stream.sizes(),
-              ", got ", v_stream.sizes());
-  TORCH_CHECK(k_stream.size(3) >= 1,
-              "stream_attention_fwd: k_stream must hold S >= 1 tokens per stream (the current "
-              "one), got S = ", k_stream.size(3));
-  TORCH_CHECK(M >= 1 && M <= kMaxStreams, "stream_attention_fwd (CUDA): the number of streams M "
-              "must lie in [1, ", kMaxStreams, "], got M = ", M);
-  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "stream_attention_fwd (CUDA): the head dim D must lie "
-              "in [1, ", kMaxHeadDim, "], got D = ", D);
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "stream_attention_fwd: q must be float32, float64, bfloat16 or float16, got ", st);
-  for (const auto* t : {&k_prefix, &v_prefix, &k_stream, &v_stream}) {
-    TORCH_CHECK(t->scalar_type() == st, "stream_attention_fwd: k_prefix, v_prefix, k_stream and "
-                "v_stream must have the dtype of q (", st, "), got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), "stream_attention_fwd: all inputs must be on ",
-                q.device(), ", got ", t->device());
-  }
-  if (prefix_mask.has_value()) {
-    const auto& pm = *prefix_mask;
-    TORCH_CHECK(pm.scalar_type() == at::kBool, "stream_attention_fwd: prefix_mask must be bool, "
-                "got ", pm.scalar_type());
-    TORCH_CHECK(pm.dim() == 2 && pm.size(0) == B && pm.size(1) == k_prefix.size(2),
-                "stream_attention_fwd: prefix_mask must have shape [B, N] = [", B, ", ",
-                k_prefix.size(2), "], got ", pm.sizes());
-    TORCH_CHECK(pm.device() == q.device(), "stream_attention_fwd: prefix_mask must be on ",
-                q.device(), ", got ", pm.device());
-  }
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "stream_attention_fwd: scale must be a finite "
-              "positive number, got ", scale);
+  const auto shape = check_stream_attention_inputs("stream_attention_fwd", q, k_prefix, v_prefix, k_stream,
+                                                   v_stream, prefix_mask, scale, dropout_p, seed);
+  TORCH_CHECK(shape.M >= 1 && shape.M <= kMaxStreams, "stream_attention_fwd (CUDA): the number of streams M "
+              "must lie in [1, ", kMaxStreams, "], got M = ", shape.M);
+  TORCH_CHECK(shape.D >= 1 && shape.D <= kMaxHeadDim, "stream_attention_fwd (CUDA): the head dim D must lie "
+              "in [1, ", kMaxHeadDim, "], got D = ", shape.D);
 }
 
 std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cuda(
@@ -273,13 +230,11 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cuda(
     const at::Tensor& k_stream, const at::Tensor& v_stream,
     const std::optional<at::Tensor>& prefix_mask, double scale, double dropout_p,
     const std::optional<at::Tensor>& seed) {
-  (void)seed;  // no dropout, no RNG
-  check_stream_attention_inputs(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
-                                dropout_p);
+  check_cuda_inputs(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
   const int64_t N = k_prefix.size(2), S = k_stream.size(3);
-  const auto stat_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat_type = acc_scalar_type(q.scalar_type());
   auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({B, H, M}, q.options().dtype(stat_type));
   if (B * H == 0) return {o, lse};
@@ -293,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> stream_attention_fwd_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stream_attention_fwd_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     // 32 prefix rows per tile (one per lane in the softmax step), 16 when
     // shared memory is short (fp64 with large M * D); TN >= M keeps TS >= 1.
     int TN = 32;

@@ -16,14 +16,16 @@
 
 #include "../target_rank.h"
 
+#include "common.cuh"
+
 namespace plr_kernels {
 namespace {
+
+using namespace cuda_common;  // fma_acc, exp_acc, log_acc, neg_inf, serial_dot (cuda/common.cuh)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t warp_dot(const scalar_t* __restrict__ z,
@@ -50,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
                        const int64_t* __restrict__ target, int64_t exclude_index,
                        const int64_t* __restrict__ ex, int64_t L, bool pessimistic, int64_t V,
                        int64_t d, int64_t* __restrict__ out) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   __shared__ acc_t t_shared;
   __shared__ long long warp_count[kWarps];
 

@@ -1,4 +1,4 @@
-// CUDA kernel of plr_kernels::topk (DESIGN 4.3): the k best items of each row
+// CUDA kernel of plr_kernels::topk (plr_kernels/topk.py): the k best items of each row
 // by score s_b(v) = z_b . e_v, without writing the [B x V] score matrix.
 //
 // Semantics (plr_kernels/reference.py::topk): entries are ordered by score,
@@ -36,8 +36,12 @@
 #include <limits>
 #include <type_traits>
 
+#include "common.cuh"
+
 namespace plr_kernels {
 namespace {
+
+using namespace cuda_common;  // fma_acc, exp_acc, log_acc, neg_inf, serial_dot (cuda/common.cuh)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -63,11 +67,7 @@ __device__ __forceinline__ bool ranks_before(acc_t va, int ia, acc_t vb, int ib)
   return real_id(ia) < real_id(ib);
 }
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
 // Sorts `rows` buffers of C entries (C a power of two) in output order with
 // a bitonic network; all rows at once, every thread of the block takes part.
@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& z, const at::Tens
   check_topk_cuda_limits(z, item_emb, k);
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t B = z.size(0), V = item_emb.size(0), d = z.size(1);
-  const auto stat_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat_type = acc_scalar_type(z.scalar_type());
   auto values = at::empty({B, k}, z.options().dtype(stat_type));
   auto ids = at::empty({B, k}, z.options().dtype(at::kLong));
   if (B == 0) return {values, ids};
@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& z, const at::Tens
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "topk_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     const int64_t slot_bytes = C * static_cast<int64_t>(sizeof(acc_t) + sizeof(int));
     const int R = static_cast<int>(std::min<int64_t>(
         B, rows_per_block(d * static_cast<int64_t>(sizeof(acc_t)) + slot_bytes, max_smem)));

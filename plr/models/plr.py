@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 import plr_kernels
-from plr_kernels.vocab_pass import reasoning_losses
+from plr_kernels.reasoning_losses import reasoning_losses
 
 from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..transformer import PrefixEncoding
@@ -262,7 +262,7 @@ class PLRModel(SequentialRecommender):
         """``(nip + kl term, nip, kl)``, means over the rows: Eq. 7 over the K = T*M
         states of each row (of the rows ``pick`` only, if given) and L_NIP of
         ``z_rea`` over every row; with ``pick`` None from one pass over the item
-        table (plr_kernels.vocab_pass.reasoning_losses)."""
+        table (plr_kernels.reasoning_losses)."""
         if not (self.kl_weight > 0 and self.num_steps * self.num_streams >= 2):
             nip = self._nip(z_rea, target)
             return nip, nip, torch.zeros((), dtype=nip.dtype, device=nip.device)

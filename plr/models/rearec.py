@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 import plr_kernels
-from plr_kernels.vocab_pass import reasoning_losses
+from plr_kernels.reasoning_losses import reasoning_losses
 
 from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target

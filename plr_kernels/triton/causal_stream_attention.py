@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._matmul import dot as _dot
-from .stream_attention import _acc, _keep, _precision, _pow2, _split
+from .stream_attention import _acc, _keep, _pow2, launch_args
 from .stream_attention import dropout_mask as _flat_dropout_mask
 
 __all__ = ["forward", "backward", "dropout_mask"]
@@ -311,28 +311,13 @@ def block_sizes(r: int, n: int, d: int, itemsize: int = 2, block_r=None, block_n
 
 
 def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, blocks):
-    for name, t in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix),
-                    ("k_stream", k_stream), ("v_stream", v_stream)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name}: expected {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+    pm, spm, scalars, consts = launch_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
+                                           dropout_p, seed)
     b, h, n, m, d = q.shape
     s = k_stream.shape[4]
-    if s < 1:
-        raise ValueError("k_stream: expected S >= 1")
-    if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
-        raise ValueError("seed: expected a 1-element int64 tensor when dropout_p > 0")
-    if prefix_mask is None:
-        pm, spm, has_mask = q, (0, 0), False  # never read
-    else:
-        pm = prefix_mask.view(torch.int8) if prefix_mask.dtype == torch.bool else prefix_mask
-        spm, has_mask = pm.stride(), True
     block_r, block_n, block_d = block_sizes(n * m, n, d, q.element_size(), *blocks)
-    scale_hi, scale_lo = _split(scale)
-    keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p))
-    consts = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
-                  F64=q.dtype == torch.float64, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d)
-    scalars = (h, m, n, s, d, scale_hi, scale_lo, float(dropout_p), keep_hi, keep_lo)
-    return (b, h, n, m, s, d), pm, spm, scalars, consts
+    consts.update(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d)
+    return (b, h, n, m, s, d), pm, spm, (h, m, n, s, d, *scalars), consts
 
 
 def forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, block_r=None,

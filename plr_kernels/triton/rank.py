@@ -1,4 +1,4 @@
-"""Triton kernels of full-ranking evaluation and top-K retrieval (DESIGN 4.3).
+"""Triton kernels of full-ranking evaluation and top-K retrieval (plr_kernels/target_rank.py, plr_kernels/topk.py).
 
 Scores ``s_b(v) = z_b.e_v`` are streamed over tiles of the item table; the
 ``[B x V]`` score matrix is never stored (O(B) memory for ranks, O(B k) for
@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import stats_dtype
 from ._matmul import dot_f64
 
 _NEG_INF = tl.constexpr(float("-inf"))  # globals in @triton.jit code must be constexpr
@@ -177,7 +178,7 @@ def topk(z, item_emb, k: int, exclude_index, exclude_items):
     b, d = z.shape
     v = item_emb.shape[0]
     f64 = z.dtype == torch.float64
-    vals = torch.empty(b, k, dtype=torch.float64 if f64 else torch.float32, device=z.device)
+    vals = torch.empty(b, k, dtype=stats_dtype(z.dtype), device=z.device)
     idx = torch.empty(b, k, dtype=torch.int64, device=z.device)
     if b == 0:
         return vals, idx

@@ -1,4 +1,4 @@
-"""Triton kernels of stream-isolated causal attention (DESIGN 4.1, PLR Eq. 4-5).
+"""Triton kernels of stream-isolated causal attention (PLR Eq. 4-5).
 
 One program per (user b, head h) holds the queries of all M streams of the
 step (``BLOCK_M >= M`` rows, padded rows masked) and
@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import stats_dtype
 from ._matmul import dot as _dot
 
 __all__ = ["forward", "backward", "dropout_mask", "block_sizes"]
@@ -269,9 +270,8 @@ def _split(x: float):
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
-def _acc(dtype):
-    """Accumulation (and lse) dtype; the kernels read it off the lse pointer."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Accumulation (and lse) dtype; the kernels read it off the lse pointer.
+_acc = stats_dtype
 
 
 def _precision(dtype):
@@ -282,14 +282,16 @@ def _precision(dtype):
     return "ieee"
 
 
-def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, block_n):
+def launch_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed):
+    """What the launchers of both forms (this module and causal_stream_attention.py)
+    check and derive: one dtype and device, the seed tensor, the int8 view of
+    the mask and its strides, ``scale`` and ``1/(1-p)`` as fp32 pairs.
+    Returns ``(pm, spm, scalars, consts)``."""
     for name, t in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix),
                     ("k_stream", k_stream), ("v_stream", v_stream)):
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name}: expected {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
-    b, h, m, d = q.shape
-    n, s = k_prefix.shape[2], k_stream.shape[3]
-    if s < 1:
+    if k_stream.shape[-2] < 1:
         raise ValueError("k_stream: expected S >= 1")
     if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
         raise ValueError("seed: expected a 1-element int64 tensor when dropout_p > 0")
@@ -298,15 +300,22 @@ def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropo
     else:
         pm = prefix_mask.view(torch.int8) if prefix_mask.dtype == torch.bool else prefix_mask
         spm, has_mask = pm.stride(), True
-    block_m, bn, block_d = block_sizes(m, n, d, block_n, q.element_size())
     scale_hi, scale_lo = _split(scale)
     keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p))
-    args = (*q.stride(), *k_prefix.stride(), *v_prefix.stride(), *k_stream.stride(), *v_stream.stride())
     consts = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
-                  F64=q.dtype == torch.float64,
-                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d)
-    scalars = (h, m, n, s, d, scale_hi, scale_lo, float(dropout_p), keep_hi, keep_lo)
-    return (b, h, m, n, s, d), pm, spm, args, scalars, consts
+                  F64=q.dtype == torch.float64)
+    return pm, spm, (scale_hi, scale_lo, float(dropout_p), keep_hi, keep_lo), consts
+
+
+def _common(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, block_n):
+    pm, spm, scalars, consts = launch_args(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale,
+                                           dropout_p, seed)
+    b, h, m, d = q.shape
+    n, s = k_prefix.shape[2], k_stream.shape[3]
+    block_m, bn, block_d = block_sizes(m, n, d, block_n, q.element_size())
+    args = (*q.stride(), *k_prefix.stride(), *v_prefix.stride(), *k_stream.stride(), *v_stream.stride())
+    consts.update(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d)
+    return (b, h, m, n, s, d), pm, spm, args, (h, m, n, s, d, *scalars), consts
 
 
 def forward(q, k_prefix, v_prefix, k_stream, v_stream, prefix_mask, scale, dropout_p, seed, block_n=None):

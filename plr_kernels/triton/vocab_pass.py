@@ -1,4 +1,4 @@
-"""Triton kernels of the vocabulary pass (DESIGN 4.2): softmax statistics over
+"""Triton kernels of the vocabulary pass (plr_kernels/vocab_pass.py; PLR Eq. 7 and 11): softmax statistics over
 the item table without a ``[rows x V]`` logit matrix.
 
 For query rows ``x_r`` (the K reasoning states of each user, optionally z_rea)
@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import stats_dtype
 from ._matmul import dot_f64
 
 _NEG_INF = tl.constexpr(float("-inf"))  # globals in @triton.jit code must be constexpr
@@ -236,7 +237,8 @@ def _warps(block_d: int) -> int:
     return 8 if block_d >= 128 else 4
 
 
-def _interpreting(t: torch.Tensor) -> bool:
+def _on_cpu(t: torch.Tensor) -> bool:
+    """CPU tensors reach a Triton kernel only under TRITON_INTERPRET=1 (tests)."""
     return t.device.type == "cpu"
 
 
@@ -249,13 +251,13 @@ def vocab_forward(x: torch.Tensor, item_emb: torch.Tensor, target, temperature: 
     r, d = x.shape
     v = item_emb.shape[0]
     f64 = x.dtype == torch.float64
-    acc_dtype = torch.float64 if f64 else torch.float32
+    acc_dtype = stats_dtype(x.dtype)
     lse = torch.empty(r, dtype=acc_dtype, device=x.device)
     mu = torch.empty(r, d, dtype=acc_dtype, device=x.device)
     t_logit = torch.zeros(r, dtype=acc_dtype, device=x.device)
     if r == 0:
         return lse, mu, t_logit
-    bm, bn, bd, prec = _config(d, x.dtype, _interpreting(x))
+    bm, bn, bd, prec = _config(d, x.dtype, _on_cpu(x))
     has_tgt = target is not None
     tgt = target.contiguous() if has_tgt else lse  # dummy pointer when unused
     _vocab_fwd_kernel[(triton.cdiv(r, bm),)](
@@ -275,7 +277,7 @@ def vocab_backward(x, item_emb, target, lse, g_lse, g_mu, c, g_t, temperature: f
     r, d = x.shape
     v = item_emb.shape[0]
     f64 = x.dtype == torch.float64
-    bm, bn, bd, prec = _config(d, x.dtype, _interpreting(x))
+    bm, bn, bd, prec = _config(d, x.dtype, _on_cpu(x))
     has_glse, has_gmu, has_tgt = g_lse is not None, g_mu is not None, (g_t is not None and target is not None)
     acc_dtype = lse.dtype
     dummy = lse
