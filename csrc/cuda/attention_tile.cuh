@@ -1,7 +1,8 @@
 // What the CUDA forward kernels of both attention forms
 // (csrc/cuda/stream_attention.cu, csrc/cuda/causal_stream_attention.cu) share:
-// the online-softmax update over a tile in shared memory (PLR Eq. 4, the
-// FlashAttention recurrence), once the tile's scores are in place:
+// the shared-memory layout of a block and the online-softmax update over a
+// tile in it (PLR Eq. 4, the FlashAttention recurrence), once the tile's
+// scores are in place:
 //   mx' = max(mx, max_j s_j),  alpha = exp(mx - mx'),  p_j = exp(s_j - mx'),
 //   l' = alpha l + sum_j p_j,  acc' = alpha acc + sum_j p_j v_j.
 #pragma once
@@ -13,15 +14,43 @@
 namespace plr_kernels {
 namespace cuda_common {
 
+// Shared memory of one block: the tile of `rows` query rows (acc_t arrays,
+// then the int key flags). TN keys per tile.
+template <typename acc_t>
+struct AttentionSmem {
+  acc_t* q;      // [rows, D]   scale * q
+  acc_t* k;      // [TN, D + 1] (padded: conflict-free column reads)
+  acc_t* v;      // [TN, D]
+  acc_t* p;      // [rows, TN]  scores, then probabilities of the tile
+  acc_t* mx;     // [rows] running max
+  acc_t* l;      // [rows] running sum
+  acc_t* alpha;  // [rows] rescale factor of the current tile
+  int* valid;    // [TN] row of the tile is a valid key
+
+  __device__ AttentionSmem(unsigned char* raw, int64_t rows, int64_t D, int TN) {
+    q = reinterpret_cast<acc_t*>(raw);
+    k = q + rows * D;
+    v = k + TN * (D + 1);
+    p = v + TN * D;
+    mx = p + rows * TN;
+    l = mx + rows;
+    alpha = l + rows;
+    valid = reinterpret_cast<int*>(alpha + rows);
+  }
+  static int64_t bytes(int64_t rows, int64_t D, int TN) {
+    return (rows * D + TN * (D + 1) + TN * D + rows * TN + 3 * rows) * static_cast<int64_t>(sizeof(acc_t)) +
+           TN * static_cast<int64_t>(sizeof(int));
+  }
+};
+
 // Steps 2-3 of one online-softmax step for `rows` query rows, after step 1 has
 // written the scores (-inf where a key is not visible) to sm.p [rows, TN] and
 // synchronised. 2: running max / sum, one warp per row, lane j = column j
 // (ncols <= 32). 3: acc = alpha acc + sum_j p_j v, the thread owning output
 // elements e = tid + u * THREADS of [rows, D]; column j of row i reads value
-// row `stream_tile ? i * ncols + j : j`. Smem: the kernel's shared-memory view
-// (p, v, mx, l, alpha arrays).
-template <int THREADS, int PER, typename acc_t, typename Smem>
-__device__ __forceinline__ void softmax_update_rows(Smem& sm, acc_t (&acc)[PER], int64_t rows, int64_t D,
+// row `stream_tile ? i * ncols + j : j`.
+template <int THREADS, int PER, typename acc_t>
+__device__ __forceinline__ void softmax_update_rows(AttentionSmem<acc_t>& sm, acc_t (&acc)[PER], int64_t rows, int64_t D,
                                                     int TN, int ncols, bool stream_tile) {
   constexpr int kWarps = THREADS / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

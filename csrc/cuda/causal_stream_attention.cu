@@ -49,31 +49,7 @@ constexpr int64_t kMaxRows = 16;      // RB
 
 
 template <typename acc_t>
-struct Smem {
-  acc_t* q;      // [RB, D]   scale * q
-  acc_t* k;      // [TN, D + 1] (padded: conflict-free column reads)
-  acc_t* v;      // [TN, D]
-  acc_t* p;      // [RB, TN]  scores, then probabilities of the tile
-  acc_t* mx;     // [RB] running max
-  acc_t* l;      // [RB] running sum
-  acc_t* alpha;  // [RB] rescale factor of the current tile
-  int* valid;    // [TN] row of the tile is a valid key
-
-  __device__ Smem(unsigned char* raw, int64_t RB, int64_t D, int TN) {
-    q = reinterpret_cast<acc_t*>(raw);
-    k = q + RB * D;
-    v = k + TN * (D + 1);
-    p = v + TN * D;
-    mx = p + RB * TN;
-    l = mx + RB;
-    alpha = l + RB;
-    valid = reinterpret_cast<int*>(alpha + RB);
-  }
-  static int64_t bytes(int64_t RB, int64_t D, int TN) {
-    return (RB * D + TN * (D + 1) + TN * D + RB * TN + 3 * RB) * static_cast<int64_t>(sizeof(acc_t)) +
-           TN * static_cast<int64_t>(sizeof(int));
-  }
-};
+using Smem = AttentionSmem<acc_t>;  // cuda/attention_tile.cuh
 
 // One online-softmax step over a tile in shared memory, for `rows` query rows.
 // Prefix tile (stream_tile false): column j is key n0 + j, visible to row i iff

@@ -49,33 +49,8 @@ constexpr int kPerThreadLarge = static_cast<int>(kMaxStreams * kMaxHeadDim / kTh
 
 
 
-// Shared memory of one block (acc_t arrays, then the int row flags).
 template <typename acc_t>
-struct Smem {
-  acc_t* q;      // [M, D]   scale * q
-  acc_t* k;      // [TN, D + 1] (padded: conflict-free column reads)
-  acc_t* v;      // [TN, D]
-  acc_t* p;      // [M, TN]  scores, then probabilities of the tile
-  acc_t* mx;     // [M] running max
-  acc_t* l;      // [M] running sum
-  acc_t* alpha;  // [M] rescale factor of the current tile
-  int* valid;    // [TN] row of the tile is a valid key
-
-  __device__ Smem(unsigned char* raw, int64_t M, int64_t D, int TN) {
-    q = reinterpret_cast<acc_t*>(raw);
-    k = q + M * D;
-    v = k + TN * (D + 1);
-    p = v + TN * D;
-    mx = p + M * TN;
-    l = mx + M;
-    alpha = l + M;
-    valid = reinterpret_cast<int*>(alpha + M);
-  }
-  static int64_t bytes(int64_t M, int64_t D, int TN) {
-    return (M * D + TN * (D + 1) + TN * D + M * TN + 3 * M) * static_cast<int64_t>(sizeof(acc_t)) +
-           TN * static_cast<int64_t>(sizeof(int));
-  }
-};
+using Smem = AttentionSmem<acc_t>;  // cuda/attention_tile.cuh
 
 // One online-softmax step over a tile already in shared memory. Column j of
 // query m reads tile row `stream_tile ? m * ncols + j : j`.
