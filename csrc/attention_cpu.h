@@ -146,6 +146,31 @@ inline void finish_row_with_own_stream(int64_t row, const acc_t* q, const scalar
   LSE[row] = m_i + std::log(l_i);
 }
 
+// One online-softmax step of a row over a prefix tile (PLR Eq. 4): on entry
+// pr[0, t_end) holds the row's scores (-inf where !valid[t]) and tile_max their
+// maximum (finite); on exit pr holds exp(s - m_new), 0 where dropped or
+// invalid, (m_i, l_i) the running max and sum (before dropout: lse is
+// dropout-free) and acc the row's running sum rescaled to m_new. Keys j0 + t of
+// keep-mask row `row`.
+template <typename acc_t>
+inline void online_softmax_tile(acc_t* __restrict__ pr, const char* valid, int64_t t_end, acc_t tile_max,
+                                const Dropout& drop, int64_t row, int64_t j0, acc_t& m_i, acc_t& l_i,
+                                acc_t* acc, int64_t D) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // m_new >= a finite valid score, so exp never sees inf - inf.
+  const acc_t m_new = std::max(m_i, tile_max);
+  const acc_t alpha = m_i == neg_inf ? acc_t(0) : std::exp(m_i - m_new);
+  acc_t sum = 0;
+  for (int64_t t = 0; t < t_end; ++t) {
+    const acc_t e = valid[t] ? std::exp(pr[t] - m_new) : acc_t(0);
+    sum += e;
+    pr[t] = (drop.on && !drop.keep(row, j0 + t)) ? acc_t(0) : e;
+  }
+  l_i = l_i * alpha + sum;
+  m_i = m_new;
+  if (alpha != acc_t(1)) scale_row(acc, alpha, D);
+}
+
 // ---------------------------------------------------------------- backward
 
 // One (query row, key) term of the attention backward, for the query q of

@@ -97,19 +97,9 @@ void forward_kernel(const CausalInputs& in, const scalar_t* Q, const scalar_t* K
             std::fill(pr, pr + nt, acc_t(0));
             continue;
           }
-          const acc_t m_new = std::max(m_i[r], tile_max);
-          const acc_t alpha = m_i[r] == neg_inf ? acc_t(0) : std::exp(m_i[r] - m_new);
-          acc_t sum = 0;
-          const int64_t row = bh * R + r;
-          for (int64_t t = 0; t < t_end; ++t) {
-            const acc_t e = valid[t] ? std::exp(pr[t] - m_new) : acc_t(0);
-            sum += e;  // l sums the probabilities before dropout (lse is dropout-free)
-            pr[t] = (in.drop.on && !in.drop.keep(row, j0 + t)) ? acc_t(0) : e;
-          }
+          online_softmax_tile(pr, valid.data(), t_end, tile_max, in.drop, bh * R + r, j0, m_i[r], l_i[r],
+                              acc.data() + r * D, D);
           std::fill(pr + t_end, pr + nt, acc_t(0));
-          l_i[r] = l_i[r] * alpha + sum;
-          m_i[r] = m_new;
-          if (alpha != acc_t(1)) scale_row(acc.data() + r * D, alpha, D);
         }
         // Each value row once, added to every row at or after its position.
         for (int64_t t = 0; t < nt; ++t) {

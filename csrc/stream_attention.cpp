@@ -195,19 +195,9 @@ void forward_kernel(const Inputs& in, const scalar_t* Q, const scalar_t* KP, Row
             if (!avx2) pm[t] = valid[t] ? scale * dot(q.data() + m * D, k + t * ks, D) : neg_inf;
             tile_max = std::max(tile_max, pm[t]);
           }
-          // Online softmax: m_new >= a finite valid score, so exp never sees inf - inf.
-          const acc_t m_new = std::max(m_i[m], tile_max);
-          const acc_t alpha = m_i[m] == neg_inf ? acc_t(0) : std::exp(m_i[m] - m_new);
-          acc_t sum = 0;
-          const int64_t row = bh * M + m;
-          for (int64_t t = 0; t < nt; ++t) {
-            const acc_t e = valid[t] ? std::exp(pm[t] - m_new) : acc_t(0);
-            sum += e;  // l sums the probabilities before dropout (lse is dropout-free)
-            pm[t] = (in.drop.on && !in.drop.keep(row, n0 + t)) ? acc_t(0) : e;
-          }
-          l_i[m] = l_i[m] * alpha + sum;
-          m_i[m] = m_new;
-          if (alpha != acc_t(1)) scale_row(acc.data() + m * D, alpha, D);
+          // tile_max is finite: the tile has a valid key (n_valid > 0), seen by every stream.
+          online_softmax_tile(pm, valid.data(), nt, tile_max, in.drop, bh * M + m, n0, m_i[m], l_i[m],
+                              acc.data() + m * D, D);
         }
         if constexpr (std::is_same_v<acc_t, float>) {
           if (avx2) prefix_values_avx2(acc.data(), p.data(), kTile, M, v, vs, valid.data(), nt, D);

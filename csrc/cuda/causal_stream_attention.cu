@@ -33,6 +33,7 @@
 
 #include "../stream_attention.h"
 
+#include "attention_tile.cuh"
 #include "common.cuh"
 
 namespace plr_kernels {
@@ -41,7 +42,6 @@ namespace {
 using namespace cuda_common;  // fma_acc, exp_acc, log_acc, neg_inf, serial_dot (cuda/common.cuh)
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxHeadDim = 256;  // D
 constexpr int kPer = 4;               // output elements per thread: RB * D <= kPer * kThreads
 constexpr int64_t kMaxRows = 16;      // RB
@@ -49,31 +49,7 @@ constexpr int64_t kMaxRows = 16;      // RB
 
 
 template <typename acc_t>
-struct Smem {
-  acc_t* q;      // [RB, D]   scale * q
-  acc_t* k;      // [TN, D + 1] (padded: conflict-free column reads)
-  acc_t* v;      // [TN, D]
-  acc_t* p;      // [RB, TN]  scores, then probabilities of the tile
-  acc_t* mx;     // [RB] running max
-  acc_t* l;      // [RB] running sum
-  acc_t* alpha;  // [RB] rescale factor of the current tile
-  int* valid;    // [TN] row of the tile is a valid key
-
-  __device__ Smem(unsigned char* raw, int64_t RB, int64_t D, int TN) {
-    q = reinterpret_cast<acc_t*>(raw);
-    k = q + RB * D;
-    v = k + TN * (D + 1);
-    p = v + TN * D;
-    mx = p + RB * TN;
-    l = mx + RB;
-    alpha = l + RB;
-    valid = reinterpret_cast<int*>(alpha + RB);
-  }
-  static int64_t bytes(int64_t RB, int64_t D, int TN) {
-    return (RB * D + TN * (D + 1) + TN * D + RB * TN + 3 * RB) * static_cast<int64_t>(sizeof(acc_t)) +
-           TN * static_cast<int64_t>(sizeof(int));
-  }
-};
+using Smem = AttentionSmem<acc_t>;  // cuda/attention_tile.cuh
 
 // One online-softmax step over a tile in shared memory, for `rows` query rows.
 // Prefix tile (stream_tile false): column j is key n0 + j, visible to row i iff
@@ -83,7 +59,6 @@ template <typename acc_t>
 __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[kPer], int64_t rows, int64_t D,
                                              int TN, int ncols, bool stream_tile, int64_t n0,
                                              int64_t r_begin, int64_t M) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int e = threadIdx.x; e < rows * ncols; e += kThreads) {
     const int i = e / ncols, j = e % ncols;
     const int row = stream_tile ? i * ncols + j : j;
@@ -97,43 +72,7 @@ __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[kPer]
     sm.p[i * TN + j] = s;
   }
   __syncthreads();
-  for (int i = warp; i < rows; i += kWarps) {  // one warp per row, lane j = column j (ncols <= 32)
-    const acc_t s = lane < ncols ? sm.p[i * TN + lane] : neg_inf<acc_t>();
-    acc_t tile_max = s;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-      tile_max = fmax(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, off));
-    const acc_t mx_old = sm.mx[i];
-    const acc_t mx_new = fmax(mx_old, tile_max);
-    // An all -inf row so far keeps p = 0, alpha = 0 (never inf - inf).
-    const acc_t pj = s == neg_inf<acc_t>() ? acc_t(0) : exp_acc(s - mx_new);
-    acc_t sum = pj;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum = sum + __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane < ncols) sm.p[i * TN + lane] = pj;
-    __syncwarp();
-    if (lane == 0) {
-      const acc_t alpha = mx_old == neg_inf<acc_t>() ? acc_t(0) : exp_acc(mx_old - mx_new);
-      sm.alpha[i] = alpha;
-      sm.l[i] = sm.l[i] * alpha + sum;
-      sm.mx[i] = mx_new;
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    const int64_t e = threadIdx.x + static_cast<int64_t>(u) * kThreads;
-    if (e < rows * D) {
-      const int64_t i = e / D, c = e % D;
-      acc_t a = acc[u] * sm.alpha[i];
-      for (int j = 0; j < ncols; ++j) {
-        const int row = stream_tile ? static_cast<int>(i) * ncols + j : j;
-        a = fma_acc(sm.p[i * TN + j], sm.v[row * D + c], a);
-      }
-      acc[u] = a;
-    }
-  }
-  __syncthreads();  // the next tile overwrites k, v, p
+  softmax_update_rows<kThreads>(sm, acc, rows, D, TN, ncols, stream_tile);  // cuda/attention_tile.cuh
 }
 
 // q, o: [B*H, R, D] contiguous; kp, vp: [B*H, N, D]; ks, vs: [B*H, R, S, D].

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "../stream_attention.h"
+#include "attention_tile.cuh"
 #include "common.cuh"
 
 namespace plr_kernels {
@@ -38,7 +39,6 @@ namespace {
 using namespace cuda_common;  // fma_acc, exp_acc, log_acc, neg_inf, serial_dot (cuda/common.cuh)
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxStreams = 16;  // M
 constexpr int64_t kMaxHeadDim = 256;  // D
 // Output elements (m, c) held in registers per thread: M * D <= PER * kThreads.
@@ -49,40 +49,14 @@ constexpr int kPerThreadLarge = static_cast<int>(kMaxStreams * kMaxHeadDim / kTh
 
 
 
-// Shared memory of one block (acc_t arrays, then the int row flags).
 template <typename acc_t>
-struct Smem {
-  acc_t* q;      // [M, D]   scale * q
-  acc_t* k;      // [TN, D + 1] (padded: conflict-free column reads)
-  acc_t* v;      // [TN, D]
-  acc_t* p;      // [M, TN]  scores, then probabilities of the tile
-  acc_t* mx;     // [M] running max
-  acc_t* l;      // [M] running sum
-  acc_t* alpha;  // [M] rescale factor of the current tile
-  int* valid;    // [TN] row of the tile is a valid key
-
-  __device__ Smem(unsigned char* raw, int64_t M, int64_t D, int TN) {
-    q = reinterpret_cast<acc_t*>(raw);
-    k = q + M * D;
-    v = k + TN * (D + 1);
-    p = v + TN * D;
-    mx = p + M * TN;
-    l = mx + M;
-    alpha = l + M;
-    valid = reinterpret_cast<int*>(alpha + M);
-  }
-  static int64_t bytes(int64_t M, int64_t D, int TN) {
-    return (M * D + TN * (D + 1) + TN * D + M * TN + 3 * M) * static_cast<int64_t>(sizeof(acc_t)) +
-           TN * static_cast<int64_t>(sizeof(int));
-  }
-};
+using Smem = AttentionSmem<acc_t>;  // cuda/attention_tile.cuh
 
 // One online-softmax step over a tile already in shared memory. Column j of
 // query m reads tile row `stream_tile ? m * ncols + j : j`.
 template <int PER, typename acc_t>
 __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[PER], int64_t M, int64_t D,
                              int TN, int ncols, bool stream_tile) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // 1. Scores s = (scale q_m) . k_row, -inf for invalid rows.
   for (int i = threadIdx.x; i < M * ncols; i += kThreads) {
     const int m = i / ncols, j = i % ncols;
@@ -96,45 +70,7 @@ __device__ __forceinline__ void softmax_tile(Smem<acc_t>& sm, acc_t (&acc)[PER],
     sm.p[m * TN + j] = s;
   }
   __syncthreads();
-  // 2. Running max / sum, one warp per query, lane j = column j (ncols <= 32).
-  for (int m = warp; m < M; m += kWarps) {
-    const acc_t s = lane < ncols ? sm.p[m * TN + lane] : neg_inf<acc_t>();
-    acc_t tile_max = s;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-      tile_max = fmax(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, off));
-    const acc_t mx_old = sm.mx[m];
-    const acc_t mx_new = fmax(mx_old, tile_max);
-    // exp(-inf - finite) = 0; an all -inf row so far keeps p = 0, alpha = 0.
-    const acc_t pj = s == neg_inf<acc_t>() ? acc_t(0) : exp_acc(s - mx_new);
-    acc_t sum = pj;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum = sum + __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane < ncols) sm.p[m * TN + lane] = pj;
-    __syncwarp();
-    if (lane == 0) {
-      const acc_t alpha = mx_old == neg_inf<acc_t>() ? acc_t(0) : exp_acc(mx_old - mx_new);
-      sm.alpha[m] = alpha;
-      sm.l[m] = sm.l[m] * alpha + sum;
-      sm.mx[m] = mx_new;
-    }
-  }
-  __syncthreads();
-  // 3. acc = alpha acc + sum_j p_j v_row(j); thread owns elements e = tid + i * kThreads.
-#pragma unroll
-  for (int i = 0; i < PER; ++i) {
-    const int64_t e = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-    if (e < M * D) {
-      const int64_t m = e / D, c = e % D;
-      acc_t a = acc[i] * sm.alpha[m];
-      for (int j = 0; j < ncols; ++j) {
-        const int row = stream_tile ? static_cast<int>(m) * ncols + j : j;
-        a = fma_acc(sm.p[m * TN + j], sm.v[row * D + c], a);
-      }
-      acc[i] = a;
-    }
-  }
-  __syncthreads();  // the next tile overwrites k, v, p
+  softmax_update_rows<kThreads>(sm, acc, M, D, TN, ncols, stream_tile);  // cuda/attention_tile.cuh
 }
 
 template <typename scalar_t, typename acc_t, int PER>

@@ -20,7 +20,8 @@ key j iff j <= n(r) and ``prefix_mask[b, j]``.
 
 Dropout: the keep-mask ``[B,H,N,M,N+S]`` is ``Philox(seed, row*(N+S) + j) >= p``
 with ``row = (b*H + h)*R + r`` -- the non-causal kernel's mask with M' = N*M
-rows (its ``_keep``), so :func:`dropout_mask` is that kernel's debug mask.
+rows (``keep`` of plr_kernels/triton/_attention_tiles.py), so :func:`dropout_mask`
+is that kernel's debug mask. The tile steps both forms share are in that file.
 Scalars as in plr_kernels/triton/stream_attention.py (fp32 hi + lo pairs).
 """
 
@@ -30,8 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_tiles import (bwd_prefix_tile, bwd_stream_keys, fwd_prefix_tiles, fwd_stream_keys, key_valid,
+                               kv_tile, load_seed)
 from ._matmul import dot as _dot
-from .stream_attention import _acc, _keep, _pow2, launch_args
+from .stream_attention import _acc, _pow2, launch_args
 from .stream_attention import dropout_mask as _flat_dropout_mask
 
 __all__ = ["forward", "backward", "dropout_mask"]
@@ -42,16 +45,6 @@ def _rows(pid_r, M, R, BLOCK_R: tl.constexpr):
     """Rows of this block, their positions n and streams m, and validity."""
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     return r, r // M, r % M, r < R
-
-
-@triton.jit
-def _prefix_valid(PM, b, spm_b, spm_n, n_idx, N, n_r, HAS_MASK: tl.constexpr):
-    """[rows, keys]: key j is valid and j <= n(row) (the cache cut at n)."""
-    n_ok = n_idx < N
-    if HAS_MASK:
-        pm = tl.load(PM + b * spm_b + n_idx * spm_n, mask=n_ok, other=0)
-        n_ok = n_ok & (pm != 0)
-    return n_ok[None, :] & (n_idx[None, :] <= n_r[:, None])
 
 
 @triton.jit
@@ -74,7 +67,6 @@ def _fwd_kernel(
     R = N * M
     r, n_r, m_r, r_ok = _rows(tl.program_id(1).to(tl.int64), M, R, BLOCK_R)
     acc_t = LSE.dtype.element_ty
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     rd_ok = r_ok[:, None] & d_ok[None, :]
@@ -82,9 +74,7 @@ def _fwd_kernel(
                 mask=rd_ok, other=0.0)
     row = bh * R + r
     NS = N + S
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
 
     # Finite start: a row with no visible prefix key gets exp(-inf - finite) = 0.
     m_i = tl.full([BLOCK_R], -1.0e30, acc_t)
@@ -93,45 +83,17 @@ def _fwd_kernel(
 
     # Prefix tiles up to the last position of the block (keys beyond it are cut for every row).
     n_end = tl.minimum(N, (tl.minimum(tl.program_id(1).to(tl.int64) * BLOCK_R + BLOCK_R, R) - 1) // M + 1)
-    for start in range(0, n_end, BLOCK_N):
-        n_idx = start + offs_n
-        nd_ok = (n_idx < N)[:, None] & d_ok[None, :]
-        k = tl.load(KP + b * skp_b + h * skp_h + n_idx[:, None] * skp_n + offs_d[None, :] * skp_d,
-                    mask=nd_ok, other=0.0)
-        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
-        s = qk * scale_hi + qk * scale_lo
-        valid = _prefix_valid(PM, b, spm_b, spm_n, n_idx, N, n_r, HAS_MASK)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _keep(seed, row[:, None], n_idx[None, :], NS, dropout_p)
-            p = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-        v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
-                    mask=nd_ok, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, F64).to(acc_t)
-        m_i = m_new
-
+    m_i, l_i, acc = fwd_prefix_tiles(
+        q, KP + b * skp_b + h * skp_h, VP + b * svp_b + h * svp_h, PM + b * spm_b, skp_n, skp_d, svp_n, svp_d,
+        spm_n, n_end, N, n_r, offs_d, d_ok, m_i, l_i, acc, seed, row, NS,
+        scale_hi, scale_lo, dropout_p, keep_hi, keep_lo,
+        True, HAS_MASK, DROPOUT, PRECISION, F64, BLOCK_N)
     # The row's own stream keys 1..S (never another stream's or position's).
-    qa = q.to(acc_t)
-    for j in range(0, S):
-        ks = tl.load(KS + b * sks_b + h * sks_h + n_r[:, None] * sks_n + m_r[:, None] * sks_m + j * sks_s
-                     + offs_d[None, :] * sks_d, mask=rd_ok, other=0.0)
-        qk = tl.sum(qa * ks.to(acc_t), 1)
-        s = qk * scale_hi + qk * scale_lo
-        m_new = tl.maximum(m_i, s)
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        l_i = l_i * alpha + p
-        if DROPOUT:
-            keep = _keep(seed, row, N + j, NS, dropout_p)
-            p = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-        vs = tl.load(VS + b * svs_b + h * svs_h + n_r[:, None] * svs_n + m_r[:, None] * svs_m + j * svs_s
-                     + offs_d[None, :] * svs_d, mask=rd_ok, other=0.0)
-        acc = acc * alpha[:, None] + p[:, None] * vs.to(acc_t)
-        m_i = m_new
+    ks_rows = KS + b * sks_b + h * sks_h + n_r[:, None] * sks_n + m_r[:, None] * sks_m
+    vs_rows = VS + b * svs_b + h * svs_h + n_r[:, None] * svs_n + m_r[:, None] * svs_m
+    m_i, l_i, acc = fwd_stream_keys(
+        q, ks_rows, vs_rows, sks_s, sks_d, svs_s, svs_d, offs_d, rd_ok, N, S, m_i, l_i, acc, seed, row, NS,
+        scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, DROPOUT)
 
     o = acc / l_i[:, None]
     tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=rd_ok)
@@ -161,14 +123,10 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     nd_ok = (n_idx < N)[:, None] & d_ok[None, :]
-    k = tl.load(KP + b * skp_b + h * skp_h + n_idx[:, None] * skp_n + offs_d[None, :] * skp_d,
-                mask=nd_ok, other=0.0)
-    v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
-                mask=nd_ok, other=0.0)
+    k = kv_tile(KP + b * skp_b + h * skp_h, skp_n, skp_d, n_idx, offs_d, nd_ok)
+    v = kv_tile(VP + b * svp_b + h * svp_h, svp_n, svp_d, n_idx, offs_d, nd_ok)
     NS = N + S
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], acc_t)
     dv = tl.zeros([BLOCK_N, BLOCK_D], acc_t)
     # Only the rows of positions n >= n0 see a key of this block.
@@ -186,18 +144,9 @@ def _bwd_dkdv_kernel(
         o = tl.load(O + row[:, None] * D + offs_d[None, :], mask=rd_ok, other=0.0)
         lse = tl.load(LSE + row, mask=r_ok, other=0.0).to(acc_t)
         delta = tl.sum(do.to(acc_t) * o.to(acc_t), 1)
-        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
-        s = qk * scale_hi + qk * scale_lo
-        valid = r_ok[:, None] & _prefix_valid(PM, b, spm_b, spm_n, n_idx, N, n_r, HAS_MASK)
-        p = tl.where(valid, tl.exp(tl.where(valid, s, 0.0) - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, F64).to(acc_t)
-        if DROPOUT:
-            keep = _keep(seed, row[:, None], n_idx[None, :], NS, dropout_p)
-            pd = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-            dp = tl.where(keep, dp * keep_hi + dp * keep_lo, 0.0)
-        else:
-            pd = p
-        ds = p * (dp - delta[:, None])
+        valid = r_ok[:, None] & key_valid(PM + b * spm_b, spm_n, n_idx, N, n_r, HAS_MASK, True)
+        pd, ds = bwd_prefix_tile(q, k, v, do, valid, lse, delta, seed, row, n_idx, NS,
+                                 scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, DROPOUT, PRECISION, F64)
         dv += _dot(tl.trans(pd).to(do.dtype), do, PRECISION, F64).to(acc_t)
         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, F64).to(acc_t)
     dk = dk * scale_hi + dk * scale_lo
@@ -240,55 +189,28 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + row, mask=r_ok, other=0.0).to(acc_t)
     delta = tl.sum(do.to(acc_t) * o.to(acc_t), 1)
     NS = N + S
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
     dq = tl.zeros([BLOCK_R, BLOCK_D], acc_t)
 
+    KPb = KP + b * skp_b + h * skp_h
+    VPb = VP + b * svp_b + h * svp_h
     n_end = tl.minimum(N, (tl.minimum(tl.program_id(1).to(tl.int64) * BLOCK_R + BLOCK_R, R) - 1) // M + 1)
     for start in range(0, n_end, BLOCK_N):
         n_idx = start + offs_n
         nd_ok = (n_idx < N)[:, None] & d_ok[None, :]
-        k = tl.load(KP + b * skp_b + h * skp_h + n_idx[:, None] * skp_n + offs_d[None, :] * skp_d,
-                    mask=nd_ok, other=0.0)
-        v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
-                    mask=nd_ok, other=0.0)
-        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
-        s = qk * scale_hi + qk * scale_lo
-        valid = r_ok[:, None] & _prefix_valid(PM, b, spm_b, spm_n, n_idx, N, n_r, HAS_MASK)
-        p = tl.where(valid, tl.exp(tl.where(valid, s, 0.0) - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, F64).to(acc_t)
-        if DROPOUT:
-            keep = _keep(seed, row[:, None], n_idx[None, :], NS, dropout_p)
-            dp = tl.where(keep, dp * keep_hi + dp * keep_lo, 0.0)
-        ds = p * (dp - delta[:, None])
+        k = kv_tile(KPb, skp_n, skp_d, n_idx, offs_d, nd_ok)
+        v = kv_tile(VPb, svp_n, svp_d, n_idx, offs_d, nd_ok)
+        valid = r_ok[:, None] & key_valid(PM + b * spm_b, spm_n, n_idx, N, n_r, HAS_MASK, True)
+        pd, ds = bwd_prefix_tile(q, k, v, do, valid, lse, delta, seed, row, n_idx, NS,
+                                 scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, DROPOUT, PRECISION, F64)
         dq += _dot(ds.to(k.dtype), k, PRECISION, F64).to(acc_t)
 
-    qa = q.to(acc_t)
-    doa = do.to(acc_t)
-    for j in range(0, S):
-        ks = tl.load(KS + b * sks_b + h * sks_h + n_r[:, None] * sks_n + m_r[:, None] * sks_m + j * sks_s
-                     + offs_d[None, :] * sks_d, mask=rd_ok, other=0.0).to(acc_t)
-        vs = tl.load(VS + b * svs_b + h * svs_h + n_r[:, None] * svs_n + m_r[:, None] * svs_m + j * svs_s
-                     + offs_d[None, :] * svs_d, mask=rd_ok, other=0.0).to(acc_t)
-        qk = tl.sum(qa * ks, 1)
-        s = qk * scale_hi + qk * scale_lo
-        p = tl.where(r_ok, tl.exp(s - lse), 0.0)
-        dp = tl.sum(doa * vs, 1)
-        if DROPOUT:
-            keep = _keep(seed, row, N + j, NS, dropout_p)
-            pd = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-            dp = tl.where(keep, dp * keep_hi + dp * keep_lo, 0.0)
-        else:
-            pd = p
-        ds = p * (dp - delta)
-        dks = ds[:, None] * qa
-        dks = dks * scale_hi + dks * scale_lo
-        dq += ds[:, None] * ks
-        out = row[:, None] * (S * D) + j * D + offs_d[None, :]
-        tl.store(DKS + out, dks.to(DKS.dtype.element_ty), mask=rd_ok)
-        tl.store(DVS + out, (pd[:, None] * doa).to(DVS.dtype.element_ty), mask=rd_ok)
-
+    ks_rows = KS + b * sks_b + h * sks_h + n_r[:, None] * sks_n + m_r[:, None] * sks_m
+    vs_rows = VS + b * svs_b + h * svs_h + n_r[:, None] * svs_n + m_r[:, None] * svs_m
+    dq = bwd_stream_keys(
+        q, do, ks_rows, vs_rows, DKS, DVS, row[:, None] * (S * D),
+        sks_s, sks_d, svs_s, svs_d, offs_d, rd_ok, r_ok, N, S, D,
+        lse, delta, dq, seed, row, NS, scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, DROPOUT)
     dq = dq * scale_hi + dq * scale_lo
     tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
 

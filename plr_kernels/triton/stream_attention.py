@@ -32,15 +32,12 @@ import triton
 import triton.language as tl
 
 from .._checks import stats_dtype
+from ._attention_tiles import (bwd_prefix_tile, bwd_stream_keys, fwd_prefix_tiles, fwd_stream_keys, key_valid,
+                               kv_tile, load_seed)
+from ._attention_tiles import keep as _keep
 from ._matmul import dot as _dot
 
 __all__ = ["forward", "backward", "dropout_mask", "block_sizes"]
-
-
-@triton.jit
-def _keep(seed, row, j, NS, p):
-    """Keep-mask entry of (row = (b*H + h)*M + m, key j): Philox uniform >= p."""
-    return tl.rand(seed, row * NS + j) >= p
 
 
 @triton.jit
@@ -62,7 +59,6 @@ def _fwd_kernel(
     h = pid % H
     acc_t = LSE.dtype.element_ty  # fp32 accumulation, fp64 for fp64 inputs
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < M
     d_ok = offs_d < D
@@ -70,9 +66,7 @@ def _fwd_kernel(
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d, mask=md_ok, other=0.0)
     row = pid * M + offs_m  # (b*H + h)*M + m, int64
     NS = N + S
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
 
     # Running max starts finite so that a fully padded prefix (all scores
     # -inf) gives exp(-inf - finite) = 0, never inf - inf = NaN.
@@ -81,50 +75,17 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], acc_t)
 
     # Shared prefix, read once for all M streams (Eq. 4: every valid prefix key).
-    for start in range(0, N, BLOCK_N):
-        n_idx = start + offs_n
-        n_ok = n_idx < N
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(KP + b * skp_b + h * skp_h + n_idx[:, None] * skp_n + offs_d[None, :] * skp_d,
-                    mask=nd_ok, other=0.0)
-        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
-        s = qk * scale_hi + qk * scale_lo
-        valid = n_ok
-        if HAS_MASK:
-            pm = tl.load(PM + b * spm_b + n_idx * spm_n, mask=n_ok, other=0)
-            valid = valid & (pm != 0)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _keep(seed, row[:, None], n_idx[None, :], NS, dropout_p)
-            p = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-        v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
-                    mask=nd_ok, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, F64).to(acc_t)
-        m_i = m_new
-
-    # The stream's own keys 1..S (Eq. 4-5: itself and its earlier tokens, no
-    # other stream): one dot product per row, merged into the same lse.
-    qa = q.to(acc_t)
-    for j in range(0, S):
-        ks = tl.load(KS + b * sks_b + h * sks_h + offs_m[:, None] * sks_m + j * sks_s + offs_d[None, :] * sks_d,
-                     mask=md_ok, other=0.0)
-        qk = tl.sum(qa * ks.to(acc_t), 1)
-        s = qk * scale_hi + qk * scale_lo
-        m_new = tl.maximum(m_i, s)
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        l_i = l_i * alpha + p
-        if DROPOUT:
-            keep = _keep(seed, row, N + j, NS, dropout_p)
-            p = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-        vs = tl.load(VS + b * svs_b + h * svs_h + offs_m[:, None] * svs_m + j * svs_s + offs_d[None, :] * svs_d,
-                     mask=md_ok, other=0.0)
-        acc = acc * alpha[:, None] + p[:, None] * vs.to(acc_t)
-        m_i = m_new
+    m_i, l_i, acc = fwd_prefix_tiles(
+        q, KP + b * skp_b + h * skp_h, VP + b * svp_b + h * svp_h, PM + b * spm_b, skp_n, skp_d, svp_n, svp_d,
+        spm_n, N, N, offs_m, offs_d, d_ok, m_i, l_i, acc, seed, row, NS,
+        scale_hi, scale_lo, dropout_p, keep_hi, keep_lo,
+        False, HAS_MASK, DROPOUT, PRECISION, F64, BLOCK_N)
+    # The stream's own keys 1..S (Eq. 4-5), merged into the same lse.
+    ks_rows = KS + b * sks_b + h * sks_h + offs_m[:, None] * sks_m
+    vs_rows = VS + b * svs_b + h * svs_h + offs_m[:, None] * svs_m
+    m_i, l_i, acc = fwd_stream_keys(
+        q, ks_rows, vs_rows, sks_s, sks_d, svs_s, svs_d, offs_d, md_ok, N, S, m_i, l_i, acc, seed, row, NS,
+        scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, DROPOUT)
 
     o = acc / l_i[:, None]
     tl.store(O + pid * M * D + offs_m[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=md_ok)
@@ -157,6 +118,7 @@ def _bwd_kernel(
     m_ok = offs_m < M
     d_ok = offs_d < D
     md_ok = m_ok[:, None] & d_ok[None, :]
+    row = pid * M + offs_m
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d, mask=md_ok, other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :] * sdo_d,
                  mask=md_ok, other=0.0)
@@ -164,37 +126,21 @@ def _bwd_kernel(
     lse = tl.load(LSE + pid * M + offs_m, mask=m_ok, other=0.0).to(acc_t)
     # Delta_m = sum_j P_mj dP_mj = dO_m . O_m (dropout included: O uses P~).
     delta = tl.sum(do.to(acc_t) * o.to(acc_t), 1)
-    row = pid * M + offs_m
     NS = N + S
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], acc_t)
 
+    KPb = KP + b * skp_b + h * skp_h
+    VPb = VP + b * svp_b + h * svp_h
     for start in range(0, N, BLOCK_N):
         n_idx = start + offs_n
-        n_ok = n_idx < N
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(KP + b * skp_b + h * skp_h + n_idx[:, None] * skp_n + offs_d[None, :] * skp_d,
-                    mask=nd_ok, other=0.0)
-        v = tl.load(VP + b * svp_b + h * svp_h + n_idx[:, None] * svp_n + offs_d[None, :] * svp_d,
-                    mask=nd_ok, other=0.0)
-        qk = _dot(q, tl.trans(k), PRECISION, F64).to(acc_t)
-        s = qk * scale_hi + qk * scale_lo
-        valid = n_ok
-        if HAS_MASK:
-            pm = tl.load(PM + b * spm_b + n_idx * spm_n, mask=n_ok, other=0)
-            valid = valid & (pm != 0)
-        valid2 = m_ok[:, None] & valid[None, :]
-        p = tl.where(valid2, tl.exp(tl.where(valid2, s, 0.0) - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, F64).to(acc_t)
-        if DROPOUT:
-            keep = _keep(seed, row[:, None], n_idx[None, :], NS, dropout_p)
-            pd = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-            dp = tl.where(keep, dp * keep_hi + dp * keep_lo, 0.0)
-        else:
-            pd = p
-        ds = p * (dp - delta[:, None])
+        nd_ok = (n_idx < N)[:, None] & d_ok[None, :]
+        k = kv_tile(KPb, skp_n, skp_d, n_idx, offs_d, nd_ok)
+        v = kv_tile(VPb, svp_n, svp_d, n_idx, offs_d, nd_ok)
+        valid = m_ok[:, None] & key_valid(PM + b * spm_b, spm_n, n_idx, N, offs_m, HAS_MASK, False)
+        pd, ds = bwd_prefix_tile(q, k, v, do, valid, lse, delta, seed, row, n_idx, NS,
+                                 scale_hi, scale_lo, dropout_p, keep_hi, keep_lo,
+                                 DROPOUT, PRECISION, F64)
         # Sums over the M streams of this (b, h): dV = P~^T dO, dK = dS^T Q * scale.
         dv = _dot(tl.trans(pd).to(do.dtype), do, PRECISION, F64).to(acc_t)
         dk = _dot(tl.trans(ds).to(q.dtype), q, PRECISION, F64).to(acc_t)
@@ -204,31 +150,13 @@ def _bwd_kernel(
         tl.store(DKP + out, dk.to(DKP.dtype.element_ty), mask=nd_ok)
         tl.store(DVP + out, dv.to(DVP.dtype.element_ty), mask=nd_ok)
 
-    qa = q.to(acc_t)
-    doa = do.to(acc_t)
-    for j in range(0, S):
-        ks = tl.load(KS + b * sks_b + h * sks_h + offs_m[:, None] * sks_m + j * sks_s + offs_d[None, :] * sks_d,
-                     mask=md_ok, other=0.0).to(acc_t)
-        vs = tl.load(VS + b * svs_b + h * svs_h + offs_m[:, None] * svs_m + j * svs_s + offs_d[None, :] * svs_d,
-                     mask=md_ok, other=0.0).to(acc_t)
-        qk = tl.sum(qa * ks, 1)
-        s = qk * scale_hi + qk * scale_lo
-        p = tl.where(m_ok, tl.exp(s - lse), 0.0)
-        dp = tl.sum(doa * vs, 1)
-        if DROPOUT:
-            keep = _keep(seed, row, N + j, NS, dropout_p)
-            pd = tl.where(keep, p * keep_hi + p * keep_lo, 0.0)
-            dp = tl.where(keep, dp * keep_hi + dp * keep_lo, 0.0)
-        else:
-            pd = p
-        ds = p * (dp - delta)
-        dks = ds[:, None] * qa
-        dks = dks * scale_hi + dks * scale_lo
-        dq += ds[:, None] * ks
-        out = pid * M * S * D + offs_m[:, None] * (S * D) + j * D + offs_d[None, :]
-        tl.store(DKS + out, dks.to(DKS.dtype.element_ty), mask=md_ok)
-        tl.store(DVS + out, (pd[:, None] * doa).to(DVS.dtype.element_ty), mask=md_ok)
-
+    ks_rows = KS + b * sks_b + h * sks_h + offs_m[:, None] * sks_m
+    vs_rows = VS + b * svs_b + h * svs_h + offs_m[:, None] * svs_m
+    dq = bwd_stream_keys(
+        q, do, ks_rows, vs_rows, DKS, DVS, pid * M * S * D + offs_m[:, None] * (S * D),
+        sks_s, sks_d, svs_s, svs_d, offs_d, md_ok, m_ok, N, S, D,
+        lse, delta, dq, seed, row, NS,
+        scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, DROPOUT)
     dq = dq * scale_hi + dq * scale_lo
     tl.store(DQ + pid * M * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_ok)
 
