@@ -22,12 +22,15 @@ of the machine hit all of them alike), each round the median of
 the ratios PLR / SASRec (target for M=2, T=2: within +5%; the paper reports +5.8%) and
 reference / compiled.
 
-HTTP (``plr serve``, FastAPI + uvicorn, in a subprocess on 127.0.0.1): a
-PLR M=2, T=2 checkpoint of the same size is served twice, micro-batched
-(``--max-batch 64``, 2 ms) and one request at a time (``--max-batch 1``);
-1, 4 and 16 concurrent clients (asyncio + httpx, one connection each) send
+HTTP (``plr serve``, FastAPI + uvicorn, in a subprocess on 127.0.0.1, at its
+default thread count: all cores but one): a PLR M=2, T=2 checkpoint of each
+``--http-sizes`` (default the paper's d=256 / history 50 and the converged
+comparison's d=64 / history 20) is served twice, micro-batched (``--max-batch
+64``, 2 ms, adaptive wait) and one request at a time (``--max-batch 1``); 1, 4
+and 16 concurrent clients (asyncio + aiohttp, one connection each) send
 ``--http-requests`` requests each of random full histories, k=10. Reported:
-p50 / p99 latency and requests/s, the rounds of both servers interleaved.
+p50 / p99 latency and requests/s, the rounds of both servers interleaved, and
+the ceiling the model alone puts on micro-batching: t(batch 1) / (t(batch C) / C).
 """
 
 from __future__ import annotations
@@ -141,7 +144,6 @@ def compiled_backends(device):
 # -- HTTP: plr serve in a subprocess -------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def start_server(checkpoint, max_batch, device):
@@ -160,74 +162,109 @@ def start_server(checkpoint, max_batch, device):
 
 async def load(url, clients, requests, histories, k):
     """``clients`` concurrent connections, ``requests`` sequential requests each
-    -> (latencies in s, wall s). Every answer must be a 200 with k items."""
-    import httpx
+    -> (latencies in s, wall s). Every answer must be a 200 with k items.
+
+    The load generator is aiohttp (one session, a keep-alive connection per
+    client; TCP_NODELAY is aiohttp's default): it costs the shared CPU about
+    half of what httpx costs per request, so more of the 2 cores measure the
+    server."""
+    import aiohttp
 
     async def client(c, http):
         out = []
         for i in range(requests):
             body = {"history": histories[(c * requests + i) % len(histories)], "k": k, "exclude_history": False}
             t0 = time.perf_counter()
-            r = await http.post(url + "/recommend", json=body)
+            async with http.post(url + "/recommend", json=body) as r:
+                answer = await r.json()
             out.append(time.perf_counter() - t0)
-            if r.status_code != 200 or len(r.json()["items"]) != k:
-                raise RuntimeError(f"bad answer {r.status_code}: {r.text[:200]}")
+            if r.status != 200 or len(answer["items"]) != k:
+                raise RuntimeError(f"bad answer {r.status}: {str(answer)[:200]}")
         return out
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    # TCP_NODELAY as curl sets it: without it the request body waits for the
-    # server's delayed ACK of the headers (~40 ms per request on Linux).
-    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[NODELAY])
-    async with httpx.AsyncClient(timeout=120, transport=transport) as http:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
         for _ in range(3):  # warm-up
-            await http.post(url + "/recommend", json={"history": histories[0], "k": k})
+            async with http.post(url + "/recommend", json={"history": histories[0], "k": k}) as r:
+                await r.read()
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(client(c, http) for c in range(clients)))
         return [x for run in runs for x in run], time.perf_counter() - t0
 
 
-def run_http(num_items, hist, hidden, k, client_counts, requests, rounds, device):
+def batching_ceiling(model, hist, num_items, clients, threads, min_run_time):
+    """The most micro-batching can give at ``clients`` concurrent clients, from
+    the model alone: ``t(batch 1) / (t(batch C) / C)`` of ``recommend`` in this
+    process, at the server's thread count. A model that is already
+    compute-bound at batch 1 gains little from batching, whatever the server does."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            one = time_call(model, histories(1, hist, num_items, "cpu"), 10, min_run_time)
+            many = time_call(model, histories(clients, hist, num_items, "cpu"), 10, min_run_time)
+    finally:
+        torch.set_num_threads(previous)
+    return one / (many / clients), 1e3 * one, 1e3 * many / clients
+
+
+def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_run_time):
+    """For each ``(hidden, hist)`` of ``sizes``: a PLR M=2, T=2 checkpoint served
+    micro-batched and one request at a time, rounds interleaved."""
     import httpx
 
-    torch.manual_seed(0)
-    model = build("PLR M=2,T=2", "auto", num_items, hist, hidden, "cpu", torch.float32)
-    rng = random.Random(0)
-    histories = [[rng.randint(1, num_items) for _ in range(hist)] for _ in range(256)]
-    servers = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "plr.pt"
-        model.save(str(checkpoint))
-        try:
-            for name, max_batch in (("micro-batched", 64), ("one at a time", 1)):
-                servers[name] = start_server(checkpoint, max_batch, device)
-            for _, url in servers.values():
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if httpx.get(url + "/health", timeout=2).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"plr serve at {url} did not answer /health")
-                    time.sleep(0.2)
-            stats = {(name, c): ([], []) for name in servers for c in client_counts}
-            for _ in range(rounds):
-                for c in client_counts:
-                    for name, (_, url) in servers.items():
-                        lat, wall = asyncio.run(load(url, c, requests, histories, k))
-                        stats[(name, c)][0].extend(lat)
-                        stats[(name, c)][1].append(len(lat) / wall)
-        finally:
-            for proc, _ in servers.values():
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
-    rows = []
-    for (name, c), (lat, rates) in stats.items():
-        q = statistics.quantiles(lat, n=100)
-        rows.append(dict(server=name, clients=c, requests=len(lat), p50_ms=1e3 * q[49], p99_ms=1e3 * q[98],
-                         requests_per_s=statistics.median(rates)))
-    return rows
+    from plr.serving.app import default_threads
+
+    rows, ceilings = [], []
+    for hidden, hist in sizes:
+        model = build("PLR M=2,T=2", "auto", num_items, hist, hidden, "cpu", torch.float32)
+        ceiling, one_ms, batched_ms = batching_ceiling(model, hist, num_items, max(client_counts),
+                                                       default_threads(), min_run_time)
+        ceilings.append(dict(hidden=hidden, hist=hist, clients=max(client_counts), threads=default_threads(),
+                             ceiling=ceiling, batch1_ms=one_ms, batched_ms_per_request=batched_ms))
+        rng = random.Random(0)
+        hists = [[rng.randint(1, num_items) for _ in range(hist)] for _ in range(256)]
+        servers = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = Path(tmp) / "plr.pt"
+            model.save(str(checkpoint))
+            try:
+                for name, max_batch in (("micro-batched", 64), ("one at a time", 1)):
+                    servers[name] = start_server(checkpoint, max_batch, device)
+                for _, url in servers.values():
+                    deadline = time.monotonic() + 120
+                    while True:
+                        try:
+                            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            pass
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"plr serve at {url} did not answer /health")
+                        time.sleep(0.2)
+                stats = {(name, c): ([], []) for name in servers for c in client_counts}
+                for _ in range(rounds):
+                    for c in client_counts:
+                        for name, (_, url) in servers.items():
+                            lat, wall = asyncio.run(load(url, c, requests, hists, k))
+                            stats[(name, c)][0].extend(lat)
+                            stats[(name, c)][1].append(len(lat) / wall)
+            finally:
+                for proc, _ in servers.values():
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)
+        for (name, c), (lat, rates) in stats.items():
+            q = statistics.quantiles(lat, n=100)
+            rows.append(dict(hidden=hidden, hist=hist, server=name, clients=c, requests=len(lat),
+                             p50_ms=1e3 * q[49], p99_ms=1e3 * q[98], requests_per_s=statistics.median(rates)))
+    return rows, ceilings
+
+
+def size(text):
+    hidden, _, hist = text.partition("x")
+    if not (hidden.isdigit() and hist.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected HIDDENxHISTORY such as 256x50, got {text!r}")
+    return int(hidden), int(hist)
 
 
 def main(argv=None):
@@ -245,6 +282,8 @@ def main(argv=None):
     p.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--http-requests", type=int, default=100, help="sequential requests per client")
     p.add_argument("--http-rounds", type=int, default=2, help="interleaved rounds of both servers")
+    p.add_argument("--http-sizes", type=size, nargs="+", default=[(256, 50), (64, 20)],
+                   help="HIDDENxHISTORY of the served PLR: the paper's size and the converged comparison's")
     p.add_argument("--no-http", action="store_true", help="skip the plr serve figures")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -266,23 +305,28 @@ def main(argv=None):
     for r in ratios(rows):
         if "vs_sasrec" in r:
             print(f"  batch {r['batch']:>5} {r['ops']:<6} {r['model']:<13} {r['vs_sasrec']:.3f}")
-    http = []
+    http, ceilings = [], []
     if not args.no_http:
-        http = run_http(args.items, args.hist, args.hidden, args.k, args.http_clients, args.http_requests,
-                        args.http_rounds, args.device)
-        print(f"plr serve (PLR M=2,T=2, FastAPI + uvicorn on 127.0.0.1, {args.http_requests} requests per "
-              f"client x {args.http_rounds} rounds):")
-        print(f"{'server':<14} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
+        http, ceilings = run_http(args.items, args.http_sizes, args.k, args.http_clients, args.http_requests,
+                                  args.http_rounds, args.device, args.min_run_time)
+        print(f"plr serve (PLR M=2,T=2, FastAPI + uvicorn on 127.0.0.1, aiohttp clients, {args.http_requests} "
+              f"requests per client x {args.http_rounds} rounds):")
+        print(f"{'size':<9} {'server':<14} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
         for r in http:
-            print(f"{r['server']:<14} {r['clients']:>7} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                  f"{r['requests_per_s']:>8.1f}")
-        by = {(r["server"], r["clients"]): r["requests_per_s"] for r in http}
-        for c in args.http_clients:
-            print(f"  {c:>2} clients: micro-batched / one at a time = "
-                  f"{by[('micro-batched', c)] / by[('one at a time', c)]:.2f}x requests/s")
+            print(f"{r['hidden']}x{r['hist']:<6} {r['server']:<14} {r['clients']:>7} {r['p50_ms']:>8.2f} "
+                  f"{r['p99_ms']:>8.2f} {r['requests_per_s']:>8.1f}")
+        by = {(r["hidden"], r["hist"], r["server"], r["clients"]): r["requests_per_s"] for r in http}
+        for c in ceilings:
+            for n in args.http_clients:
+                key = (c["hidden"], c["hist"])
+                print(f"  d={key[0]}, history {key[1]}, {n:>2} clients: micro-batched / one at a time = "
+                      f"{by[key + ('micro-batched', n)] / by[key + ('one at a time', n)]:.2f}x requests/s")
+            print(f"  d={c['hidden']}, history {c['hist']}: the model alone allows {c['ceiling']:.2f}x at "
+                  f"{c['clients']} clients ({c['threads']} thread{'s' * (c['threads'] > 1)}: batch 1 "
+                  f"{c['batch1_ms']:.3f} ms, batch {c['clients']} {c['batched_ms_per_request']:.3f} ms per request)")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, torch=torch.__version__, args=vars(args) | {
-            "json": str(args.json)}, backends=backends, rows=rows, ratios=ratios(rows), http=http), indent=2))
+            "json": str(args.json)}, backends=backends, rows=rows, ratios=ratios(rows), http=http, http_ceilings=ceilings), indent=2))
 
 
 def test_serving_smoke(tmp_path):
@@ -290,10 +334,11 @@ def test_serving_smoke(tmp_path):
     out = tmp_path / "serving.json"
     main(["--items", "97", "--hist", "7", "--batches", "1", "3", "--hidden", "16", "--rounds", "1",
           "--min-run-time", "0.01", "--http-clients", "1", "3", "--http-requests", "4", "--http-rounds", "1",
-          "--json", str(out)])
+          "--http-sizes", "16x7", "--json", str(out)])
     data = json.loads(out.read_text())
     assert {r["model"] for r in data["rows"]} == set(MODELS)
     assert all(r["ms"] > 0 for r in data["rows"])
+    assert [c["clients"] for c in data["http_ceilings"]] == [3] and data["http_ceilings"][0]["ceiling"] > 0
     assert {(r["server"], r["clients"]) for r in data["http"]} == {
         (s, c) for s in ("micro-batched", "one at a time") for c in (1, 3)}
     assert all(r["requests"] == 4 * r["clients"] and r["requests_per_s"] > 0 for r in data["http"])

@@ -10,6 +10,7 @@
     plr analyze ablation|sensitivity|robustness|ceiling|attention|efficiency ...   (plr/analysis/)
     plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
     plr serve --checkpoint RUN_DIR/best.pt [--host 127.0.0.1] [--port 8000] [--max-batch 64] [--max-wait-ms 2]
+              [--batch-wait adaptive|always] [--threads N]
     plr data stats PATH
     plr data download amazon2023 --category Video_Games --dest DIR
 
@@ -142,7 +143,7 @@ def cmd_serve(args) -> int:
     from .serving.app import serve  # plr/serving/app.py (FastAPI + uvicorn: pip install ".[serve]")
 
     return serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
-                 max_wait_ms=args.max_wait_ms, device=args.device)
+                 max_wait_ms=args.max_wait_ms, device=args.device, threads=args.threads, wait=args.batch_wait)
 
 
 def cmd_compare(args) -> int:
@@ -275,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
     srv.add_argument("--max-batch", type=int, default=64, help="most requests per forward (1 = no batching)")
     srv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a batch waits for more requests")
+    srv.add_argument("--batch-wait", choices=("adaptive", "always"), default="adaptive",
+                     help="adaptive: a batch waits only while concurrent clients are seen (a lone client "
+                          "is answered at once); always: every batch waits up to --max-wait-ms")
+    srv.add_argument("--threads", type=int, default=None,
+                     help="the model's intra-op threads (default: all cores but one, kept for the HTTP loop)")
     srv.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     srv.set_defaults(func=cmd_serve)
 

@@ -294,7 +294,7 @@ def test_load_16_clients_every_response_correct(server, reference):
 
 def test_sigterm_answers_open_requests_then_exits_0(checkpoint, reference):
     _, catalog = reference
-    proc, url, log = start_server(checkpoint, "--max-wait-ms", "1000")
+    proc, url, log = start_server(checkpoint, "--max-wait-ms", "1000", "--batch-wait", "always")
     history = raw_history(catalog, random.Random(3), 5)
     clients = [nodelay_client(url, timeout=60) for _ in range(4)]
     try:
@@ -355,8 +355,50 @@ def test_microbatcher_batches_routes_results_and_survives_a_failing_batch():
     asyncio.run(scenario())
 
 
+def test_microbatcher_adaptive_wait_answers_a_lone_client_at_once_and_batches_concurrent_ones():
+    """wait="adaptive": no wait after a batch of one (a lone client never pays
+    max_wait_ms), the full wait after a batch of several; "always" waits every time."""
+    calls = []
+
+    def run_batch(xs):
+        calls.append(list(xs))
+        return list(xs)
+
+    async def lone_client(wait):
+        batcher = MicroBatcher(run_batch, max_batch=8, max_wait_ms=300, wait=wait)
+        await batcher.start()
+        try:
+            t0 = time.perf_counter()
+            for i in range(3):
+                assert await batcher.submit(i) == i
+            return time.perf_counter() - t0
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(lone_client("adaptive")) < 0.3  # three answers, none waited 300 ms
+    assert asyncio.run(lone_client("always")) >= 0.9  # each of the three waited
+
+    async def concurrent():
+        batcher = MicroBatcher(run_batch, max_batch=8, max_wait_ms=300, wait="adaptive")
+        await batcher.start()
+        try:
+            await asyncio.gather(*(batcher.submit(i) for i in range(4)))  # queued together: one batch, no wait
+            t0 = time.perf_counter()
+            first = asyncio.ensure_future(batcher.submit("a"))
+            await asyncio.sleep(0.05)  # the last batch held 4: this one waits for more
+            second = asyncio.ensure_future(batcher.submit("b"))
+            assert await asyncio.gather(first, second) == ["a", "b"]
+            return time.perf_counter() - t0
+        finally:
+            await batcher.stop()
+
+    calls.clear()
+    waited = asyncio.run(concurrent())
+    assert calls == [[0, 1, 2, 3], ["a", "b"]] and waited >= 0.3
+
+
 @pytest.mark.parametrize("kwargs,match", [({"max_batch": 0}, "max_batch"), ({"max_wait_ms": -1}, "max_wait_ms"),
-                                          ({"max_batch": True}, "max_batch")])
+                                          ({"max_batch": True}, "max_batch"), ({"wait": "never"}, "wait")])
 def test_microbatcher_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MicroBatcher(lambda xs: xs, **kwargs)

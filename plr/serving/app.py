@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import socket
 import sys
-from typing import Annotated, List
+from typing import Annotated, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -123,9 +124,10 @@ class BodyLimit:
 
 
 def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0,
-               max_body_bytes: int = 1 << 20, max_batch_request: int = 1024) -> FastAPI:
-    """The FastAPI app serving ``recommender``; the micro-batcher lives with the app's lifespan."""
-    batcher = MicroBatcher(recommender.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms)
+               max_body_bytes: int = 1 << 20, max_batch_request: int = 1024, wait: str = "adaptive") -> FastAPI:
+    """The FastAPI app serving ``recommender``; the micro-batcher (``max_batch``,
+    ``max_wait_ms``, ``wait``: see MicroBatcher) lives with the app's lifespan."""
+    batcher = MicroBatcher(recommender.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, wait=wait)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -170,12 +172,17 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
     async def info():
         stats = batcher.stats
         return {**recommender.info, "max_k": recommender.max_k,
-                "micro_batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "batches": stats.batches,
+                "micro_batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "wait": wait,
+                                   "batches": stats.batches,
                                    "requests": stats.requests, "largest_batch": stats.largest}}
 
+    # The handlers return their JSON directly: the results are built by
+    # Recommender.run_batch in the declared shape, and FastAPI's validation of a
+    # returned dict against response_model (kept for the OpenAPI schema) would
+    # cost more per request than the batched forward of a small model.
     @app.post("/recommend", response_model=Recommendation)
     async def recommend(body: RecommendRequest):
-        return await batcher.submit(recommender.query(body.history, body.k, body.exclude_history))
+        return JSONResponse(await batcher.submit(recommender.query(body.history, body.k, body.exclude_history)))
 
     @app.post("/recommend/batch", response_model=BatchResponse)
     async def recommend_batch(body: BatchRequest):
@@ -184,7 +191,7 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
                                             f"got {len(body.histories)}")
         queries = [recommender.query(h, body.k, body.exclude_history, field=f"histories[{i}]")
                    for i, h in enumerate(body.histories)]
-        return {"results": await asyncio.gather(*(batcher.submit(q) for q in queries))}
+        return JSONResponse({"results": await asyncio.gather(*(batcher.submit(q) for q in queries))})
 
     return app
 
@@ -198,21 +205,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def default_threads() -> int:
+    """Intra-op threads of the model: all cores but one, which the HTTP event
+    loop keeps. (Measured on the project's 2-core CPU: with 2 threads the idle
+    OpenMP workers compete with the event loop and one request of a d=64 PLR
+    took 4.7 ms, with 1 thread 1.75 ms; benchmarks/RESULTS.md, issue 15.)"""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
-          max_wait_ms: float = 2.0, device: str = "cpu", max_body_bytes: int = 1 << 20, log_level: str = "warning"
-          ) -> int:
+          max_wait_ms: float = 2.0, device: str = "cpu", max_body_bytes: int = 1 << 20, log_level: str = "warning",
+          threads: Optional[int] = None, wait: str = "adaptive") -> int:
     """Load ``checkpoint`` and serve it until SIGINT/SIGTERM (graceful: open
     requests are answered first). ``port=0`` picks a free port; the URL is
-    printed once the socket is bound."""
+    printed once the socket is bound. ``threads``: the model's intra-op
+    threads (``torch.set_num_threads``; default ``default_threads()``)."""
+    import torch
     import uvicorn
 
     from .recommender import load_recommender
+
+    threads = default_threads() if threads is None else threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
 
     if not is_loopback(host):
         print(f"plr serve: warning: --host {host} is not a loopback address; the server has no authentication",
               file=sys.stderr)
     recommender = load_recommender(checkpoint, device=device)
-    app = create_app(recommender, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
+    app = create_app(recommender, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes,
+                     wait=wait)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
@@ -223,8 +246,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         # its headers (~40 ms per request).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     bound_port = sock.getsockname()[1]
-    print(f"plr serve: {recommender.info['model']} ({recommender.info['num_items']} items) on "
-          f"http://{host}:{bound_port}", flush=True)
+    print(f"plr serve: {recommender.info['model']} ({recommender.info['num_items']} items, {threads} model "
+          f"thread{'s' * (threads > 1)}) on http://{host}:{bound_port}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down; ignore
     # that second delivery so a SIGTERM ends the process with status 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -5,9 +5,15 @@ keeps collecting for at most ``max_wait_ms`` or until ``max_batch`` requests,
 runs ``run_batch`` on all of them in one call (in a worker thread, so the
 event loop keeps accepting connections), and answers each request with its
 own result. Under load the queue refills while a batch runs, so batches grow
-with the number of concurrent clients and throughput with them; a lone
-request waits at most ``max_wait_ms``. ``max_batch=1`` serves one request at
-a time (the baseline the benchmark compares with).
+with the number of concurrent clients and throughput with them. ``max_batch=1``
+serves one request at a time (the baseline the benchmark compares with).
+
+When a batch waits: ``wait="always"``: every batch waits up to ``max_wait_ms``
+after its first request, so a lone client pays that wait on every request.
+``wait="adaptive"`` (the default): a batch waits only when the previous one
+held more than one request, i.e. while concurrent clients are seen; a lone
+client is answered at once, and under load the batches fill as with
+``"always"``. Requests already queued are always taken without waiting.
 """
 
 from __future__ import annotations
@@ -41,14 +47,21 @@ class MicroBatcher:
             raises, every request of that batch gets the exception.
         max_batch: most payloads per call (>= 1).
         max_wait_ms: longest a batch waits for more requests after its first (>= 0).
+        wait: ``"adaptive"`` (wait only after a batch of more than one
+            request) or ``"always"``.
     """
 
+    WAITS = ("adaptive", "always")
+
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = 64,
-                 max_wait_ms: float = 2.0):
+                 max_wait_ms: float = 2.0, wait: str = "adaptive"):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected an int >= 1, got {max_batch!r}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms: expected a number >= 0, got {max_wait_ms!r}")
+        if wait not in self.WAITS:
+            raise ValueError(f"wait: expected one of {self.WAITS}, got {wait!r}")
+        self.wait = wait
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1e3
@@ -91,7 +104,8 @@ class MicroBatcher:
     async def _collect(self) -> list:
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
+        concurrent = self.wait == "always" or (self.stats.sizes and self.stats.sizes[-1] > 1)
+        deadline = loop.time() + (self.max_wait if concurrent else 0.0)
         while len(batch) < self.max_batch:
             if not self._queue.empty():  # already waiting: take without yielding
                 batch.append(self._queue.get_nowait())
