@@ -277,6 +277,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per blocked measurement")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the in-process table (default: torch's, all cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
@@ -286,6 +288,8 @@ def main(argv=None):
                    help="HIDDENxHISTORY of the served PLR: the paper's size and the converged comparison's")
     p.add_argument("--no-http", action="store_true", help="skip the plr serve figures")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     rows = run(args.items, args.hist, args.batches, args.hidden, args.k, args.rounds, args.min_run_time,
                args.device, dtype)

@@ -65,6 +65,17 @@ TORCH_LIBRARY(plr_kernels, m) {
       "Tensor k_stream, Tensor v_stream, Tensor? prefix_mask, Tensor o, Tensor lse, float scale, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  PLR_FAKES_IN(m, "plr_kernels.reasoning_steps");
+  // The T reasoning steps of M streams through all L layers, inference only
+  // (plr_kernels/reasoning_steps.py, csrc/reasoning_steps.cpp): h_start
+  // [B,M,d] (h_{0,m}), step_emb [T,d] (r_t), the step input's LayerNorm,
+  // layer_weights 16 per layer (TransformerBlock.step_weights), the prefix
+  // cache k_prefix / v_prefix [B,H,N,Dh] per layer. Returns h_{t,m} [B,T,M,d].
+  m.def(
+      "reasoning_steps(Tensor h_start, Tensor step_emb, Tensor step_norm_weight, Tensor step_norm_bias, "
+      "Tensor[] layer_weights, Tensor[] k_prefix, Tensor[] v_prefix, Tensor? prefix_mask, int num_heads, "
+      "float eps) -> Tensor");
+
   PLR_FAKES_IN(m, "plr_kernels.vocab_pass");
   // The vocabulary pass (plr_kernels/vocab_pass.py), streamed over tiles of
   // the item table: x [R,d], item_emb [V,d], target [R] int64 (-1 = none) ->

@@ -213,6 +213,16 @@ class TransformerBlock(nn.Module):
         y, cache = self.attention.forward_step_rows(x, rows, k_prefix, v_prefix, prefix_mask, cache, backend)
         return self.feed_forward(y), cache
 
+    def step_weights(self) -> List[torch.Tensor]:
+        """The block's 16 parameters in the order ``plr_kernels.reasoning_steps`` reads them.
+
+        Read from the modules' ``_modules`` / ``_parameters`` dicts: this runs
+        on every inference call, and the 64 ``Module.__getattr__`` lookups of
+        the plain spelling cost ~30 us, a tenth of a batch-1 reasoning pass."""
+        a, f = self._modules["attention"]._modules, self._modules["feed_forward"]._modules
+        return [p for mod in (a["query"], a["key"], a["value"], a["dense"], a["norm"], f["dense_in"], f["dense_out"],
+                              f["norm"]) for p in (mod._parameters["weight"], mod._parameters["bias"])]
+
 
 @dataclass
 class PrefixEncoding:

@@ -11,6 +11,7 @@ from ._extension import extension_error
 from .linear_cross_entropy import linear_cross_entropy
 from .multi_pair_kl import multi_pair_kl
 from .reasoning_losses import reasoning_losses
+from .reasoning_steps import reasoning_steps
 from .stream_attention import stream_attention
 from .target_rank import target_rank
 from .topk import topk
@@ -22,6 +23,7 @@ __all__ = [
     "linear_cross_entropy",
     "multi_pair_kl",
     "reasoning_losses",
+    "reasoning_steps",
     "reference",
     "stream_attention",
     "target_rank",

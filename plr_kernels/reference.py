@@ -356,3 +356,54 @@ def topk(
     values, indices = values.gather(1, last)[:, :k], indices.gather(1, last)[:, :k]
     indices = indices.masked_fill(excluded.gather(1, indices), -1)
     return values.contiguous(), indices.contiguous()
+
+
+def reasoning_steps(
+    h_start: torch.Tensor,
+    step_emb: torch.Tensor,
+    step_norm_weight: torch.Tensor,
+    step_norm_bias: torch.Tensor,
+    layer_weights,
+    k_prefix,
+    v_prefix,
+    *,
+    prefix_mask: Optional[torch.Tensor] = None,
+    num_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """The T latent steps of M streams through L post-LN layers (PLR Eq. 4-5), no dropout.
+
+    ``h_start [B,M,d]`` (h_{0,m}), ``step_emb [T,d]`` (r_t), the step input's
+    LayerNorm, ``layer_weights``: 16 tensors per layer (W_q, b_q, W_k, b_k,
+    W_v, b_v, W_O, b_O, LN_1 weight, bias, W_1, b_1, W_2, b_2, LN_2 weight,
+    bias), ``k_prefix / v_prefix``: per layer ``[B,H,N,Dh]``. Per step t:
+    ``x^0 = LN_r(h_{t-1} + r_t)``; per layer ``q, k, v`` of x, the new k, v
+    appended to the stream's own, ``a = stream_attention(...)``,
+    ``y = LN_1(x + a W_O^T + b_O)``, ``x = LN_2(y + W_2 GELU(W_1 y + b_1) + b_2)``;
+    ``h_t = x^L``. Returns ``[B,T,M,d]``.
+    """
+    b, m, d = h_start.shape
+    dh = d // num_heads
+    per_layer = 16
+    layers = [layer_weights[i:i + per_layer] for i in range(0, len(layer_weights), per_layer)]
+
+    def split(t):  # [B,M,d] -> [B,H,M,Dh]
+        return t.view(b, m, num_heads, dh).transpose(1, 2)
+
+    own_k = [None] * len(layers)
+    own_v = [None] * len(layers)
+    h, states = h_start, []
+    for t in range(step_emb.shape[0]):
+        x = F.layer_norm(h + step_emb[t], (d,), step_norm_weight, step_norm_bias, eps)
+        for i, (wq, bq, wk, bk, wv, bv, wo, bo, n1w, n1b, w1, b1, w2, b2, n2w, n2b) in enumerate(layers):
+            q = split(F.linear(x, wq, bq))
+            k_new, v_new = split(F.linear(x, wk, bk))[..., None, :], split(F.linear(x, wv, bv))[..., None, :]
+            own_k[i] = k_new if own_k[i] is None else torch.cat([own_k[i], k_new], dim=3)
+            own_v[i] = v_new if own_v[i] is None else torch.cat([own_v[i], v_new], dim=3)
+            a = stream_attention(q, k_prefix[i], v_prefix[i], own_k[i], own_v[i], prefix_mask=prefix_mask)
+            a = a.transpose(1, 2).reshape(b, m, d)
+            y = F.layer_norm(x + F.linear(a, wo, bo), (d,), n1w, n1b, eps)
+            x = F.layer_norm(y + F.linear(F.gelu(F.linear(y, w1, b1)), w2, b2), (d,), n2w, n2b, eps)
+        h = x
+        states.append(h)
+    return torch.stack(states, dim=1)

@@ -38,7 +38,7 @@ from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..transformer import PrefixEncoding
 from ..validation import check_positive_int, check_probability, check_target
 from .base import PADDING, ModelOutput, SequentialRecommender, position_major
-from .reasoning import reasoning_step, step_prefix_cache
+from .reasoning import fused_reasoning, reasoning_step, step_prefix_cache
 
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
@@ -175,10 +175,14 @@ class PLRModel(SequentialRecommender):
         result is ``[R,T,M,d]``. One step, ``reasoning_step``, is Eq. 4-5 (its
         docstring writes them out; plr/models/reasoning.py)."""
         h0 = prefix.hidden[:, -1] if h0 is None else h0
+        h = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m   [B,M,d]
+        if rows is None:  # inference on a CPU: all steps in one fused call (plr/models/reasoning.py)
+            fused = fused_reasoning(self, prefix, h, self.reasoning_position.weight, self.reasoning_norm)
+            if fused is not None:
+                return fused
         keys, values = (prefix.keys, prefix.values) if rows is not None else \
             step_prefix_cache(prefix, self.num_steps, self.backend)
         caches = [None] * len(self.backbone.layers)  # each stream's own keys/values, per layer
-        h = h0[:, None, :] + self.trigger_tokens[None]  # Eq. 3: h_{0,m} = h_0 + tau_m   [B,M,d]
         states = []
         for t in range(self.num_steps):
             x = self.reasoning_input(h, t)  # the step's input token: h_{t-1,m} + r_t (LN, dropout)

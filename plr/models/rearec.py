@@ -62,7 +62,7 @@ from plr_kernels.reasoning_losses import reasoning_losses
 from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..validation import check_positive_int, check_probability, check_target
 from .base import PADDING, ModelOutput, SequentialRecommender, position_major
-from .reasoning import stream_reasoning, stream_reasoning_rows
+from .reasoning import fused_reasoning, stream_reasoning, stream_reasoning_rows
 
 
 def _check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -108,6 +108,9 @@ class _ReaRecBase(SequentialRecommender):
     def reason(self, prefix, noise_std: float = 0.0) -> torch.Tensor:
         """K steps from ``h_0`` over the prefix KV cache -> ``h_1..h_K`` as ``[B,K,1,d]``."""
         h_start = prefix.hidden[:, -1:, :]  # [B,1,d]: one stream, starting at h_0
+        fused = fused_reasoning(self, prefix, h_start, self.reasoning_position.weight, self.reasoning_norm)
+        if fused is not None:  # inference on a CPU: all steps in one call (noise and dropout are training-only)
+            return fused
         return stream_reasoning(self.backbone.layers, prefix, h_start, self.num_steps,
                                 lambda h, step: self.reasoning_input(h, step, noise_std), self.backend)
 

@@ -16,7 +16,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, List, Optional, Tuple
 
+import functools
+
 import torch
+
+import plr_kernels
+from plr_kernels import _extension
 
 from ..transformer import PrefixEncoding, Rows, StreamCache
 
@@ -80,6 +85,37 @@ def reasoning_step(layers, x: torch.Tensor, keys: List[torch.Tensor], values: Li
     if record is not None:
         record.append(probs)
     return x
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_kernel_built() -> bool:
+    return _extension.has_kernel("reasoning_steps", "cpu")
+
+
+def fused_reasoning(model, prefix: PrefixEncoding, h_start: torch.Tensor, step_emb: torch.Tensor,
+                    step_norm: torch.nn.LayerNorm) -> Optional[torch.Tensor]:
+    """All T steps of :func:`reasoning_step` in one ``plr_kernels.reasoning_steps``
+    call, when that computes exactly what the per-step loop does with the step
+    input ``LN(h_{t-1,m} + r_t)``: inference (no autograd; ``model`` in eval
+    mode, so no dropout), CPU tensors, ``model.backend`` ``auto`` or ``cpu``
+    with the compiled kernel built, no :func:`record_attention` block. Returns
+    the states ``[B,T,M,d]``, or None where the per-step loop must run.
+
+    The per-step loop issues about 40 small ops per step from Python; at batch
+    1 that overhead is most of PLR's extra latency over SASRec, and the fused
+    call removes it (benchmarks/bench_serving.py)."""
+    if (torch.is_grad_enabled() or model.training or h_start.device.type != "cpu"
+            or model.backend not in ("auto", "cpu") or _ATTENTION_RECORD.get() is not None
+            or not _fused_kernel_built()):
+        return None
+    layers = model.backbone.layers
+    eps = step_norm.eps
+    if any(layer.attention.norm.eps != eps or layer.feed_forward.norm.eps != eps for layer in layers):
+        return None  # one epsilon for every LayerNorm is what the kernel takes
+    weights = [w for layer in layers for w in layer.step_weights()]
+    return plr_kernels.reasoning_steps(h_start, step_emb, step_norm.weight, step_norm.bias, weights, prefix.keys,
+                                       prefix.values, prefix_mask=prefix.key_mask,
+                                       num_heads=layers[0].attention.num_heads, eps=eps, backend="cpu")
 
 
 def step_prefix_cache(prefix: PrefixEncoding, num_steps: int, backend: str
