@@ -146,10 +146,12 @@ def compiled_backends(device):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(checkpoint, max_batch, device):
+def start_server(checkpoint, max_batch, device, threads=None, max_wait_ms=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    extra = ([] if threads is None else ["--threads", str(threads)]) + (
+        [] if max_wait_ms is None else ["--max-wait-ms", str(max_wait_ms)])
     proc = subprocess.Popen([sys.executable, "-m", "plr.cli", "serve", "--checkpoint", str(checkpoint), "--port",
-                             "0", "--max-batch", str(max_batch), "--device", device],
+                             "0", "--max-batch", str(max_batch), "--device", device, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = []
     for line in proc.stdout:
@@ -208,7 +210,8 @@ def batching_ceiling(model, hist, num_items, clients, threads, min_run_time):
     return one / (many / clients), 1e3 * one, 1e3 * many / clients
 
 
-def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_run_time):
+def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_run_time, threads=None,
+             max_batch=64, max_wait_ms=None):
     """For each ``(hidden, hist)`` of ``sizes``: a PLR M=2, T=2 checkpoint served
     micro-batched and one request at a time, rounds interleaved."""
     import httpx
@@ -218,9 +221,10 @@ def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_r
     rows, ceilings = [], []
     for hidden, hist in sizes:
         model = build("PLR M=2,T=2", "auto", num_items, hist, hidden, "cpu", torch.float32)
+        server_threads = default_threads() if threads is None else threads
         ceiling, one_ms, batched_ms = batching_ceiling(model, hist, num_items, max(client_counts),
-                                                       default_threads(), min_run_time)
-        ceilings.append(dict(hidden=hidden, hist=hist, clients=max(client_counts), threads=default_threads(),
+                                                       server_threads, min_run_time)
+        ceilings.append(dict(hidden=hidden, hist=hist, clients=max(client_counts), threads=server_threads,
                              ceiling=ceiling, batch1_ms=one_ms, batched_ms_per_request=batched_ms))
         rng = random.Random(0)
         hists = [[rng.randint(1, num_items) for _ in range(hist)] for _ in range(256)]
@@ -229,8 +233,8 @@ def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_r
             checkpoint = Path(tmp) / "plr.pt"
             model.save(str(checkpoint))
             try:
-                for name, max_batch in (("micro-batched", 64), ("one at a time", 1)):
-                    servers[name] = start_server(checkpoint, max_batch, device)
+                for name, batch in (("micro-batched", max_batch), ("one at a time", 1)):
+                    servers[name] = start_server(checkpoint, batch, device, threads, max_wait_ms)
                 for _, url in servers.values():
                     deadline = time.monotonic() + 120
                     while True:
@@ -286,6 +290,10 @@ def main(argv=None):
     p.add_argument("--http-rounds", type=int, default=2, help="interleaved rounds of both servers")
     p.add_argument("--http-sizes", type=size, nargs="+", default=[(256, 50), (64, 20)],
                    help="HIDDENxHISTORY of the served PLR: the paper's size and the converged comparison's")
+    p.add_argument("--http-threads", type=int, default=None,
+                   help="plr serve --threads (default: the server's own, all cores but one)")
+    p.add_argument("--http-max-batch", type=int, default=64, help="plr serve --max-batch of the micro-batched server")
+    p.add_argument("--http-max-wait-ms", type=float, default=None, help="plr serve --max-wait-ms (default: its own)")
     p.add_argument("--no-http", action="store_true", help="skip the plr serve figures")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -312,7 +320,8 @@ def main(argv=None):
     http, ceilings = [], []
     if not args.no_http:
         http, ceilings = run_http(args.items, args.http_sizes, args.k, args.http_clients, args.http_requests,
-                                  args.http_rounds, args.device, args.min_run_time)
+                                  args.http_rounds, args.device, args.min_run_time, args.http_threads,
+                                  args.http_max_batch, args.http_max_wait_ms)
         print(f"plr serve (PLR M=2,T=2, FastAPI + uvicorn on 127.0.0.1, aiohttp clients, {args.http_requests} "
               f"requests per client x {args.http_rounds} rounds):")
         print(f"{'size':<9} {'server':<14} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")

@@ -28,7 +28,7 @@ from typing import Annotated, List, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .microbatch import MicroBatcher
@@ -66,6 +66,27 @@ class Recommendation(BaseModel):
 
 class BatchResponse(BaseModel):
     results: List[Recommendation]
+
+
+async def _parse(request: Request, schema: type) -> BaseModel:
+    """The request body as ``schema``, parsed and validated in one pass by
+    pydantic-core (``model_validate_json``) instead of FastAPI's body
+    dependency (Python ``json.loads``, then validation field by field): on the
+    2-core CPU of benchmarks/RESULTS.md that per-request work on the event
+    loop is what limits micro-batched throughput for a small model. Errors take
+    the same route as FastAPI's own (the RequestValidationError handler)."""
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestError("body", "expected a JSON object, got an empty body")
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+def _request_body(schema: type) -> dict:
+    """The OpenAPI entry of a body that ``_parse`` reads (FastAPI cannot see it)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
 def _error(status: int, field: str, message: str) -> JSONResponse:
@@ -180,12 +201,14 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
     # Recommender.run_batch in the declared shape, and FastAPI's validation of a
     # returned dict against response_model (kept for the OpenAPI schema) would
     # cost more per request than the batched forward of a small model.
-    @app.post("/recommend", response_model=Recommendation)
-    async def recommend(body: RecommendRequest):
+    @app.post("/recommend", response_model=Recommendation, openapi_extra=_request_body(RecommendRequest))
+    async def recommend(request: Request):
+        body = await _parse(request, RecommendRequest)
         return JSONResponse(await batcher.submit(recommender.query(body.history, body.k, body.exclude_history)))
 
-    @app.post("/recommend/batch", response_model=BatchResponse)
-    async def recommend_batch(body: BatchRequest):
+    @app.post("/recommend/batch", response_model=BatchResponse, openapi_extra=_request_body(BatchRequest))
+    async def recommend_batch(request: Request):
+        body = await _parse(request, BatchRequest)
         if not 1 <= len(body.histories) <= max_batch_request:
             raise RequestError("histories", f"expected 1 to {max_batch_request} histories, "
                                             f"got {len(body.histories)}")
