@@ -1,0 +1,84 @@
+"""The trials of a ``plr tune`` search as a Markdown table, read off their run
+directories (finished or still training), validation only.
+
+    python benchmarks/tuning_table.py runs/converged/tune [--copy-to benchmarks/results/converged-tuning]
+
+Each trial directory holds ``config.yaml``, ``train.log`` and, once finished,
+``metrics.json`` (plr/tuning.py). ``--copy-to`` also copies those three files
+(not the checkpoints) of every trial into ``DIR/<model>/<trial>/`` and the
+table into ``DIR/trials.md``, for committing a search's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+# The searched keys shown per model family (benchmarks/spaces/*.yaml).
+SHOWN = {"kl_weight": "lambda", "num_streams": "M", "num_steps": "T", "dropout": "dropout",
+         "rcl_weight": "w_rcl", "noise_std": "noise"}
+EPOCH = re.compile(r"epoch (\d+):.*valid ndcg@10=([0-9.]+)")
+
+
+def trial_row(model: str, trial: Path) -> dict:
+    config = yaml.safe_load((trial / "config.yaml").read_text()) if (trial / "config.yaml").exists() else {}
+    params = ", ".join(f"{label} {config['model'][key]}" for key, label in SHOWN.items()
+                       if key in config.get("model", {}) and (key != "num_streams" or model == "plr")
+                       and (key != "num_steps" or model in ("plr", "erl", "prl", "lares")))
+    log = (trial / "train.log").read_text().splitlines() if (trial / "train.log").exists() else []
+    epochs = [(int(m.group(1)), float(m.group(2))) for m in map(EPOCH.search, log) if m]
+    row = dict(model=model, trial=trial.name, params=params, epochs_seen=len(epochs))
+    if (trial / "metrics.json").exists():
+        metrics = json.loads((trial / "metrics.json").read_text())
+        row.update(state="finished", best_epoch=metrics["best_epoch"], epochs=metrics["epochs"],
+                   valid=metrics["valid"]["ndcg@10"], seconds=metrics["train_seconds"])
+    else:
+        last = epochs[-1] if epochs else None
+        best = max((v for _, v in epochs), default=None)
+        row.update(state=f"training (epoch {last[0]}, best so far {best:.4f})" if last else "started")
+    return row
+
+
+def table(rows) -> str:
+    out = ["| model | trial | parameters | state | best epoch / epochs | valid N@10 | train s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        done = r["state"] == "finished"
+        out.append(f"| {r['model']} | {r['trial']} | {r['params']} | {r['state']} | "
+                   f"{str(r['best_epoch']) + ' / ' + str(r['epochs']) if done else ''} | "
+                   f"{format(r['valid'], '.4f') if done else ''} | {round(r['seconds']) if done else ''} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("tune_dir", type=Path, help="the --out of plr tune runs: one folder per model")
+    p.add_argument("--copy-to", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not args.tune_dir.is_dir():
+        raise SystemExit(f"tune_dir: expected a folder of plr tune outputs, got {args.tune_dir}")
+    rows = []
+    for model_dir in sorted(d for d in args.tune_dir.iterdir() if (d / "trials").is_dir()):
+        trials = sorted((model_dir / "trials").iterdir(), key=lambda t: (t / "config.yaml").stat().st_mtime
+                        if (t / "config.yaml").exists() else 0)
+        for trial in trials:
+            rows.append(trial_row(model_dir.name, trial))
+            if args.copy_to:
+                dest = args.copy_to / model_dir.name / trial.name
+                dest.mkdir(parents=True, exist_ok=True)
+                for name in ("config.yaml", "train.log", "metrics.json"):
+                    if (trial / name).exists():
+                        shutil.copy2(trial / name, dest / name)
+    text = table(rows)
+    print(text)
+    if args.copy_to:
+        (args.copy_to / "trials.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
