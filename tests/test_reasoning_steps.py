@@ -233,3 +233,16 @@ def test_both_thread_counts_give_the_same_states():
         one_thread = rs._one_thread(args)
     assert torch.get_num_threads() == threads  # restored
     assert rel_err(one_thread, all_threads) < 1e-6
+
+
+def test_float16_models_keep_the_per_step_loop(fused_calls):
+    """The fused kernel takes float32, float64 and bfloat16; a float16 model
+    on a CPU runs the per-step loop (whose stream attention has a float16 kernel)."""
+    torch.manual_seed(0)
+    model = PLRModel(61, num_streams=2, num_steps=2, max_len=9, hidden_size=12, num_heads=3, inner_size=10).eval()
+    seq = histories(3, 9, 61, seed=4)
+    with torch.no_grad():
+        want = model(seq).z_final
+        half = model.half()(seq).z_final
+    assert fused_calls == [(3, 2, 12)]  # the float32 call only
+    assert (half.float() - want).abs().max() < 0.05

@@ -12,11 +12,10 @@ cache instead of re-encoding the extended sequence.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, List, Optional, Tuple
-
-import functools
 
 import torch
 
@@ -87,6 +86,9 @@ def reasoning_step(layers, x: torch.Tensor, keys: List[torch.Tensor], values: Li
     return x
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_kernel_built() -> bool:
     return _extension.has_kernel("reasoning_steps", "cpu")
@@ -97,16 +99,17 @@ def fused_reasoning(model, prefix: PrefixEncoding, h_start: torch.Tensor, step_e
     """All T steps of :func:`reasoning_step` in one ``plr_kernels.reasoning_steps``
     call, when that computes exactly what the per-step loop does with the step
     input ``LN(h_{t-1,m} + r_t)``: inference (no autograd; ``model`` in eval
-    mode, so no dropout), CPU tensors, ``model.backend`` ``auto`` or ``cpu``
-    with the compiled kernel built, no :func:`record_attention` block. Returns
+    mode, so no dropout), CPU tensors in float32, float64 or bfloat16 (the
+    kernel's dtypes), ``model.backend`` ``auto`` or ``cpu`` with the compiled
+    kernel built, no :func:`record_attention` block. Returns
     the states ``[B,T,M,d]``, or None where the per-step loop must run.
 
     The per-step loop issues about 40 small ops per step from Python; at batch
     1 that overhead is most of PLR's extra latency over SASRec, and the fused
     call removes it (benchmarks/bench_serving.py)."""
     if (torch.is_grad_enabled() or model.training or h_start.device.type != "cpu"
-            or model.backend not in ("auto", "cpu") or _ATTENTION_RECORD.get() is not None
-            or not _fused_kernel_built()):
+            or h_start.dtype not in _FUSED_DTYPES or model.backend not in ("auto", "cpu")
+            or _ATTENTION_RECORD.get() is not None or not _fused_kernel_built()):
         return None
     layers = model.backbone.layers
     eps = step_norm.eps
