@@ -71,10 +71,10 @@ class BatchResponse(BaseModel):
 async def _parse(request: Request, schema: type) -> BaseModel:
     """The request body as ``schema``, parsed and validated in one pass by
     pydantic-core (``model_validate_json``) instead of FastAPI's body
-    dependency (Python ``json.loads``, then validation field by field): on the
-    2-core CPU of benchmarks/RESULTS.md that per-request work on the event
-    loop is what limits micro-batched throughput for a small model. Errors take
-    the same route as FastAPI's own (the RequestValidationError handler)."""
+    dependency (Python ``json.loads``, then validation field by field): less
+    work per request on the event loop, which every request goes through.
+    Errors take the same route as FastAPI's own (the RequestValidationError
+    handler)."""
     raw = await request.body()
     if not raw.strip():
         raise RequestError("body", "expected a JSON object, got an empty body")
@@ -197,10 +197,9 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
                                    "batches": stats.batches,
                                    "requests": stats.requests, "largest_batch": stats.largest}}
 
-    # The handlers return their JSON directly: the results are built by
-    # Recommender.run_batch in the declared shape, and FastAPI's validation of a
-    # returned dict against response_model (kept for the OpenAPI schema) would
-    # cost more per request than the batched forward of a small model.
+    # The handlers return their JSON directly: Recommender.run_batch builds the
+    # results in the declared shape, so validating them again against
+    # response_model (kept for the OpenAPI schema) would repeat work per request.
     @app.post("/recommend", response_model=Recommendation, openapi_extra=_request_body(RecommendRequest))
     async def recommend(request: Request):
         body = await _parse(request, RecommendRequest)
