@@ -64,8 +64,8 @@ def main(argv=None):
         raise SystemExit(f"tune_dir: expected a folder of plr tune outputs, got {args.tune_dir}")
     rows = []
     for model_dir in sorted(d for d in args.tune_dir.iterdir() if (d / "trials").is_dir()):
-        trials = sorted((model_dir / "trials").iterdir(), key=lambda t: (t / "config.yaml").stat().st_mtime
-                        if (t / "config.yaml").exists() else 0)
+        trials = sorted((model_dir / "trials").iterdir(), key=lambda t: (  # in the order they were started
+            (t / "config.yaml").stat().st_mtime if (t / "config.yaml").exists() else 0, t.name))
         for trial in trials:
             rows.append(trial_row(model_dir.name, trial))
             if args.copy_to:

@@ -271,3 +271,31 @@ def test_shipped_suites_are_valid(suite, tmp_path):
         suite = tmp_path / suite.name
         suite.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert load_suite(suite, out=tmp_path / "out").runs
+
+
+def test_tuning_table_reports_finished_and_running_trials_and_copies_their_records(tmp_path):
+    """benchmarks/tuning_table.py: a finished trial's metrics.json, a running one's last epoch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tuning_table", Path(__file__).parents[1] / "benchmarks" /
+                                                  "tuning_table.py")
+    tuning_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tuning_table)
+    done = tmp_path / "tune" / "plr" / "trials" / "aaa"
+    running = tmp_path / "tune" / "plr" / "trials" / "bbb"
+    for trial, m in ((done, 1), (running, 4)):
+        trial.mkdir(parents=True)
+        (trial / "config.yaml").write_text(yaml.safe_dump({"model": {"kl_weight": 0.01, "num_streams": m,
+                                                                     "num_steps": 2, "dropout": 0.3}}))
+        (trial / "train.log").write_text("model plr\nepoch 0: loss=9.1 | valid ndcg@10=0.0100 *\n"
+                                         "epoch 1: loss=8.2 | valid ndcg@10=0.0250 *\n")
+    (done / "metrics.json").write_text(json.dumps({"best_epoch": 1, "epochs": 2, "valid": {"ndcg@10": 0.025},
+                                                   "train_seconds": 12.4, "test": None}))
+    out = tmp_path / "record"
+    tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out)])
+    table = (out / "trials.md").read_text().splitlines()
+    assert table[2] == "| plr | aaa | lambda 0.01, M 1, T 2, dropout 0.3 | finished | 1 / 2 | 0.0250 | 12 |"
+    assert table[3].startswith("| plr | bbb | lambda 0.01, M 4, T 2, dropout 0.3 | training (epoch 1, best so far "
+                               "0.0250) |")
+    assert sorted(p.name for p in (out / "plr" / "aaa").iterdir()) == ["config.yaml", "metrics.json", "train.log"]
+    assert not (out / "plr" / "bbb" / "metrics.json").exists()
