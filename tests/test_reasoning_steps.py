@@ -15,7 +15,6 @@ from plr import PLRModel
 from plr.models import reasoning
 from plr.models.rearec import ReaRecERLModel
 from plr_kernels import _extension
-from plr_kernels import reference as ref
 
 rs = importlib.import_module("plr_kernels.reasoning_steps")  # the name plr_kernels.reasoning_steps is the op
 
