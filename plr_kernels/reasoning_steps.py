@@ -64,7 +64,10 @@ def _compiled_at_fastest_threads(*args):
     whichever measures faster for the shape class (plr_kernels/_autotune.py).
     A small pass is not worth splitting: at batch 1 (M=2, T=2, d=256) two
     threads measured 528 us against one thread's 386 us on the project's
-    2-core CPU, at batch 64 4.4 ms against 7.6 ms (benchmarks/RESULTS.md, issue 15)."""
+    2-core CPU, at batch 64 4.4 ms against 7.6 ms (benchmarks/RESULTS.md, issue 15).
+    The one-thread choice sets ``torch.set_num_threads(1)`` for the call, which
+    is process-wide: a torch op another thread starts meanwhile also runs on
+    one thread."""
     threads = torch.get_num_threads()
     if threads == 1:
         return _compiled(*args)
