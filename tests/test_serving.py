@@ -402,3 +402,11 @@ def test_microbatcher_adaptive_wait_answers_a_lone_client_at_once_and_batches_co
 def test_microbatcher_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MicroBatcher(lambda xs: xs, **kwargs)
+
+
+@pytest.mark.parametrize("threads", [0, -2, True, 1.5])
+def test_serve_refuses_a_bad_thread_count_before_loading_anything(threads, tmp_path):
+    from plr.serving.app import serve
+
+    with pytest.raises(ValueError, match=r"threads: expected an int >= 1, got"):
+        serve(str(tmp_path / "no-such-checkpoint.pt"), threads=threads)
