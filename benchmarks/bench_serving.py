@@ -31,6 +31,9 @@ and 16 concurrent clients (asyncio + aiohttp, one connection each) send
 ``--http-requests`` requests each of random full histories, k=10. Reported:
 p50 / p99 latency and requests/s, the rounds of both servers interleaved, and
 the ceiling the model alone puts on micro-batching: t(batch 1) / (t(batch C) / C).
+``--open-loop-rates R ...`` adds an open loop: Poisson arrivals at R requests/s
+for ``--open-loop-seconds``, each request sent when it arrives (clients do not
+wait for their answers), latency counted from the arrival.
 """
 
 from __future__ import annotations
@@ -193,6 +196,40 @@ async def load(url, clients, requests, histories, k):
         return [x for run in runs for x in run], time.perf_counter() - t0
 
 
+async def open_loop(url, rate, seconds, histories, k, seed=0):
+    """Requests arriving as a Poisson process of ``rate`` per second for
+    ``seconds``, each sent when it arrives whatever is still unanswered (up to
+    256 connections) -> (latencies in s, counted from each arrival; answered
+    per s). Unlike ``load``, the clients do not wait for their answers before
+    the next request: the arrivals of a real service."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    arrivals, t = [], rng.expovariate(rate)
+    while t < seconds:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    arrivals = arrivals or [0.0]  # a run too short for one arrival still sends one request
+
+    async def one(i, at, http, start):
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        body = {"history": histories[i % len(histories)], "k": k, "exclude_history": False}
+        async with http.post(url + "/recommend", json=body) as r:
+            answer = await r.json()
+        if r.status != 200 or len(answer["items"]) != k:
+            raise RuntimeError(f"bad answer {r.status}: {str(answer)[:200]}")
+        return time.perf_counter() - (start + at)
+
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        for _ in range(3):  # warm-up
+            async with http.post(url + "/recommend", json={"history": histories[0], "k": k}) as r:
+                await r.read()
+        start = time.perf_counter()
+        lat = await asyncio.gather(*(one(i, at, http, start) for i, at in enumerate(arrivals)))
+        return list(lat), len(lat) / (time.perf_counter() - start)
+
+
 def batching_ceiling(model, hist, num_items, clients, threads, min_run_time):
     """The most micro-batching can give at ``clients`` concurrent clients, from
     the model alone: ``t(batch 1) / (t(batch C) / C)`` of ``recommend`` in this
@@ -210,14 +247,15 @@ def batching_ceiling(model, hist, num_items, clients, threads, min_run_time):
 
 
 def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_run_time, threads=None,
-             max_batch=64, max_wait_ms=None):
+             max_batch=64, max_wait_ms=None, open_rates=(), open_seconds=5.0):
     """For each ``(hidden, hist)`` of ``sizes``: a PLR M=2, T=2 checkpoint served
-    micro-batched and one request at a time, rounds interleaved."""
+    micro-batched and one request at a time, rounds interleaved; then, for each
+    of ``open_rates``, both servers under Poisson arrivals at that rate."""
     import httpx
 
     from plr.serving.app import default_threads
 
-    rows, ceilings = [], []
+    rows, ceilings, opened = [], [], []
     for hidden, hist in sizes:
         model = build("PLR M=2,T=2", "auto", num_items, hist, hidden, "cpu", torch.float32)
         server_threads = default_threads() if threads is None else threads
@@ -252,6 +290,13 @@ def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_r
                             lat, wall = asyncio.run(load(url, c, requests, hists, k))
                             stats[(name, c)][0].extend(lat)
                             stats[(name, c)][1].append(len(lat) / wall)
+                for rate in open_rates:
+                    for name, (_, url) in servers.items():
+                        lat, answered = asyncio.run(open_loop(url, rate, open_seconds, hists, k))
+                        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+                        opened.append(dict(hidden=hidden, hist=hist, server=name, offered_per_s=rate,
+                                           requests=len(lat), answered_per_s=answered, p50_ms=1e3 * q[49],
+                                           p99_ms=1e3 * q[98]))
             finally:
                 for proc, _ in servers.values():
                     proc.send_signal(signal.SIGTERM)
@@ -260,7 +305,7 @@ def run_http(num_items, sizes, k, client_counts, requests, rounds, device, min_r
             q = statistics.quantiles(lat, n=100)
             rows.append(dict(hidden=hidden, hist=hist, server=name, clients=c, requests=len(lat),
                              p50_ms=1e3 * q[49], p99_ms=1e3 * q[98], requests_per_s=statistics.median(rates)))
-    return rows, ceilings
+    return rows, ceilings, opened
 
 
 def size(text):
@@ -293,6 +338,9 @@ def main(argv=None):
                    help="plr serve --threads (default: the server's own, all cores but one)")
     p.add_argument("--http-max-batch", type=int, default=64, help="plr serve --max-batch of the micro-batched server")
     p.add_argument("--http-max-wait-ms", type=float, default=None, help="plr serve --max-wait-ms (default: its own)")
+    p.add_argument("--open-loop-rates", type=float, nargs="*", default=[],
+                   help="also offer Poisson arrivals at these requests/s to both servers (open loop)")
+    p.add_argument("--open-loop-seconds", type=float, default=5.0, help="length of each open-loop run")
     p.add_argument("--no-http", action="store_true", help="skip the plr serve figures")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -316,11 +364,12 @@ def main(argv=None):
     for r in ratios(rows):
         if "vs_sasrec" in r:
             print(f"  batch {r['batch']:>5} {r['ops']:<6} {r['model']:<13} {r['vs_sasrec']:.3f}")
-    http, ceilings = [], []
+    http, ceilings, opened = [], [], []
     if not args.no_http:
-        http, ceilings = run_http(args.items, args.http_sizes, args.k, args.http_clients, args.http_requests,
-                                  args.http_rounds, args.device, args.min_run_time, args.http_threads,
-                                  args.http_max_batch, args.http_max_wait_ms)
+        http, ceilings, opened = run_http(args.items, args.http_sizes, args.k, args.http_clients,
+                                          args.http_requests, args.http_rounds, args.device, args.min_run_time,
+                                          args.http_threads, args.http_max_batch, args.http_max_wait_ms,
+                                          args.open_loop_rates, args.open_loop_seconds)
         print(f"plr serve (PLR M=2,T=2, FastAPI + uvicorn on 127.0.0.1, aiohttp clients, {args.http_requests} "
               f"requests per client x {args.http_rounds} rounds):")
         print(f"{'size':<9} {'server':<14} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
@@ -336,9 +385,15 @@ def main(argv=None):
             print(f"  d={c['hidden']}, history {c['hist']}: the model alone allows {c['ceiling']:.2f}x at "
                   f"{c['clients']} clients ({c['threads']} thread{'s' * (c['threads'] > 1)}: batch 1 "
                   f"{c['batch1_ms']:.3f} ms, batch {c['clients']} {c['batched_ms_per_request']:.3f} ms per request)")
+        if opened:
+            print(f"open loop (Poisson arrivals, {args.open_loop_seconds:g} s per rate; latency from arrival):")
+            print(f"{'size':<9} {'server':<14} {'offered/s':>9} {'answered/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+            for r in opened:
+                print(f"{r['hidden']}x{r['hist']:<6} {r['server']:<14} {r['offered_per_s']:>9.0f} "
+                      f"{r['answered_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, torch=torch.__version__, args=vars(args) | {
-            "json": str(args.json)}, backends=backends, rows=rows, ratios=ratios(rows), http=http, http_ceilings=ceilings), indent=2))
+            "json": str(args.json)}, backends=backends, rows=rows, ratios=ratios(rows), http=http, http_ceilings=ceilings, open_loop=opened), indent=2))
 
 
 def test_serving_smoke(tmp_path):
@@ -346,11 +401,13 @@ def test_serving_smoke(tmp_path):
     out = tmp_path / "serving.json"
     main(["--items", "97", "--hist", "7", "--batches", "1", "3", "--hidden", "16", "--rounds", "1",
           "--min-run-time", "0.01", "--http-clients", "1", "3", "--http-requests", "4", "--http-rounds", "1",
-          "--http-sizes", "16x7", "--json", str(out)])
+          "--http-sizes", "16x7", "--open-loop-rates", "40", "--open-loop-seconds", "0.3", "--json", str(out)])
     data = json.loads(out.read_text())
     assert {r["model"] for r in data["rows"]} == set(MODELS)
     assert all(r["ms"] > 0 for r in data["rows"])
     assert [c["clients"] for c in data["http_ceilings"]] == [3] and data["http_ceilings"][0]["ceiling"] > 0
+    assert {r["server"] for r in data["open_loop"]} == {"micro-batched", "one at a time"}
+    assert all(r["requests"] >= 1 and r["answered_per_s"] > 0 for r in data["open_loop"])
     assert {(r["server"], r["clients"]) for r in data["http"]} == {
         (s, c) for s in ("micro-batched", "one at a time") for c in (1, 3)}
     assert all(r["requests"] == 4 * r["clients"] and r["requests_per_s"] > 0 for r in data["http"])
