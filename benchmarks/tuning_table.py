@@ -27,7 +27,7 @@ EPOCH = re.compile(r"epoch (\d+):.*valid ndcg@10=([0-9.]+)")
 
 def trial_row(model: str, trial: Path) -> dict:
     config = yaml.safe_load((trial / "config.yaml").read_text()) if (trial / "config.yaml").exists() else {}
-    params = ", ".join(f"{label} {config['model'][key]}" for key, label in SHOWN.items()
+    params = ", ".join(f"{label} {config['model'][key]:g}" for key, label in SHOWN.items()
                        if key in config.get("model", {}) and (key != "num_streams" or model == "plr")
                        and (key != "num_steps" or model in ("plr", "erl", "prl", "lares")))
     log = (trial / "train.log").read_text().splitlines() if (trial / "train.log").exists() else []
