@@ -141,6 +141,42 @@ def test_training_scores_with_z_rea_and_inference_with_z_final():
     assert model.training  # recommend restores the mode
 
 
+@pytest.mark.parametrize("kl_weight", [0.0, 0.3])
+@pytest.mark.parametrize("sequence", [False, True])
+def test_nip_readout_final_trains_the_vector_inference_scores(kl_weight, sequence):
+    """nip_readout="final": L_NIP is the cross-entropy of z_final = h_0 + z_rea
+    (the vector ranking scores), in both modes and with the KL's fused pass."""
+    from plr_kernels import reference
+
+    seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
+    model = small_plr(dropout=0.0, reasoning_dropout=0.0, kl_weight=kl_weight, rcl_weight=0.0,
+                      kl_form="literal", nip_readout="final", reg_rows="all").double().train()
+    if sequence:
+        seq_full = model.prepare(seq)
+        tgt = torch.where(seq_full.roll(-1, dims=1) > 0, seq_full.roll(-1, dims=1), 0)
+        tgt[:, -1] = target
+        tgt[seq_full == 0] = 0
+        loss, parts = model.compute_sequence_loss(seq_full, tgt)
+        rows = [(b, n) for b in range(seq_full.shape[0]) for n in range(seq_full.shape[1]) if tgt[b, n] > 0]
+        prefixes = torch.stack([torch.cat([seq_full.new_zeros(seq_full.shape[1] - 1 - n), seq_full[b, :n + 1]])
+                                for b, n in rows])
+        seq, target = prefixes, torch.stack([tgt[b, n] for b, n in rows])
+    else:
+        loss, parts = model.compute_loss(seq, target)
+    out = model(seq)
+    nip = reference.linear_cross_entropy(out.z_final, model.item_emb, target, temperature=model.temperature,
+                                         exclude_index=0)
+    torch.testing.assert_close(parts["nip"], nip.detach())
+    kl = reference.multi_pair_kl(out.states.flatten(1, 2), model.item_emb, temperature=model.temperature,
+                                 exclude_index=0).mean() if kl_weight else 0.0
+    torch.testing.assert_close(loss.detach(), (nip - kl_weight * kl).detach())
+    rea = reference.linear_cross_entropy(out.z_rea, model.item_emb, target, temperature=model.temperature,
+                                         exclude_index=0)
+    assert (nip - rea).abs() > 1e-6  # the two readouts are different losses
+    with pytest.raises(ValueError, match=r"nip_readout.*'h0'"):
+        small_plr(nip_readout="h0")
+
+
 def test_loss_is_eq_11_with_kl_subtracted():
     model = small_plr(kl_weight=0.3, rcl_weight=0.5, kl_form="literal").double().train()
     seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))

@@ -43,6 +43,7 @@ from .reasoning import fused_reasoning, reasoning_step, step_prefix_cache
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
 READOUTS = ("final", "rea", "h0")
+NIP_READOUTS = ("rea", "final")
 RCL_VIEWS = ("full", "reasoning")
 REG_ROWS = ("all", "batch")
 MIXTURES = ("gate", "mean")
@@ -77,6 +78,11 @@ class PLRModel(SequentialRecommender):
         reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
         readout: the vector inference scores with: ``"final"`` = h_0 + z_rea
             (Eq. 10, dual process), ``"rea"`` = z_rea, ``"h0"`` = h_0.
+        nip_readout: the vector L_NIP of Eq. 11 scores in training: ``"rea"``
+            (the default, Eq. 11 as printed) z_rea, so h_0 is trained only
+            through the reasoning streams, while inference scores h_0 + z_rea;
+            ``"final"`` z_final = h_0 + z_rea, the vector inference scores (as
+            ReaRec-ERL, whose pooled vector holds h_0 and is what it scores).
         reg_rows: the rows of a sequence-mode batch (``train.samples:
             sequence``; B sequences, R >= B prefix ends) that the regularisers
             L_KL (Eq. 7) and L_RCL (Eq. 8) are taken over: ``"all"`` every
@@ -99,8 +105,8 @@ class PLRModel(SequentialRecommender):
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
                  rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "reasoning",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", reg_rows: str = "batch", mixture: str = "gate",
-                 backend: str = "auto",
+                 readout: str = "final", nip_readout: str = "rea", reg_rows: str = "batch",
+                 mixture: str = "gate", backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
@@ -112,7 +118,8 @@ class PLRModel(SequentialRecommender):
             kl_margin=kl_margin, kl_temperature=kl_temperature, kl_detach_target=kl_detach_target,
             rcl_weight=rcl_weight, rcl_temperature=rcl_temperature, rcl_view=rcl_view,
             reasoning_dropout=reasoning_dropout,
-            readout=readout, reg_rows=reg_rows, mixture=mixture, backend=backend, backbone=backbone,
+            readout=readout, nip_readout=nip_readout, reg_rows=reg_rows, mixture=mixture, backend=backend,
+            backbone=backbone,
             backbone_args=backbone_args,
         )
         self.num_streams = check_positive_int("num_streams", num_streams)
@@ -130,6 +137,8 @@ class PLRModel(SequentialRecommender):
             raise ValueError(f"reg_rows: expected one of {list(REG_ROWS)}, got {reg_rows!r}")
         if readout not in READOUTS:
             raise ValueError(f"readout: expected one of {list(READOUTS)}, got {readout!r}")
+        if nip_readout not in NIP_READOUTS:
+            raise ValueError(f"nip_readout: expected one of {list(NIP_READOUTS)}, got {nip_readout!r}")
         if mixture not in MIXTURES:
             raise ValueError(f"mixture: expected one of {list(MIXTURES)}, got {mixture!r}")
         for name, value in (("kl_margin", kl_margin), ("rcl_temperature", rcl_temperature),
@@ -146,6 +155,7 @@ class PLRModel(SequentialRecommender):
         self.rcl_temperature = float(rcl_temperature)
         self.rcl_view = rcl_view
         self.readout = readout
+        self.nip_readout = nip_readout
         self.reg_rows = reg_rows
         self.mixture = mixture
 
@@ -230,8 +240,9 @@ class PLRModel(SequentialRecommender):
         """Eq. 11 for a batch of (history, next item) samples.
 
         ``item_seq [B, L]``, ``target [B]`` ids in ``[1, num_items]`` ->
-        ``(loss, {"nip", "kl", "rcl"})`` (the parts detached). Training scores
-        with ``z_rea`` only; the padding item is in no softmax.
+        ``(loss, {"nip", "kl", "rcl"})`` (the parts detached). L_NIP scores
+        ``z_rea`` (``nip_readout: rea``, Eq. 11) or ``z_final`` (``final``); the
+        padding item is in no softmax.
         """
         item_seq = self.prepare(item_seq)
         prefix = self.backbone.encode(item_seq)
@@ -301,7 +312,8 @@ class PLRModel(SequentialRecommender):
         dropout view of the states (of the rows ``pick``, if given) for L_RCL;
         ``rcl_groups = (order, size)`` takes its negatives within groups of rows
         (sequence mode); ``pick`` selects the rows of L_KL and L_RCL."""
-        loss, nip, kl = self._kl_and_nip(out.states, out.z_rea, target, pick)
+        z_nip = out.z_final if self.nip_readout == "final" else out.z_rea
+        loss, nip, kl = self._kl_and_nip(out.states, z_nip, target, pick)
         states = out.states if pick is None else out.states[pick]
         rcl = torch.zeros((), dtype=nip.dtype, device=nip.device)
         if self.rcl_weight > 0 and self.training:
