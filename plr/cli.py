@@ -91,6 +91,11 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
 
     model, extra = _checkpoint(args.checkpoint)
+    if args.readout is not None:
+        if not hasattr(model, "readout"):
+            raise UserError(f"--readout: only a PLR checkpoint has a readout; {args.checkpoint} holds a "
+                            f"{type(model).__name__}", "drop --readout")
+        model.readout = args.readout
     run_cfg = extra.get("run_config") or {}
     data_cfg = dict(run_cfg.get("data") or {"max_len": model.max_len, "split": "loo"})
     data_cfg["path"] = args.data
@@ -260,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["test", "valid"], default="test")
     ev.add_argument("--exclude-history", action="store_true", help="mask the history items (not the paper protocol)")
     ev.add_argument("--ties", choices=["optimistic", "pessimistic"], default="optimistic")
+    ev.add_argument("--readout", choices=["final", "rea", "h0"], default=None,
+                    help="PLR: score with z_final = h_0 + z_rea (Eq. 10), z_rea or h_0 instead of the "
+                         "checkpoint's readout")
     ev.set_defaults(func=cmd_evaluate)
 
     rec = sub.add_parser("recommend", help="top-K items for a history")

@@ -258,6 +258,11 @@ def test_non_finite_checkpoint_is_refused(capsys, data, run, tmp_path):
         evaluate(model, ds.test)
 
 
+def test_readout_of_a_model_without_one_is_refused(capsys, data, run):
+    line = cli_error(capsys, ["evaluate", "--checkpoint", run / "best.pt", "--data", data, "--readout", "rea"])
+    assert "--readout" in line and "SASRecModel" in line
+
+
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "pickle"])
 def test_unreadable_checkpoint_is_one_line(capsys, data, run, tmp_path, kind):
     path = tmp_path / "x.pt"

@@ -60,6 +60,15 @@ def test_run_directory_and_cli_round_trip(synthetic, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(synthetic)]) == 0
     printed = capsys.readouterr().out
     assert f"{metrics['test']['ndcg@10']:.4f}" in printed
+    # --readout scores a PLR checkpoint with another vector: the metrics of that readout.
+    from plr.evaluation import evaluate
+
+    model = SequentialRecommender.load(str(out / "best.pt"))
+    model.readout = "h0"
+    want = evaluate(model, dataset_for(tiny_cfg("plr", synthetic)).valid).metrics["ndcg@10"]
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(synthetic), "--split", "valid",
+                 "--readout", "h0"]) == 0
+    assert f"{want:.4f}" in capsys.readouterr().out
     # `plr recommend` maps raw ids both ways and never returns the padding item.
     assert main(["recommend", "--checkpoint", str(out / "best.pt"), "--history", "3 4 5", "--k", "5"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[1:]
