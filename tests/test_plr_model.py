@@ -125,8 +125,9 @@ def test_aggregation_follows_eq_6_9_10():
     torch.testing.assert_close(out.z_final, out.h0 + z_rea)
 
 
-def test_training_scores_with_z_rea_and_inference_with_z_final():
-    model = small_plr(dropout=0.0, reasoning_dropout=0.0, kl_weight=0.0, rcl_weight=0.0).double().train()
+def test_training_scores_with_z_rea_and_eq_10_inference_with_z_final():
+    model = small_plr(dropout=0.0, reasoning_dropout=0.0, kl_weight=0.0, rcl_weight=0.0,
+                      readout="final").double().train()
     seq, target = histories(), torch.randint(1, NUM_ITEMS + 1, (5,))
     loss, parts = model.compute_loss(seq, target)
     out = model(seq)
@@ -262,6 +263,15 @@ def test_readout_picks_the_vector_that_ranking_scores(readout):
     values, ids = model.recommend(seq, k=4)
     want_values, _ = plr_kernels.topk(want, model.item_emb, 4, exclude_index=0, backend="torch")
     torch.testing.assert_close(values, want_values)
+
+
+def test_default_readout_scores_the_vector_training_scores():
+    """The defaults score z_rea at inference, the vector L_NIP trains (see plr/models/plr.py)."""
+    model = small_plr()
+    assert (model.readout, model.nip_readout) == ("rea", "rea")
+    from plr import config
+
+    assert config.resolve("plr", None, [], "x")["model"]["readout"] == "rea"
 
 
 def test_rcl_temperature_reaches_eq_8():

@@ -22,6 +22,17 @@ literal term (same gradient), beyond c the reward for more diversity vanishes,
 and the total loss is bounded below by ``-lambda * c`` (L_NIP, L_RCL >= 0).
 ``kl_temperature`` is Eq. 7's own softmax temperature (the equation as printed
 has none, i.e. 1); the scoring temperature of L_NIP stays ``temperature``.
+
+The readout. Eq. 11 trains L_NIP on z_rea alone, and Eq. 10 scores
+z_final = h_0 + z_rea at inference: a vector no loss term ever scored. At a
+short budget the two rank alike; trained to convergence they do not: on
+Beauty's validation split two converged checkpoints of the tuning study score
+NDCG@10 0.0436 / 0.0449 with z_final and 0.0466 / 0.0496 with z_rea
+(benchmarks/RESULTS.md, issue 11). The default therefore scores what training
+scored: ``readout="rea"`` (with ``nip_readout="rea"``, Eq. 11 as printed).
+``readout="final"`` is the paper-literal dual-process inference of Eq. 10;
+``nip_readout="final"`` instead trains L_NIP on z_final, so that Eq. 10's
+vector is the trained one.
 """
 
 from __future__ import annotations
@@ -76,8 +87,9 @@ class PLRModel(SequentialRecommender):
             regularises), ``"full"`` a second forward pass (encoder and
             reasoning). See benchmarks/RESULTS.md (issue 11's diagnosis).
         reasoning_dropout: dropout on each new reasoning input token (ReaRec: 0.2).
-        readout: the vector inference scores with: ``"final"`` = h_0 + z_rea
-            (Eq. 10, dual process), ``"rea"`` = z_rea, ``"h0"`` = h_0.
+        readout: the vector inference scores with: ``"rea"`` = z_rea (the
+            default: the vector L_NIP trains), ``"final"`` = h_0 + z_rea (Eq. 10,
+            dual process; paper-literal), ``"h0"`` = h_0. See the module docstring.
         nip_readout: the vector L_NIP of Eq. 11 scores in training: ``"rea"``
             (the default, Eq. 11 as printed) z_rea, so h_0 is trained only
             through the reasoning streams, while inference scores h_0 + z_rea;
@@ -105,7 +117,7 @@ class PLRModel(SequentialRecommender):
                  kl_margin: float = 1.0, kl_temperature: Optional[float] = None, kl_detach_target: bool = False,
                  rcl_weight: float = 1.0, rcl_temperature: float = 1.0, rcl_view: str = "reasoning",
                  reasoning_dropout: float = 0.2,
-                 readout: str = "final", nip_readout: str = "rea", reg_rows: str = "batch",
+                 readout: str = "rea", nip_readout: str = "rea", reg_rows: str = "batch",
                  mixture: str = "gate", backend: str = "auto",
                  backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_layers, num_heads, inner_size, dropout,
