@@ -27,9 +27,12 @@ EPOCH = re.compile(r"epoch (\d+):.*valid ndcg@10=([0-9.]+)")
 
 def trial_row(model: str, trial: Path) -> dict:
     config = yaml.safe_load((trial / "config.yaml").read_text()) if (trial / "config.yaml").exists() else {}
+    family = config.get("model", {}).get("name", model)  # the folder may be named otherwise (plr-eq10)
     params = ", ".join(f"{label} {config['model'][key]:g}" for key, label in SHOWN.items()
-                       if key in config.get("model", {}) and (key != "num_streams" or model == "plr")
-                       and (key != "num_steps" or model in ("plr", "erl", "prl", "lares")))
+                       if key in config.get("model", {}) and (key != "num_streams" or family == "plr")
+                       and (key != "num_steps" or family in ("plr", "erl", "prl", "lares")))
+    if family == "plr":  # a config without the key predates it: Eq. 10's final (plr.deprecations)
+        params += f", readout {config['model'].get('readout', 'final')}"
     log = (trial / "train.log").read_text().splitlines() if (trial / "train.log").exists() else []
     epochs = [(int(m.group(1)), float(m.group(2))) for m in map(EPOCH.search, log) if m]
     row = dict(model=model, trial=trial.name, params=params, epochs_seen=len(epochs))

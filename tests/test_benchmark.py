@@ -282,11 +282,12 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
     tuning_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tuning_table)
     done = tmp_path / "tune" / "plr" / "trials" / "aaa"
-    running = tmp_path / "tune" / "plr" / "trials" / "bbb"
-    for trial, m in ((done, 1), (running, 4)):
+    running = tmp_path / "tune" / "plr-eq10" / "trials" / "bbb"  # a folder named otherwise: the config says plr
+    for trial, m, extra in ((done, 1, {"readout": "rea"}), (running, 4, {})):
         trial.mkdir(parents=True)
-        (trial / "config.yaml").write_text(yaml.safe_dump({"model": {"kl_weight": 0.01, "num_streams": m,
-                                                                     "num_steps": 2, "dropout": 0.3}}))
+        (trial / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "plr", "kl_weight": 0.01,
+                                                                     "num_streams": m, "num_steps": 2,
+                                                                     "dropout": 0.3, **extra}}))
         (trial / "train.log").write_text("model plr\nepoch 0: loss=9.1 | valid ndcg@10=0.0100 *\n"
                                          "epoch 1: loss=8.2 | valid ndcg@10=0.0250 *\n")
     (done / "metrics.json").write_text(json.dumps({"best_epoch": 1, "epochs": 2, "valid": {"ndcg@10": 0.025},
@@ -294,8 +295,9 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
     out = tmp_path / "record"
     tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out)])
     table = (out / "trials.md").read_text().splitlines()
-    assert table[2] == "| plr | aaa | lambda 0.01, M 1, T 2, dropout 0.3 | finished | 1 / 2 | 0.0250 | 12 |"
-    assert table[3].startswith("| plr | bbb | lambda 0.01, M 4, T 2, dropout 0.3 | training (epoch 1, best so far "
-                               "0.0250) |")
+    assert table[2] == ("| plr | aaa | lambda 0.01, M 1, T 2, dropout 0.3, readout rea | finished | 1 / 2 | 0.0250 "
+                        "| 12 |")
+    assert table[3].startswith("| plr-eq10 | bbb | lambda 0.01, M 4, T 2, dropout 0.3, readout final | training "
+                               "(epoch 1, best so far 0.0250) |")
     assert sorted(p.name for p in (out / "plr" / "aaa").iterdir()) == ["config.yaml", "metrics.json", "train.log"]
-    assert not (out / "plr" / "bbb" / "metrics.json").exists()
+    assert not (out / "plr-eq10" / "bbb" / "metrics.json").exists()
