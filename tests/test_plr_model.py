@@ -25,6 +25,16 @@ def histories(batch=5, length=9):
     return seq
 
 
+def sequence_targets(model, seq, target):
+    """Sequence mode's inputs for ``histories()``: the prepared rows and the next
+    item after every position (``target`` after the last, 0 on padding)."""
+    seq_full = model.prepare(seq)
+    tgt = torch.where(seq_full.roll(-1, dims=1) > 0, seq_full.roll(-1, dims=1), 0)
+    tgt[:, -1] = target
+    tgt[seq_full == 0] = 0
+    return seq_full, tgt
+
+
 # -- reasoning over the shared prefix KV cache ---------------------------------------
 
 
@@ -153,10 +163,7 @@ def test_nip_readout_final_trains_the_vector_inference_scores(kl_weight, sequenc
     model = small_plr(dropout=0.0, reasoning_dropout=0.0, kl_weight=kl_weight, rcl_weight=0.0,
                       kl_form="literal", nip_readout="final", reg_rows="all").double().train()
     if sequence:
-        seq_full = model.prepare(seq)
-        tgt = torch.where(seq_full.roll(-1, dims=1) > 0, seq_full.roll(-1, dims=1), 0)
-        tgt[:, -1] = target
-        tgt[seq_full == 0] = 0
+        seq_full, tgt = sequence_targets(model, seq, target)
         loss, parts = model.compute_sequence_loss(seq_full, tgt)
         rows = [(b, n) for b in range(seq_full.shape[0]) for n in range(seq_full.shape[1]) if tgt[b, n] > 0]
         prefixes = torch.stack([torch.cat([seq_full.new_zeros(seq_full.shape[1] - 1 - n), seq_full[b, :n + 1]])
@@ -404,11 +411,7 @@ def test_reasoning_rcl_view_reuses_the_prefix_encoding(sequence, monkeypatch):
         encode = model.backbone.encode
         monkeypatch.setattr(model.backbone, "encode", lambda s: calls.append(1) or encode(s))
         if sequence:
-            seq_full = model.prepare(seq)
-            tgt = torch.where(seq_full.roll(-1, dims=1) > 0, seq_full.roll(-1, dims=1), 0)
-            tgt[:, -1] = target
-            tgt[seq_full == 0] = 0
-            loss, parts = model.compute_sequence_loss(seq_full, tgt)
+            loss, parts = model.compute_sequence_loss(*sequence_targets(model, seq, target))
         else:
             loss, parts = model.compute_loss(seq, target)
         values[view] = (loss.detach(), parts["rcl"])
