@@ -27,8 +27,9 @@ The readout. Eq. 11 trains L_NIP on z_rea alone, and Eq. 10 scores
 z_final = h_0 + z_rea at inference: a vector no loss term ever scored. At a
 short budget the two rank alike; trained to convergence they do not: on
 Beauty's validation split two converged checkpoints of the tuning study score
-NDCG@10 0.0436 / 0.0449 with z_final and 0.0466 / 0.0496 with z_rea
-(benchmarks/RESULTS.md, issue 11). The default therefore scores what training
+NDCG@10 0.0436 / 0.0449 with z_final and 0.0466 / 0.0496 with z_rea, on
+Steam-100k's the shipped defaults 0.0304 vs 0.0374 (benchmarks/RESULTS.md,
+issue 11). The default therefore scores what training
 scored: ``readout="rea"`` (with ``nip_readout="rea"``, Eq. 11 as printed).
 ``readout="final"`` is the paper-literal dual-process inference of Eq. 10;
 ``nip_readout="final"`` instead trains L_NIP on z_final, so that Eq. 10's
@@ -92,8 +93,8 @@ class PLRModel(SequentialRecommender):
             dual process; paper-literal), ``"h0"`` = h_0. See the module docstring.
         nip_readout: the vector L_NIP of Eq. 11 scores in training: ``"rea"``
             (the default, Eq. 11 as printed) z_rea, so h_0 is trained only
-            through the reasoning streams, while inference scores h_0 + z_rea;
-            ``"final"`` z_final = h_0 + z_rea, the vector inference scores (as
+            through the reasoning streams; ``"final"`` z_final = h_0 + z_rea,
+            the vector Eq. 10's inference (``readout="final"``) scores (as in
             ReaRec-ERL, whose pooled vector holds h_0 and is what it scores).
         reg_rows: the rows of a sequence-mode batch (``train.samples:
             sequence``; B sequences, R >= B prefix ends) that the regularisers
