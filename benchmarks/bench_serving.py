@@ -23,17 +23,18 @@ the ratios PLR / SASRec (target for M=2, T=2: within +5%; the paper reports +5.8
 reference / compiled.
 
 HTTP (``benchmarks/serving_http.py``; ``plr serve``, FastAPI + uvicorn, in a
-subprocess on 127.0.0.1, at its default thread count: all cores but one): a
-PLR M=2, T=2 checkpoint of each ``--http-sizes`` (default the paper's d=256 /
-history 50 and the converged comparison's d=64 / history 20) is served twice, micro-batched (``--max-batch
-64``, 2 ms, adaptive wait) and one request at a time (``--max-batch 1``); 1, 4
-and 16 concurrent clients (asyncio + aiohttp, one connection each) send
-``--http-requests`` requests each of random full histories, k=10. Reported:
-p50 / p99 latency and requests/s, the rounds of both servers interleaved, and
-the ceiling the model alone puts on micro-batching: t(batch 1) / (t(batch C) / C).
-``--open-loop-rates R ...`` adds an open loop: Poisson arrivals at R requests/s
-for ``--open-loop-seconds``, each request sent when it arrives (clients do not
-wait for their answers), latency counted from the arrival.
+subprocess on 127.0.0.1, at its default thread count: all cores but one): a PLR
+M=2, T=2 checkpoint of each ``--http-sizes`` (default the paper's d=256 /
+history 50 and the converged comparison's d=64 / history 20) is served twice,
+micro-batched (``--max-batch 64``, 2 ms, adaptive wait) and one request at a
+time (``--max-batch 1``); 1, 4 and 16 concurrent clients (asyncio + aiohttp,
+one connection each) send ``--http-requests`` requests each of random full
+histories, k=10. Reported: p50 / p99 latency and requests/s, the rounds of both
+servers interleaved, and the ceiling the model alone puts on micro-batching:
+t(batch 1) / (t(batch C) / C). ``--open-loop-rates R ...`` adds an open loop:
+Poisson arrivals at R requests/s for ``--open-loop-seconds``, each request sent
+when it arrives (clients do not wait for their answers), latency counted from
+the arrival.
 """
 
 from __future__ import annotations
