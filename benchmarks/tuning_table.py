@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from plr.deprecations import LEGACY_MODEL_VALUES
+
 # The searched keys shown per model family (benchmarks/spaces/*.yaml).
 SHOWN = {"kl_weight": "lambda", "num_streams": "M", "num_steps": "T", "dropout": "dropout",
          "rcl_weight": "w_rcl", "noise_std": "noise"}
@@ -31,8 +33,8 @@ def trial_row(model: str, trial: Path) -> dict:
     params = ", ".join(f"{label} {config['model'][key]:g}" for key, label in SHOWN.items()
                        if key in config.get("model", {}) and (key != "num_streams" or family == "plr")
                        and (key != "num_steps" or family in ("plr", "erl", "prl", "lares")))
-    if family == "plr":  # a config without the key predates it: Eq. 10's final (plr.deprecations)
-        params += f", readout {config['model'].get('readout', 'final')}"
+    if family == "plr":  # a config without the key predates it and ran as plr.deprecations says
+        params += f", readout {config['model'].get('readout', LEGACY_MODEL_VALUES['plr']['readout'])}"
     log = (trial / "train.log").read_text().splitlines() if (trial / "train.log").exists() else []
     epochs = [(int(m.group(1)), float(m.group(2))) for m in map(EPOCH.search, log) if m]
     row = dict(model=model, trial=trial.name, params=params, epochs_seen=len(epochs))
