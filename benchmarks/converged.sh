@@ -7,10 +7,15 @@
 #      with patience 5, at most 100 epochs; the test split is never read.
 #   2. `plr benchmark benchmarks/suites/converged.yaml`: each model's chosen
 #      config (OUT/tune/<model>/best.yaml) trained once per dataset (Beauty,
-#      Steam-100k, Video Games), test read once per run, paired t-tests.
+#      Steam-100k, Video Games), test read once per run, paired t-tests. On
+#      Beauty a run adopts the search's best trial (the same run) instead of
+#      training it again.
 #
 # Two lanes run side by side, one thread each (the 2-core CPU of this project):
-# SASRec, ERL, PRL, LARES in one, PLR (the costliest search) in the other.
+# lane A tunes SASRec, ERL, PRL, LARES, then trains the final runs of ERL, PRL
+# and LARES; lane B tunes PLR (the costliest search), then trains the final
+# runs of PLR, its no-RCL ablation and SASRec (`--only` keeps the two lanes on
+# disjoint runs). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +33,17 @@ tune() {
   plr tune --model "$model" --data "$BEAUTY" --space "benchmarks/spaces/$model.yaml" --trials "$TRIALS" \
     --out "$OUT/tune/$model" "${BASE[@]}" "$@"
 }
-lane_a() { tune sasrec && tune erl && tune prl && tune lares; }
+final() {
+  echo "$(date -u +%FT%TZ) final $*"
+  plr benchmark benchmarks/suites/converged.yaml --out "$OUT/final" --only "$@"
+}
+lane_a() { tune sasrec && tune erl && tune prl && tune lares && final erl prl lares; }
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
-lane_b() { tune plr --set model.readout=rea; }
+lane_b() { tune plr --set model.readout=rea && final plr plr-norcl sasrec; }
 lane_a >> "$OUT/lane-a.log" 2>&1 &
 a=$!
 lane_b >> "$OUT/lane-b.log" 2>&1 &
 b=$!
 wait "$a" && wait "$b"
-plr benchmark benchmarks/suites/converged.yaml --out "$OUT/final"
+plr benchmark benchmarks/suites/converged.yaml --out "$OUT/final" --report

@@ -8,6 +8,7 @@ A suite file::
       beauty: ../../../shared/data/amazon2014-beauty_seqrecbench
     defaults:                    # config sections merged over every run's shipped config
       train: {epochs: 200, patience: 10}
+    reuse: [../runs/tune]        # optional: folders of finished runs to adopt (see below)
     runs:
       - name: sasrec             # unique; the run directory's name
         model: sasrec            # a model of plr.models.MODELS
@@ -29,7 +30,15 @@ Everything is checked before any training starts (unknown keys, models,
 datasets, metrics, a run directory holding another config), and each error
 names the suite entry. A finished run (``metrics.json`` with test metrics) is
 skipped, a killed one resumed from its ``last.pt``; the test split is read
-once per run. Results: ``OUT/RESULTS.md``, ``OUT/results.json`` and one figure
+once per run. A new run whose config (model, data, train and eval keys) is
+that of a finished run under a ``reuse`` folder, trained with the test split
+withheld (a ``plr tune`` trial, say), adopts it instead of training again: its
+best checkpoint, curves and wall time are copied and the test split is read
+once (``metrics.json`` names the source under ``"adopted_from"``); a relative
+``data.path`` of such a run is read from the current directory, as ``plr tune``
+wrote it. ``--only`` checks only the named runs' config files, so one part of
+a suite can run while another part's ``config_file`` (from a search still
+running) is not written yet. Results: ``OUT/RESULTS.md``, ``OUT/results.json`` and one figure
 of validation curves per dataset, ``OUT/curves-<dataset>.png`` (the numbers
 are in ``results.json``).
 """
@@ -51,7 +60,7 @@ import yaml
 from . import config as config_mod
 from .evaluation import metric_names
 
-SUITE_KEYS = {"name", "description", "out", "datasets", "defaults", "runs", "table"}
+SUITE_KEYS = {"name", "description", "out", "datasets", "defaults", "reuse", "runs", "table"}
 RUN_KEYS = {"name", "model", "from", "config", "config_file", "datasets"}
 TABLE_KEYS = {"baseline", "proposed", "metrics", "significance"}
 DEFAULT_METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
@@ -84,6 +93,7 @@ class Suite:
     metrics: List[str]
     significance: List[str]
     run_names: List[str] = field(default_factory=list)
+    reuse: List[Path] = field(default_factory=list)  # folders of finished runs to adopt
 
 
 def _mapping(value, where: str) -> Dict[str, Any]:
@@ -100,9 +110,10 @@ def _unknown(given, allowed, where: str) -> None:
         raise SuiteError(f"{where}: unknown key(s) {extra}; expected some of {sorted(allowed)}")
 
 
-def load_suite(path, out=None) -> Suite:
+def load_suite(path, out=None, only: Optional[List[str]] = None) -> Suite:
     """Read and check a suite file (``out`` replaces its ``out``); raises
-    :class:`SuiteError` naming the bad entry."""
+    :class:`SuiteError` naming the bad entry. With ``only``, a run outside it
+    whose ``config_file`` does not exist yet is left out of ``runs``."""
     from .models import MODELS
 
     path = Path(path)
@@ -136,12 +147,20 @@ def load_suite(path, out=None) -> Suite:
         raise SuiteError(f"{where}: datasets: expected at least one dataset")
 
     defaults = _mapping(raw.get("defaults"), f"{where}: defaults")
+    reuse = raw.get("reuse") or []
+    if not isinstance(reuse, list) or not all(isinstance(d, str) for d in reuse):
+        raise SuiteError(f"{where}: reuse: expected a list of folders, got {reuse!r}")
+    reuse = [Path(os.path.normpath(Path(d) if Path(d).is_absolute() else base / d)) for d in reuse]
+    for folder in reuse:
+        if not folder.is_dir():
+            raise SuiteError(f"{where}: reuse: no folder at {str(folder)!r}")
     entries = raw.get("runs")
     if not isinstance(entries, list) or not entries:
         raise SuiteError(f"{where}: runs: expected a non-empty list of runs")
     runs: List[RunSpec] = []
     by_name: Dict[str, Dict[str, Any]] = {}
     resolved: Dict[str, Dict[str, Any]] = {}  # run name -> its config before the dataset keys
+    pending = set()  # runs outside ``only`` whose config_file is not written yet
     for i, entry in enumerate(entries):
         entry = _mapping(entry, f"{where}: runs[{i}]")
         run_name = entry.get("name")
@@ -152,6 +171,10 @@ def load_suite(path, out=None) -> Suite:
         if run_name in by_name:
             raise SuiteError(f"{run_where}: name: {run_name!r} is used twice")
         source = entry.get("from")
+        if source is not None and source in pending:
+            by_name[run_name] = entry
+            pending.add(run_name)
+            continue
         if source is not None:
             if source not in by_name or by_name[source].get("from") is not None:
                 raise SuiteError(f"{run_where}: from: expected an earlier trained run, got {source!r}")
@@ -179,6 +202,10 @@ def load_suite(path, out=None) -> Suite:
         if entry.get("config_file"):
             file = Path(entry["config_file"])
             file = file if file.is_absolute() else base / file
+            if not file.is_file() and only is not None and run_name not in only:
+                by_name[run_name] = entry
+                pending.add(run_name)
+                continue
             if not file.is_file():
                 raise SuiteError(f"{run_where}: config_file: no file at {str(file)!r}")
             cfg = config_mod.merge(cfg, config_mod.load_yaml(file))
@@ -213,7 +240,7 @@ def load_suite(path, out=None) -> Suite:
                 raise SuiteError(f"{where}: table.{key}: expected metrics among {known} (eval.ks of run "
                                  f"{run.name!r}), got {bad!r}")
     suite = Suite(path, name, out, datasets, runs, baseline, list(proposed), list(metrics), list(significance),
-                  names)
+                  names, reuse)
     _check_run_dirs(suite)
     return suite
 
@@ -278,6 +305,66 @@ def evaluate_from(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
     return metrics
 
 
+def _same_dataset(saved_path, path) -> bool:
+    saved, path = Path(str(saved_path)), Path(path)
+    try:
+        return saved.exists() and os.path.samefile(saved, path)
+    except OSError:
+        return False
+
+
+def find_reusable(run: RunSpec, folders: List[Path]) -> Optional[Path]:
+    """A finished run directory under ``folders`` of the same config as ``run``
+    (same dataset, every other key equal), with its best checkpoint; or None."""
+    from .training import BEST, same_config
+
+    want = {**run.cfg, "data": {k: v for k, v in run.cfg["data"].items() if k != "path"}}
+    for folder in folders:
+        for saved in sorted(folder.rglob("config.yaml")):
+            source = saved.parent
+            if source.resolve() == run.run_dir.resolve() or not (source / BEST).is_file():
+                continue
+            try:
+                metrics = json.loads((source / "metrics.json").read_text())
+                cfg = same_config(config_mod.load_yaml(saved))
+            except (OSError, ValueError, TypeError, yaml.YAMLError):
+                continue  # unfinished (no metrics.json yet) or not a run of plr
+            data = dict(cfg.get("data") or {})
+            if not metrics.get("valid") or not _same_dataset(data.pop("path", ""), run.cfg["data"]["path"]):
+                continue
+            if {**cfg, "data": data} == want:
+                return source
+    return None
+
+
+def adopt_run(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
+    """Make ``source_dir`` (a finished run of ``run.cfg``) this run: copy its best
+    checkpoint, log and curves, and read the test split once (unless the source
+    already did)."""
+    import shutil
+
+    from .evaluation import evaluate
+    from .models.base import SequentialRecommender
+    from .training import BEST, save_ranks, write_json_atomic
+
+    metrics = json.loads((source_dir / "metrics.json").read_text())
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (BEST, "train.log", "test_ranks.csv"):
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, run.run_dir / name)
+    config_mod.save(run.cfg, run.run_dir / "config.yaml")
+    if not metrics.get("test"):
+        eval_cfg = run.cfg["eval"]
+        best = SequentialRecommender.load(str(run.run_dir / BEST))
+        result = evaluate(best, dataset.test, ks=eval_cfg["ks"], batch_size=eval_cfg["batch_size"],
+                          exclude_history=eval_cfg["exclude_history"], ties=eval_cfg["ties"])
+        save_ranks(run.run_dir / "test_ranks.csv", result.users, result.ranks)
+        metrics["test"] = result.metrics
+    metrics["adopted_from"] = str(source_dir)
+    write_json_atomic(metrics, run.run_dir / "metrics.json")
+    return metrics
+
+
 def run_suite(suite: Suite, *, only: Optional[List[str]] = None, log=print) -> Path:
     """Run every unfinished run of ``suite`` (or of ``only``), then write the report."""
     from .data import load_dataset
@@ -300,6 +387,9 @@ def run_suite(suite: Suite, *, only: Optional[List[str]] = None, log=print) -> P
         if run.source is not None:
             log(f"{tag}: evaluating the best checkpoint of {run.source!r}")
             metrics = evaluate_from(run, run.run_dir.parent / run.source, dataset)
+        elif status == "new" and (source := find_reusable(run, suite.reuse)) is not None:
+            log(f"{tag}: adopting {source} (a finished run of the same config); reading its test split")
+            metrics = adopt_run(run, source, dataset)
         else:
             log(f"{tag}: {'resuming' if status == 'partial' else 'training'} in {run.run_dir}")
             run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +428,8 @@ def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]
         row.update({metric: m["test"][metric] for metric in suite.metrics})
         minutes = (m.get("train_seconds") or 0.0) / 60
         row["epochs (best)"] = f"{m.get('epochs')} ({m.get('best_epoch')})"
-        row["train min"] = f"{minutes:.1f}" + (f" (of {sources[name]})" if sources.get(name) else "")
+        row["train min"] = (f"{minutes:.1f}" + (f" (of {sources[name]})" if sources.get(name) else "")
+                            + (" (adopted)" if m.get("adopted_from") else ""))
         for metric in suite.significance:
             if suite.baseline in finished and name != suite.baseline:
                 row[f"vs {suite.baseline} {metric}"] = _significance_cell(

@@ -168,7 +168,7 @@ def cmd_compare(args) -> int:
 def cmd_benchmark(args) -> int:
     from .benchmark import SuiteError, load_suite, run_status, run_suite, write_report
 
-    suite = load_suite(args.suite, out=args.out)  # a SuiteError is a one-line user error
+    suite = load_suite(args.suite, out=args.out, only=args.only)  # a SuiteError is a one-line user error
     unknown = sorted(set(args.only or []) - set(suite.run_names))
     if unknown:
         raise SuiteError(f"--only: expected runs of the suite {suite.run_names}, got {unknown}")

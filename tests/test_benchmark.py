@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from plr import config
+import plr.benchmark
 from plr.benchmark import SuiteError, load_suite, run_status, run_suite
 from plr.cli import main
 from plr.tuning import SpaceError, load_space, tune
@@ -120,6 +121,8 @@ BAD_SUITES = [
     (lambda raw: raw["runs"].append({"name": "sasrec", "model": "sasrec"}), r"runs\[3\].*used twice"),
     (lambda raw: raw["table"].update(baseline="bert"), r"table.baseline: expected one of the runs"),
     (lambda raw: raw["table"].update(metrics=["ndcg@100"]), r"table.metrics: expected metrics among"),
+    (lambda raw: raw.update(reuse="runs"), r"reuse: expected a list of folders"),
+    (lambda raw: raw.update(reuse=["/nonexistent/runs"]), r"reuse: no folder at '/nonexistent/runs'"),
 ]
 
 
@@ -139,6 +142,76 @@ def test_a_run_directory_of_another_config_is_refused(finished, tmp_path):
     path = suite_copy(tmp_path, lambda raw: raw["defaults"]["train"].update(lr=0.002))
     with pytest.raises(SuiteError, match=r"run 'sasrec' on ml100k: .* holds a run with another config"):
         load_suite(path)
+
+
+def test_a_finished_run_of_the_same_config_is_adopted_and_its_test_read_once(tmp_path, monkeypatch):
+    """A run trained with the test split withheld (as `plr tune` trains its trials),
+    under a `reuse` folder, becomes the suite's run: no training, the test split
+    read once from its best checkpoint, its curves and wall time kept; a run of
+    another config is not adopted."""
+    import plr.training
+    from plr.data import load_dataset
+    from plr.evaluation import evaluate
+    from plr.models import SequentialRecommender
+    from plr.training import train_run
+
+    def only_sasrec(raw):
+        raw.update(runs=raw["runs"][:1], table={"baseline": "sasrec"}, reuse=[str(tmp_path / "search")])
+
+    (tmp_path / "search").mkdir()
+    suite = load_suite(suite_copy(tmp_path, only_sasrec))
+    cfg = json.loads(json.dumps(suite.runs[0].cfg))
+    dataset = load_dataset(cfg["data"])
+    monkeypatch.chdir(DATA.parent)  # the trial's data path is relative to where the search ran
+    cfg["data"]["path"] = DATA.name
+    trial = tmp_path / "search" / "trials" / "abc"
+    withheld = train_run(cfg, dataset, trial, test=False, log_to_console=False)
+    assert withheld["test"] is None
+    other = json.loads(json.dumps(cfg))
+    other["train"]["lr"] = 0.01
+    train_run(other, dataset, tmp_path / "search" / "trials" / "other", test=False, log_to_console=False)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an adopted run must not train")
+
+    monkeypatch.setattr(plr.training, "train_run", no_training)
+    lines = []
+    run_suite(suite, log=lines.append)
+    assert any(f"adopting {trial}" in line for line in lines), lines
+    got = json.loads((suite.runs[0].run_dir / "metrics.json").read_text())
+    best = SequentialRecommender.load(str(trial / "best.pt"))
+    want = evaluate(best, dataset.test, ks=cfg["eval"]["ks"], batch_size=cfg["eval"]["batch_size"]).metrics
+    assert got["test"] == pytest.approx(want, abs=0, rel=1e-12)
+    assert got["adopted_from"] == str(trial)
+    assert got["valid"] == withheld["valid"] and got["history"] == withheld["history"]
+    assert got["train_seconds"] == withheld["train_seconds"]
+    assert (suite.runs[0].run_dir / "test_ranks.csv").is_file()
+    assert json.loads((trial / "metrics.json").read_text())["test"] is None  # the source is left as it was
+
+    # another learning rate: the trial of lr 0.01 is not this run, so it trains
+    def lr_002(raw):
+        only_sasrec(raw)
+        raw["out"] = str(tmp_path / "out2")
+        raw["defaults"]["train"]["lr"] = 0.002
+
+    other_suite = load_suite(suite_copy(tmp_path, lr_002))
+    assert plr.benchmark.find_reusable(other_suite.runs[0], other_suite.reuse) is None
+
+
+def test_only_checks_the_config_files_of_its_runs(tmp_path):
+    """A suite whose config_file comes from a search still running can run its
+    other part with --only; without --only it is refused, naming the entry."""
+    def pending(raw):
+        raw["runs"][1]["config_file"] = str(tmp_path / "not-yet" / "best.yaml")
+
+    path = suite_copy(tmp_path, pending)
+    with pytest.raises(SuiteError, match=r"runs\[1\] \('plr'\): config_file: no file at"):
+        load_suite(path)
+    suite = load_suite(path, only=["sasrec"])
+    assert [r.name for r in suite.runs] == ["sasrec"]
+    assert suite.run_names == ["sasrec", "plr", "plr-h0"]
+    with pytest.raises(SuiteError, match=r"runs\[1\] \('plr'\): config_file: no file at"):
+        load_suite(path, only=["plr"])
 
 
 # -- plr tune --------------------------------------------------------------------------
@@ -260,7 +333,12 @@ def test_shipped_suites_are_valid(suite, tmp_path):
     raw = yaml.safe_load(suite.read_text())
     base = suite.parent
     missing = [r for r in raw["runs"] if r.get("config_file") and not (base / r["config_file"]).is_file()]
-    if missing:
+    absent = [d for d in raw.get("reuse", []) if not (base / d).is_dir()]
+    if absent:  # folders of finished runs that a search writes
+        raw["reuse"] = [str(tmp_path / f"reuse{i}") for i in range(len(raw["reuse"]))]
+        for d in raw["reuse"]:
+            Path(d).mkdir()
+    if missing or absent:
         for name, spec in raw["datasets"].items():
             path = spec if isinstance(spec, str) else spec["path"]
             resolved = str((base / path).resolve())
