@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from plr import config
-import plr.benchmark
-from plr.benchmark import SuiteError, load_suite, run_status, run_suite
+from plr.benchmark import SuiteError, find_reusable, load_suite, run_status, run_suite
 from plr.cli import main
 from plr.tuning import SpaceError, load_space, tune
 
@@ -195,7 +194,7 @@ def test_a_finished_run_of_the_same_config_is_adopted_and_its_test_read_once(tmp
         raw["defaults"]["train"]["lr"] = 0.002
 
     other_suite = load_suite(suite_copy(tmp_path, lr_002))
-    assert plr.benchmark.find_reusable(other_suite.runs[0], other_suite.reuse) is None
+    assert find_reusable(other_suite.runs[0], other_suite.reuse) is None
 
 
 def test_only_checks_the_config_files_of_its_runs(tmp_path):
