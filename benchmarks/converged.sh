@@ -11,39 +11,82 @@
 #      Beauty a run adopts the search's best trial (the same run) instead of
 #      training it again.
 #
-# Two lanes run side by side, one thread each (the 2-core CPU of this project):
-# lane A tunes SASRec, ERL, PRL, LARES, then trains the final runs of ERL, PRL
-# and LARES; lane B tunes PLR (the costliest search), then trains the final
-# runs of PLR, its no-RCL ablation and SASRec (`--only` keeps the two lanes on
-# disjoint runs). The report is written last, from every finished run.
+# WORKERS processes (default 2, one thread each: the 2-core CPU of this project)
+# take the tasks below in order of priority. A task runs in one worker at a time
+# (an flock on OUT/queue/<task>.lock), a final task only once the search that
+# writes its config_file has finished, and a finished task is marked
+# OUT/queue/<task>.done; a failed one OUT/queue/<task>.failed (its log says why;
+# delete the mark to retry). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/converged}
 BEAUTY=${BEAUTY:-../shared/data/amazon2014-beauty_seqrecbench}
 TRIALS=${TRIALS:-4}
+WORKERS=${WORKERS:-2}
+SUITE=benchmarks/suites/converged.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT/tune"
+mkdir -p "$OUT/tune" "$OUT/queue"
 BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=20
       --set train.batch_size=256 --set train.epochs=100 --set train.patience=5
       --set train.seed=2024 --set train.progress=false)
-tune() {
-  echo "$(date -u +%FT%TZ) tune $1"
-  local model=$1; shift
-  plr tune --model "$model" --data "$BEAUTY" --space "benchmarks/spaces/$model.yaml" --trials "$TRIALS" \
-    --out "$OUT/tune/$model" "${BASE[@]}" "$@"
-}
-final() {
-  echo "$(date -u +%FT%TZ) final $*"
-  plr benchmark benchmarks/suites/converged.yaml --out "$OUT/final" --only "$@"
-}
-lane_a() { tune sasrec && tune erl && tune prl && tune lares && final erl prl lares; }
+# "tune MODEL [--set ...]" or "final RUN ... (needs MODEL ...)": the search of
+# each needed model must have written OUT/tune/<model>/best.yaml.
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
-lane_b() { tune plr --set model.readout=rea && final plr plr-norcl sasrec; }
-lane_a >> "$OUT/lane-a.log" 2>&1 &
-a=$!
-lane_b >> "$OUT/lane-b.log" 2>&1 &
-b=$!
-wait "$a" && wait "$b"
-plr benchmark benchmarks/suites/converged.yaml --out "$OUT/final" --report
+TASKS=(
+  "tune sasrec"
+  "tune plr --set model.readout=rea"
+  "tune erl"
+  "final sasrec (needs sasrec)"
+  "final plr plr-norcl (needs plr)"
+  "tune prl"
+  "tune lares"
+  "final erl (needs erl)"
+  "final prl (needs prl)"
+  "final lares (needs lares)"
+)
+key() { echo "$1" | sed 's/ (needs.*//; s/ --set .*//; s/ /-/g'; }
+ready() {
+  local needs=${1#*(needs }
+  [[ $needs == "$1" ]] && return 0
+  for m in ${needs%)}; do [[ -f $OUT/tune/$m/best.yaml ]] || return 1; done
+}
+run_task() {
+  local task=${1% (needs*}
+  echo "$(date -u +%FT%TZ) worker $2: $task"
+  set -- $task
+  local kind=$1 model=$2; shift
+  if [[ $kind == tune ]]; then
+    shift
+    plr tune --model "$model" --data "$BEAUTY" --space "benchmarks/spaces/$model.yaml" --trials "$TRIALS" \
+      --out "$OUT/tune/$model" "${BASE[@]}" "$@"
+  else
+    plr benchmark "$SUITE" --out "$OUT/final" --only "$@"
+  fi
+}
+worker() {
+  while :; do
+    local left=0 did=0
+    for task in "${TASKS[@]}"; do
+      local k; k=$(key "$task")
+      [[ -e $OUT/queue/$k.done || -e $OUT/queue/$k.failed ]] && continue
+      left=1
+      ready "$task" || continue
+      exec {fd}>"$OUT/queue/$k.lock"
+      if flock -n "$fd"; then
+        if run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1; then touch "$OUT/queue/$k.done"
+        else echo "$(date -u +%FT%TZ) worker $1: $task failed (see $OUT/queue/$k.log)"; touch "$OUT/queue/$k.failed"; fi
+        did=1
+      fi
+      exec {fd}>&-
+      [[ $did == 1 ]] && break  # back to the top: the first ready task has priority
+    done
+    [[ $left == 0 ]] && return
+    [[ $did == 0 ]] && sleep 60  # every open task runs elsewhere or waits for a search
+  done
+}
+pids=()
+for w in $(seq 1 "$WORKERS"); do worker "$w" & pids+=($!); done
+wait "${pids[@]}"
+plr benchmark "$SUITE" --out "$OUT/final" --report

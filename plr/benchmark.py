@@ -468,7 +468,9 @@ def plot_curves(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]],
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = suite.out / f"curves-{ds_name}.png"
-    fig.savefig(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
     plt.close(fig)
     return path
 
@@ -497,7 +499,7 @@ def write_report(suite: Suite) -> Path:
             lines += [f"![validation curves]({figure.name})", ""]
         report["datasets"][ds_name] = {"rows": rows, "runs": runs}
     path = suite.out / "RESULTS.md"
-    tmp = path.with_name(".tmp-RESULTS.md")
+    tmp = path.with_name(f".tmp-{os.getpid()}-RESULTS.md")  # two processes may write the report
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     write_json_atomic(report, suite.out / "results.json")

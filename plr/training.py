@@ -41,7 +41,8 @@ STATE_FORMAT = "plr-train-state-v1"
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
+    """Write ``path`` whole or not at all (a temporary file of this process, renamed)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.flush()
