@@ -15,6 +15,7 @@ metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from . import distributed, guards
 from .data import check_usable
 from .deprecations import fill_legacy_model_values
 from .errors import UserError
+from .run_lock import run_dir_lock
 from .models import build_model, model_class
 from .data.dataset import SequenceSamples
 from .models.base import SequentialRecommender, atomic_torch_save
@@ -370,14 +372,17 @@ def train_run(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
         raise UserError(f"model: {cfg['model']['name']} trains in phases of its own and runs as one process, "
                         f"not {ctx.world_size} (WORLD_SIZE)", "run it without torchrun")
     if custom is not None:
-        return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console, test=test)
+        with run_dir_lock(run_dir):
+            return custom(cfg, dataset, run_dir, resume=resume, log_to_console=log_to_console, test=test)
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, config_mod.check(cfg), resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main:
-        config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
-    ctx.barrier()  # every rank has checked run_dir before rank 0 writes into it
-    return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume, test=test)
+    # The ranks of one job share run_dir: rank 0 holds its lock (plr.run_lock).
+    with run_dir_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
+        check_run_dir(run_dir, config_mod.check(cfg), resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            config_mod.save(config_mod.check(cfg), run_dir / "config.yaml")
+        ctx.barrier()  # every rank has checked run_dir before rank 0 writes into it
+        return Trainer(cfg, dataset, run_dir, log_to_console=log_to_console).fit(resume=resume, test=test)
 
 
 def same_config(saved: Dict[str, Any]) -> Dict[str, Any]:

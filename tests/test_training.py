@@ -1,7 +1,6 @@
 """Trainer, run directory, resumption after a kill, and the command line on top."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -131,6 +130,33 @@ def test_resume_after_kill_gives_the_same_result(synthetic, tmp_path):
     a = SequentialRecommender.load(str(tmp_path / "full" / "best.pt")).state_dict()
     b = SequentialRecommender.load(str(out / "best.pt")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no advisory file locks")
+def test_a_run_directory_is_trained_by_one_process_at_a_time(synthetic, tmp_path):
+    """While another process trains into a run directory (holds its lock), a
+    second train_run there is refused before it writes anything, naming the
+    directory and the holder; once the holder is gone the run trains."""
+    cfg = tiny_cfg("sasrec", synthetic, "train.epochs=1")
+    ds = dataset_for(cfg)
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom plr.run_lock import run_dir_lock\n"
+         "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"run_dir: {run_dir} is being trained by pid {holder.pid} on "):
+            train_run(cfg, ds, run_dir, resume=True, log_to_console=False)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+        lares = tiny_cfg("lares", synthetic, "model.spt_epochs=1", "model.rpt_epochs=0")
+        with pytest.raises(ValueError, match=rf"run_dir: {run_dir} is being trained by pid {holder.pid}"):
+            train_run(lares, dataset_for(lares), run_dir, log_to_console=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    metrics = train_run(cfg, ds, run_dir, log_to_console=False)  # the lock died with its holder
+    assert metrics["test"] is not None
 
 
 @pytest.mark.skipif(not (DATA / "amazon2014-beauty_seqrecbench").is_dir(), reason="shared data not present")
