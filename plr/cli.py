@@ -166,15 +166,20 @@ def cmd_compare(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import SuiteError, load_suite, run_status, run_suite, write_report
+    from .benchmark import SuiteError, find_reusable, load_suite, run_status, run_suite, write_report
 
     suite = load_suite(args.suite, out=args.out, only=args.only)  # a SuiteError is a one-line user error
     unknown = sorted(set(args.only or []) - set(suite.run_names))
     if unknown:
         raise SuiteError(f"--only: expected runs of the suite {suite.run_names}, got {unknown}")
     if args.check:
+        def status(run) -> str:
+            state = run_status(run)
+            source = find_reusable(run, suite.reuse) if state == "new" and run.source is None else None
+            return f"new, adopts {source}" if source is not None else state
+
         print(format_table([{"run": r.name, "model": r.cfg["model"]["name"], "dataset": r.dataset,
-                             "status": run_status(r), "directory": str(r.run_dir)} for r in suite.runs],
+                             "status": status(r), "directory": str(r.run_dir)} for r in suite.runs],
                            ["run", "model", "dataset", "status", "directory"]))
         return 0
     path = write_report(suite) if args.report else run_suite(suite, only=args.only)

@@ -143,7 +143,7 @@ def test_a_run_directory_of_another_config_is_refused(finished, tmp_path):
         load_suite(path)
 
 
-def test_a_finished_run_of_the_same_config_is_adopted_and_its_test_read_once(tmp_path, monkeypatch):
+def test_a_finished_run_of_the_same_config_is_adopted_and_its_test_read_once(tmp_path, monkeypatch, capsys):
     """A run trained with the test split withheld (as `plr tune` trains its trials),
     under a `reuse` folder, becomes the suite's run: no training, the test split
     read once from its best checkpoint, its curves and wall time kept; a run of
@@ -174,6 +174,8 @@ def test_a_finished_run_of_the_same_config_is_adopted_and_its_test_read_once(tmp
         raise AssertionError("an adopted run must not train")
 
     monkeypatch.setattr(plr.training, "train_run", no_training)
+    assert main(["benchmark", str(suite.path), "--check"]) == 0
+    assert f"new, adopts {trial}" in capsys.readouterr().out
     lines = []
     run_suite(suite, log=lines.append)
     assert any(f"adopting {trial}" in line for line in lines), lines
