@@ -18,6 +18,7 @@
 # OUT/queue/<task>.done; a failed one OUT/queue/<task>.failed (its log says why;
 # delete the mark to retry). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
+#   OUT=runs/converged bash benchmarks/converged.sh --status   # each task's state, nothing started
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/converged}
@@ -86,6 +87,18 @@ worker() {
     [[ $did == 0 ]] && sleep 60  # every open task runs elsewhere or waits for a search
   done
 }
+if [[ ${1:-} == --status ]]; then
+  for task in "${TASKS[@]}"; do
+    k=$(key "$task")
+    if [[ -e $OUT/queue/$k.done ]]; then state=done
+    elif [[ -e $OUT/queue/$k.failed ]]; then state="failed (see $OUT/queue/$k.log)"
+    elif [[ -e $OUT/queue/$k.lock ]] && ! flock -n "$OUT/queue/$k.lock" true; then state=running
+    elif ready "$task"; then state="queued (for a free worker)"
+    else state="waiting for its search"; fi
+    printf '%-36s %s\n' "${task% (needs*}" "$state"
+  done
+  exit 0
+fi
 pids=()
 for w in $(seq 1 "$WORKERS"); do worker "$w" & pids+=($!); done
 wait "${pids[@]}"
