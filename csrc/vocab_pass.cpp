@@ -26,8 +26,9 @@
 // Accumulation in float (double for fp64 inputs); item rows are copied (bf16 /
 // fp16 widened) tile by tile into a small per-thread buffer. The products of a
 // row block with a tile (logits, sum p e, G e, G^T x) go to torch's CPU matmul
-// on these buffers, single-threaded inside each OpenMP task; the online
-// softmax and the logit gradients are the loops below.
+// on these buffers, and the exponentials and row sums of a tile to torch's
+// vectorised exp and sum, single-threaded inside each OpenMP task; the rest of
+// the online softmax and of the logit gradients are the loops below.
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -110,6 +111,24 @@ inline void add_weighted_rows(const T* w, int64_t nr, int64_t ld, const T* x, in
   view(D, nt, d, d).addmm_(view(w, nr, nt, ld).t(), view(x, nr, d, d), 1, alpha);
 }
 
+// In place, l = exp(l) on a row block x tile (row stride ld) with torch's CPU
+// exp, which is vectorised (SLEEF, the best ISA of the machine at run time);
+// a scalar std::exp loop here cost as much as the matmuls of the pass. Inside
+// our OpenMP tasks it runs single-threaded; exp(-inf) = 0.
+template <typename T>
+inline void exp_in_place(T* l, int64_t nr, int64_t nt, int64_t ld) {
+  view(l, nr, nt, ld).exp_();
+}
+
+// s[r] += sum_v l[r * ld + v] for nr rows of nt values (torch's vectorised sum;
+// its order is fixed by the shape and strides); tmp holds nr values.
+template <typename T>
+inline void add_row_sums(const T* l, int64_t nr, int64_t nt, int64_t ld, T* tmp, T* s) {
+  auto out = at::from_blob(tmp, {nr}, at::dtype(c10::CppTypeToScalarType<T>::value));
+  at::sum_out(out, view(l, nr, nt, ld), {1});
+  for (int64_t r = 0; r < nr; ++r) s[r] += tmp[r];
+}
+
 // Copies n rows of width d (widening bf16 / fp16 exactly) into a scratch buffer.
 template <typename acc_t, typename src_t>
 inline void load_rows(const src_t* src, int64_t n, int64_t d, acc_t* dst) {
@@ -139,7 +158,8 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
   const int64_t tile = tile_items(d, sizeof(acc_t));
   const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock;
 
-  const Scratch<acc_t> scratch({kRowBlock * d, tile * d, kRowBlock * tile, kRowBlock * d}, at::get_num_threads());
+  const Scratch<acc_t> scratch({kRowBlock * d, tile * d, kRowBlock * tile, kRowBlock * d, kRowBlock},
+                               at::get_num_threads());
 
 #pragma omp parallel num_threads(scratch.threads())
   {
@@ -147,6 +167,7 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
     acc_t* const eb = scratch.get(1);  // the item tile
     acc_t* const lg = scratch.get(2);  // logits, then exp(l - m), of block x tile
     acc_t* const acc = scratch.get(3);  // running sum_v exp(l(v) - m) e_v
+    acc_t* const tile_sum = scratch.get(4);  // sum_v exp(l(v) - m) over the tile
     acc_t m[kRowBlock], s[kRowBlock];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
@@ -172,10 +193,7 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
           acc_t tile_max = kNegInf;
           for (int64_t v = 0; v < nt; ++v) tile_max = std::max(tile_max, l[v]);
           const acc_t m_new = std::max(m[r], tile_max);
-          if (m_new == kNegInf) {  // no valid item so far: nothing to add
-            std::fill(l, l + nt, acc_t(0));
-            continue;
-          }
+          if (m_new == kNegInf) continue;  // no valid item so far: the row stays -inf, exp gives 0
           // Rescale the running sums to the new max (exp(-inf) = 0 on the first tile).
           const acc_t alpha = std::exp(m[r] - m_new);
           if (alpha != acc_t(1)) {
@@ -183,12 +201,11 @@ void vocab_forward_kernel(const acc_type<scalar_t>* x, const scalar_t* E, const 
             acc_t* ar = acc + r * d;
             for (int64_t k = 0; k < d; ++k) ar[k] *= alpha;
           }
-          for (int64_t v = 0; v < nt; ++v) {
-            l[v] = std::exp(l[v] - m_new);  // the unnormalised p, in place
-            s[r] += l[v];
-          }
+          for (int64_t v = 0; v < nt; ++v) l[v] -= m_new;
           m[r] = m_new;
         }
+        exp_in_place(lg, nr, nt, tile);  // exp(l - m): the unnormalised p, in place
+        add_row_sums(lg, nr, nt, tile, tile_sum, s);
         // a_r += sum_v exp(l_r(v) - m_r) e_v for the whole block at once.
         add_weighted_items(lg, nr, tile, eb, nt, d, acc_t(1), acc);
       }
@@ -217,21 +234,34 @@ struct RowGrads {
 
 // On a row block x item tile: l holds the scaled logits and u the products
 // g_mu_r.e_v on entry; on exit l holds G_r(v) and u holds p_r(v).
+// (u is left as it was without g_mu: nothing reads it then.)
 template <typename acc_t>
 void grad_logits(const RowGrads<acc_t>& in, int64_t r0, int64_t nr, int64_t v0, int64_t nt,
                  int64_t ld, acc_t* l, acc_t* u) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < nr; ++r) {
+    acc_t* lr = l + r * ld;
+    const acc_t lse = in.lse[r0 + r];
+    if (lse == kNegInf) {  // every item excluded: p = 0 (not exp(-inf + inf))
+      std::fill(lr, lr + nt, kNegInf);
+    } else {
+      for (int64_t v = 0; v < nt; ++v) lr[v] -= lse;  // -inf (an excluded item) stays -inf
+    }
+  }
+  exp_in_place(l, nr, nt, ld);  // p_r(v)
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t row = r0 + r;
     acc_t* lr = l + r * ld;
     acc_t* ur = u + r * ld;
-    const acc_t lse = in.lse[row];
     const acc_t base = (in.g_lse ? in.g_lse[row] : acc_t(0)) - (in.g_mu ? in.c[row] : acc_t(0));
-    for (int64_t v = 0; v < nt; ++v) {
-      const acc_t p = lr[v] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
-                                                                       : std::exp(lr[v] - lse);
-      const acc_t w = in.g_mu ? base + ur[v] : base;
-      lr[v] = p * w;
-      ur[v] = p;
+    if (in.g_mu != nullptr) {
+      for (int64_t v = 0; v < nt; ++v) {
+        const acc_t p = lr[v];
+        lr[v] = p * (base + ur[v]);
+        ur[v] = p;
+      }
+    } else {
+      for (int64_t v = 0; v < nt; ++v) lr[v] *= base;
     }
     if (in.g_t != nullptr) {
       const int64_t y = in.target[row];

@@ -97,6 +97,20 @@ def test_extreme_logits_stay_finite(dtype):
     assert rel_err(lse, lse_r) < TOL[dtype] and rel_err(mu, mu_r) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_row_with_every_item_excluded_has_no_probability_mass(dtype):
+    """V = 1 with that item excluded: lse = -inf, and the backward treats p as 0
+    (exp(-inf - lse) would be NaN) so the only gradient is the target term."""
+    x, e = torch.randn(3, 4, dtype=dtype), torch.randn(1, 4, dtype=dtype)
+    lse, mu, _ = torch.ops.plr_kernels.vocab_forward(x, e, None, 0.5, 0)
+    assert torch.isneginf(lse).all()
+    g = torch.ones(3, dtype=dtype)
+    dx, de = torch.ops.plr_kernels.vocab_backward(x, e, torch.zeros(3, dtype=torch.long), lse, g, None, None, g,
+                                                  0.5, 0, True)
+    torch.testing.assert_close(dx, e.expand(3, 4) / 0.5, rtol=1e-6, atol=0)
+    torch.testing.assert_close(de, x.sum(0, keepdim=True) / 0.5, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------
 # Losses and gradients through the public API (backend="cpu")
 # ---------------------------------------------------------------------------
