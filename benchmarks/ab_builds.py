@@ -3,7 +3,7 @@
 For a kernel change, the one figure that matters is the time of a real
 training step before and after it. This runs the same steps with checkout A
 and checkout B (each imported from its own tree, with its own compiled
-``plr_kernels._C``), alternating A and B for ``--rounds`` rounds, each round a
+``plr_kernels._C``: a checkout without a build of its own is refused), alternating A and B for ``--rounds`` rounds, each round a
 fresh process per checkout that times ``--steps`` steps of
 ``Trainer.train_step`` after ``--warmup`` untimed ones (same config, same
 data, same seed), so machine load drifts hit both alike. It prints the median
@@ -28,7 +28,7 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
-import plr_kernels
+from plr_kernels import _extension
 from plr import config
 from plr.data import load_dataset
 from plr.training import Trainer
@@ -42,7 +42,8 @@ for i in range(warmup + steps):
     trainer.train_step(order[i * bs:(i + 1) * bs])
     if i >= warmup:
         times.append(time.perf_counter() - started)
-print(json.dumps({"kernels": plr_kernels.__file__, "times": times}))
+ext = _extension.extension()
+print(json.dumps({"kernels": ext.__file__ if ext is not None else _extension.extension_error(), "times": times}))
 """
 
 
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
                     raise SystemExit(f"checkout {name} ({tree}) failed on {spec!r}:\n{out.stderr[-2000:]}")
                 line = json.loads(out.stdout.strip().splitlines()[-1])
                 if not Path(line["kernels"]).resolve().is_relative_to(Path(tree).resolve()):
-                    raise SystemExit(f"checkout {name}: plr_kernels came from {line['kernels']}, not from {tree}")
+                    raise SystemExit(f"checkout {name}: plr_kernels._C came from {line['kernels']!r}, not from "
+                                     f"{tree} (build it there: python setup.py build_ext --inplace)")
                 results.setdefault(spec, {}).setdefault(name, []).extend(line["times"])
         a, b = (statistics.median(results[spec][k]) for k in ("A", "B"))
         print(f"{spec}: A {a * 1e3:.1f} ms/step, B {b * 1e3:.1f} ms/step, A/B {a / b:.2f} "

@@ -380,3 +380,31 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
                                "(epoch 1, best so far 0.0250) |")
     assert sorted(p.name for p in (out / "plr" / "aaa").iterdir()) == ["config.yaml", "metrics.json", "train.log"]
     assert not (out / "plr-eq10" / "bbb" / "metrics.json").exists()
+
+
+def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, capsys):
+    """benchmarks/ab_builds.py: the same steps with checkout A and B (here both
+    the tree of the loaded build), one line per model with the two medians and A/B; a checkout
+    whose plr_kernels does not come from its own tree is refused."""
+    import importlib.util
+    import re
+
+    from plr_kernels import _extension
+
+    if _extension.extension() is None:
+        pytest.skip(f"no compiled plr_kernels._C: {_extension.extension_error()}")
+    # The tree that holds the loaded build: this checkout (an in-place build) or site-packages (pip install .).
+    tree = Path(_extension.extension().__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ab_builds", ROOT / "benchmarks" / "ab_builds.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    tiny = ["--set", "model.hidden_size=16", "--set", "model.inner_size=32", "--set", "data.max_len=10",
+            "--set", "train.batch_size=64", "--set", "train.progress=false"]
+    assert ab.main(["--a", str(tree), "--b", str(tree), "--data", str(DATA), "--model", "sasrec",
+                    "--steps", "1", "--warmup", "0", "--rounds", "1", *tiny]) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"sasrec: A [0-9.]+ ms/step, B [0-9.]+ ms/step, A/B [0-9.]+ \(1 steps each, 1 rounds interleaved\)",
+                        line), line
+    with pytest.raises(SystemExit, match=r"checkout A: plr_kernels._C came from .*, not from"):
+        ab.main(["--a", str(tmp_path), "--b", str(tree), "--data", str(DATA), "--model", "sasrec",
+                 "--steps", "1", "--warmup", "0", "--rounds", "1", *tiny])
