@@ -69,11 +69,19 @@ def as_prefix_samples(seq, tgt):
 CASES = [(name, False) for name in MODELS] + [("plr", True), ("prl", True)]
 
 
+@pytest.mark.parametrize("layout", ["packed", "dense"])
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
 @pytest.mark.parametrize("name,contrastive", CASES)
-def test_sequence_loss_equals_prefix_loss_and_gradients(name, contrastive, kernels):
+def test_sequence_loss_equals_prefix_loss_and_gradients(name, contrastive, kernels, layout, monkeypatch):
     """All targets of a batch (R > B: the contrastive terms off), or one per
-    row (R <= B: PLR's L_RCL and PRL's contrastive term on, one group)."""
+    row (R <= B: PLR's L_RCL and PRL's contrastive term on, one group). Both
+    layouts of the reasoning rows (plr/models/reasoning.py): the R rows as a
+    batch of their own (``rows_as_batch``, the CPU's at M >= 2) and the causal
+    [B,H,N,...] layout (the CUDA one, and the CPU's at M = 1)."""
+    import plr.models.reasoning as reasoning
+
+    monkeypatch.setattr(reasoning, "PACKED_ROWS_DEVICES", ("cpu",) if layout == "packed" else ())
+    monkeypatch.setattr(reasoning, "PACKED_ROWS_MIN_STREAMS", 1)
     args = dict(MODELS[name])
     if name == "plr" and not contrastive:
         args["rcl_weight"] = 0.0

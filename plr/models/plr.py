@@ -50,7 +50,7 @@ from ..losses import grouped_contrastive_loss, reasoning_contrastive_loss
 from ..transformer import PrefixEncoding
 from ..validation import check_positive_int, check_probability, check_target
 from .base import PADDING, ModelOutput, SequentialRecommender, position_major
-from .reasoning import fused_reasoning, reasoning_step, step_prefix_cache
+from .reasoning import fused_reasoning, reasoning_step, rows_as_batch, step_prefix_cache
 
 KL_OBJECTIVES = ("diversity", "consistency")
 KL_FORMS = ("bounded", "literal")
@@ -205,12 +205,16 @@ class PLRModel(SequentialRecommender):
                 return fused
         keys, values = (prefix.keys, prefix.values) if rows is not None else \
             step_prefix_cache(prefix, self.num_steps, self.backend)
+        key_mask = prefix.key_mask
+        packed = None if rows is None else rows_as_batch(prefix, rows, self.num_streams)
+        if packed is not None:  # the R prefix ends as a batch of their own (plr/models/reasoning.py)
+            (keys, values, key_mask), rows = packed, None
         caches = [None] * len(self.backbone.layers)  # each stream's own keys/values, per layer
         states = []
         for t in range(self.num_steps):
             x = self.reasoning_input(h, t)  # the step's input token: h_{t-1,m} + r_t (LN, dropout)
             # Eq. 4-5: stream-isolated attention to the prefix and the stream's own tokens, all L layers.
-            h = reasoning_step(self.backbone.layers, x, keys, values, prefix.key_mask, caches, self.backend, rows)
+            h = reasoning_step(self.backbone.layers, x, keys, values, key_mask, caches, self.backend, rows)
             states.append(h)
         return torch.stack(states, dim=1)
 

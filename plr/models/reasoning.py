@@ -134,6 +134,38 @@ def step_prefix_cache(prefix: PrefixEncoding, num_steps: int, backend: str
     return prefix.keys, prefix.values
 
 
+# Devices where the reasoning of R prefix ends (sequence training) runs on the
+# rows as a batch of their own (rows_as_batch) instead of the causal
+# [B,H,N,...] layout of stream_attention(causal_prefix=True). That layout
+# computes all B*N prefix ends, of which only the R rows are real (Beauty,
+# batch 256 x 20: ~1,381 of 5,120), and zero-fills buffers of that size, but
+# reads each prefix once per (b, h), where the rows gather a copy per row. On
+# the CPU the rows measured 1.22x faster per PLR step at M=4, T=5 and 1.05x at
+# M=5, T=1 and level at M=2 (0.99x); a first version, which gathered per step,
+# was slower at M=1 (0.93x for PLR, 0.94x for ERL; benchmarks/RESULTS.md,
+# training cost). They are used from M=3 streams. On CUDA the causal kernels
+# are the ones measured, so they stay.
+PACKED_ROWS_DEVICES = ("cpu",)
+PACKED_ROWS_MIN_STREAMS = 3
+
+
+def rows_as_batch(prefix: PrefixEncoding, rows: Rows, num_streams: int
+                  ) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]]:
+    """The prefix caches of the R rows ``(b [R], n [R])`` as a batch of R:
+    per layer row r's keys and values are sequence b_r's (gathered once for
+    all the steps), and its key mask cuts them at n_r. Then the plain
+    ``reasoning_step`` (no ``rows``) computes what the causal layout does for
+    those rows (the same attention; another dropout mask). -> ``(keys [R,H,N,Dh]
+    per layer, values, key_mask [R,N])``, or None where the causal layout is
+    used (see ``PACKED_ROWS_DEVICES``)."""
+    device = prefix.key_mask.device
+    if device.type not in PACKED_ROWS_DEVICES or num_streams < PACKED_ROWS_MIN_STREAMS:
+        return None
+    b_idx, n_idx = rows
+    cut = torch.arange(prefix.key_mask.shape[1], device=device) <= n_idx[:, None]
+    return [k[b_idx] for k in prefix.keys], [v[b_idx] for v in prefix.values], prefix.key_mask[b_idx] & cut
+
+
 def stream_reasoning(layers, prefix: PrefixEncoding, h_start: torch.Tensor, num_steps: int,
                      step_input: Callable[[torch.Tensor, int], torch.Tensor], backend: str) -> torch.Tensor:
     """Run ``num_steps`` reasoning steps (``reasoning_step``) of every stream.
@@ -165,14 +197,18 @@ def stream_reasoning_rows(layers, prefix: PrefixEncoding, rows: Rows, h_start: t
     ``prefix`` encodes whole sequences ``[B,N]`` (causal, start-anchored
     positions); row r = ``(b_r, n_r)`` of ``rows`` is the prefix made of
     positions ``0..n_r`` of sequence ``b_r``, whose prefix KV cache is the
-    sequence's cache cut at ``n_r`` (``stream_attention(causal_prefix=True)``).
+    sequence's cache cut at ``n_r`` (``rows_as_batch``, or
+    ``stream_attention(causal_prefix=True)``).
     ``h_start [R,M,d]``; returns ``[R,T,M,d]``, row r equal to what
     :func:`stream_reasoning` gives for that prefix encoded on its own.
     """
+    keys, values, key_mask = prefix.keys, prefix.values, prefix.key_mask
+    packed = rows_as_batch(prefix, rows, h_start.shape[1])
+    if packed is not None:
+        (keys, values, key_mask), rows = packed, None
     caches: List[StreamCache] = [None] * len(layers)
     h, states = h_start, []
     for step in range(num_steps):
-        h = reasoning_step(layers, step_input(h, step), prefix.keys, prefix.values, prefix.key_mask, caches,
-                           backend, rows)
+        h = reasoning_step(layers, step_input(h, step), keys, values, key_mask, caches, backend, rows)
         states.append(h)
     return torch.stack(states, dim=1)
