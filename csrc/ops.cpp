@@ -90,10 +90,11 @@ TORCH_LIBRARY(plr_kernels, m) {
   // Gradients (dx [R,d], dE [V,d]) for upstream gradients of (lse, mu, t);
   // c_r = g_mu_r . mu_r. mu_direct=False drops the explicit dependence of mu on
   // E (the stop-gradient KL of PLR Eq. 7, see plr_kernels/vocab_pass.py).
+  // need_dx=False skips dx (returned as [0, d]) and its pass over E.
   m.def(
       "vocab_backward(Tensor x, Tensor item_emb, Tensor? target, Tensor lse, Tensor? g_lse, "
       "Tensor? g_mu, Tensor? c, Tensor? g_t, float temperature, int exclude_index, "
-      "bool mu_direct) -> (Tensor, Tensor)");
+      "bool mu_direct, bool need_dx=True) -> (Tensor, Tensor)");
 }
 
 // `import plr_kernels._C` only has to load the shared library (which runs the

@@ -273,7 +273,7 @@ void grad_logits(const RowGrads<acc_t>& in, int64_t r0, int64_t nr, int64_t v0, 
 template <typename scalar_t>
 void vocab_backward_kernel(const RowGrads<acc_type<scalar_t>>& in, const scalar_t* E, double temperature,
                            int64_t exclude_index, bool mu_direct, int64_t R, int64_t V, int64_t d,
-                           acc_type<scalar_t>* dx, scalar_t* dE) {
+                           acc_type<scalar_t>* dx, scalar_t* dE) {  // dx null: not computed
   using acc_t = acc_type<scalar_t>;
   const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
   const int64_t tile = tile_items(d, sizeof(acc_t));
@@ -309,7 +309,7 @@ void vocab_backward_kernel(const RowGrads<acc_type<scalar_t>>& in, const scalar_
 
     // dx_r = sum_v G_r(v) e_v / tau, parallel over row blocks.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    for (int64_t blk = 0; blk < (dx != nullptr ? n_blocks : 0); ++blk) {
       const int64_t r0 = blk * kRowBlock, nr = std::min(kRowBlock, R - r0);
       load_block(r0, nr);
       std::fill(acc, acc + nr * d, acc_t(0));
@@ -412,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> vocab_backward_cpu(
     const at::Tensor& x, const at::Tensor& item_emb, const std::optional<at::Tensor>& target,
     const at::Tensor& lse, const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_mu,
     const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& g_t, double temperature,
-    int64_t exclude_index, bool mu_direct) {
+    int64_t exclude_index, bool mu_direct, bool need_dx) {
   check_common("vocab_backward", x, item_emb, target, temperature, exclude_index);
   const int64_t R = x.size(0), d = x.size(1), V = item_emb.size(0);
   const auto acc = acc_scalar_type(x.scalar_type());
@@ -431,7 +431,9 @@ std::tuple<at::Tensor, at::Tensor> vocab_backward_cpu(
   auto xa = x.to(acc).contiguous();
   auto ec = item_emb.contiguous();
   at::Tensor tc = target.has_value() ? target->contiguous() : at::Tensor();
-  auto dx = at::empty({R, d}, x.options().dtype(acc));
+  // need_dx=false: dx is [0, d] and its pass over E is skipped (the autograd
+  // computes it from mu when g_mu is absent, plr_kernels/vocab_pass.py).
+  auto dx = at::empty({need_dx ? R : 0, d}, x.options().dtype(acc));
   auto dE = at::empty({V, d}, item_emb.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vocab_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -439,7 +441,8 @@ std::tuple<at::Tensor, at::Tensor> vocab_backward_cpu(
     RowGrads<acc_t> in{ptr(xa), ptr(lse_a), ptr(glse_a), ptr(gmu_a), ptr(c_a), ptr(gt_a),
                        tc.defined() ? tc.const_data_ptr<int64_t>() : nullptr};
     vocab_backward_kernel<scalar_t>(in, ec.const_data_ptr<scalar_t>(), temperature, exclude_index, mu_direct,
-                                    R, V, d, dx.mutable_data_ptr<acc_t>(), dE.mutable_data_ptr<scalar_t>());
+                                    R, V, d, need_dx ? dx.mutable_data_ptr<acc_t>() : nullptr,
+                                    dE.mutable_data_ptr<scalar_t>());
   });
   return {dx.to(x.scalar_type()), dE};
 }

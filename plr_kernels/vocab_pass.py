@@ -73,8 +73,9 @@ def _stats_fake(x, item_emb, target, temperature, exclude_index, mu_direct=True)
     return x.new_empty(r, dtype=dt), x.new_empty(r, d, dtype=dt), x.new_empty(r, dtype=dt)
 
 
-def _backward_fake(x, item_emb, target, lse, g_lse, g_mu, c, g_t, temperature, exclude_index, mu_direct):
-    return torch.empty_like(x), torch.empty_like(item_emb)
+def _backward_fake(x, item_emb, target, lse, g_lse, g_mu, c, g_t, temperature, exclude_index, mu_direct,
+                   need_dx=True):
+    return x.new_empty(x.shape[0] if need_dx else 0, x.shape[1]), torch.empty_like(item_emb)
 
 
 # -- autograd shared by every backend's statistics op ----------------------------
@@ -88,19 +89,41 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _dx_from_mu(x, item_emb, target, mu, g_lse, g_t, temperature):
+    """dx without a pass over E when no gradient reaches mu: then the logit
+    gradient is G_r(v) = p_r(v) g_lse_r + g_t_r [v = y_r], so
+    dx_r = sum_v G_r(v) e_v / tau = (g_lse_r mu_r + g_t_r e_{y_r}) / tau
+    (mu_r = sum_v p_r(v) e_v, the forward's; no term where y_r = -1)."""
+    dx = torch.zeros_like(mu) if g_lse is None else g_lse.to(mu.dtype)[:, None] * mu
+    if g_t is not None and target is not None:
+        has = target >= 0
+        e_y = item_emb[target.clamp_min(0)].to(mu.dtype)
+        dx = dx + torch.where(has, g_t.to(mu.dtype), torch.zeros_like(g_t, dtype=mu.dtype))[:, None] * e_y
+    return (dx / temperature).to(x.dtype)
+
+
 def _backward_through(backward_op):
     """The autograd backward of a statistics op whose backward op is
     ``backward_op(x, E, target, lse, g_lse, g_mu, c, g_t, temperature,
-    exclude_index, mu_direct) -> (dx, dE)``, with ``c_r = g_mu_r . mu_r``."""
+    exclude_index, mu_direct, need_dx) -> (dx, dE)``, with ``c_r = g_mu_r . mu_r``.
+    Without a gradient on mu (a cross-entropy: lse and the target logit only)
+    dx comes from the forward's mu (``_dx_from_mu``) and the op passes over E
+    once, for dE, instead of twice."""
 
     def backward(ctx, g_lse, g_mu, g_t):
         x, item_emb, target, lse, mu = ctx.saved_tensors
-        if g_lse is None and g_mu is None and g_t is None:
+        need_dx, need_de = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_lse is None and g_mu is None and g_t is None) or not (need_dx or need_de):
             return None, None, None, None, None, None
-        c = (g_mu.to(mu.dtype) * mu).sum(-1) if g_mu is not None else None
-        dx, de = backward_op(x, item_emb, target, lse, g_lse, g_mu, c, g_t, *ctx.args)
-        return (dx if ctx.needs_input_grad[0] else None, de if ctx.needs_input_grad[1] else None,
-                None, None, None, None)
+        temperature = ctx.args[0]
+        dx = de = None
+        from_mu = g_mu is None
+        if need_de or not from_mu:
+            c = (g_mu.to(mu.dtype) * mu).sum(-1) if g_mu is not None else None
+            dx, de = backward_op(x, item_emb, target, lse, g_lse, g_mu, c, g_t, *ctx.args, not from_mu)
+        if need_dx and from_mu:
+            dx = _dx_from_mu(x, item_emb, target, mu, g_lse, g_t, temperature)
+        return (dx if need_dx else None, de if need_de else None, None, None, None, None)
 
     return backward
 
@@ -117,11 +140,12 @@ def _define_triton_ops():
 
     def backward(x: Tensor, item_emb: Tensor, target: Optional[Tensor], lse: Tensor, g_lse: Optional[Tensor],
                  g_mu: Optional[Tensor], c: Optional[Tensor], g_t: Optional[Tensor], temperature: float,
-                 exclude_index: int, mu_direct: bool) -> Tuple[Tensor, Tensor]:
+                 exclude_index: int, mu_direct: bool, need_dx: bool = True) -> Tuple[Tensor, Tensor]:
         from .triton import vocab_pass as kernels
 
-        return kernels.vocab_backward(x, item_emb, target, lse, g_lse, g_mu, c, g_t, temperature, exclude_index,
-                                      mu_direct, True, True)
+        dx, de = kernels.vocab_backward(x, item_emb, target, lse, g_lse, g_mu, c, g_t, temperature, exclude_index,
+                                        mu_direct, need_dx, True)
+        return (dx if need_dx else x.new_empty(0, x.shape[1])), de
 
     stats_op = torch.library.custom_op("plr_kernels::vocab_stats_triton", stats, mutates_args=())
     stats_op.register_fake(_stats_fake)

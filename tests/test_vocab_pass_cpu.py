@@ -97,6 +97,40 @@ def test_extreme_logits_stay_finite(dtype):
     assert rel_err(lse, lse_r) < TOL[dtype] and rel_err(mu, mu_r) < 1e-4
 
 
+@pytest.mark.parametrize("with_g_mu", [False, True])
+def test_need_dx_false_skips_dx_and_keeps_de(with_g_mu):
+    """vocab_backward(..., need_dx=False): dx is [0, d], dE is bit-identical
+    to the full call's (its pass over E does not depend on the dx pass)."""
+    torch.manual_seed(4)
+    x, e = torch.randn(37, 6, dtype=f64), torch.randn(101, 6, dtype=f64)
+    target = torch.randint(-1, 101, (37,))
+    lse, mu, _ = torch.ops.plr_kernels.vocab_forward(x, e, target, 0.5, 3)
+    g_lse, g_t = torch.randn(37, dtype=f64), torch.randn(37, dtype=f64)
+    g_mu = torch.randn(37, 6, dtype=f64) if with_g_mu else None
+    c = (g_mu * mu).sum(-1) if with_g_mu else None
+    dx, de = torch.ops.plr_kernels.vocab_backward(x, e, target, lse, g_lse, g_mu, c, g_t, 0.5, 3, True)
+    dx0, de0 = torch.ops.plr_kernels.vocab_backward(x, e, target, lse, g_lse, g_mu, c, g_t, 0.5, 3, True, False)
+    assert dx.shape == (37, 6) and dx0.shape == (0, 6)
+    assert torch.equal(de, de0)
+
+
+def test_cross_entropy_dx_from_mu_equals_the_pass_over_e():
+    """Without a gradient on mu the autograd takes dx = (g_lse mu + g_t e_y) / tau
+    from the forward's mu; it equals the kernel's dx (a pass over E) to
+    rounding, with ignored targets (-1) and an excluded item."""
+    from plr_kernels.vocab_pass import _dx_from_mu
+
+    torch.manual_seed(5)
+    x, e = torch.randn(53, 7, dtype=f64), torch.randn(211, 7, dtype=f64)
+    target = torch.randint(-1, 211, (53,))
+    target[target == 0] = 1  # item 0 is excluded below
+    lse, mu, _ = torch.ops.plr_kernels.vocab_forward(x, e, target, 0.07, 0)
+    g_lse, g_t = torch.randn(53, dtype=f64), torch.randn(53, dtype=f64)
+    dx, _ = torch.ops.plr_kernels.vocab_backward(x, e, target, lse, g_lse, None, None, g_t, 0.07, 0, True)
+    assert rel_err(_dx_from_mu(x, e, target, mu, g_lse, g_t, 0.07), dx) < 1e-12
+    assert rel_err(_dx_from_mu(x, e, target, mu, g_lse, None, 0.07), g_lse[:, None] * mu / 0.07) < 1e-15
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_row_with_every_item_excluded_has_no_probability_mass(dtype):
     """V = 1 with that item excluded: lse = -inf, and the backward treats p as 0
