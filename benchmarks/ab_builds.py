@@ -2,12 +2,13 @@
 
 For a kernel change, the one figure that matters is the time of a real
 training step before and after it. This runs the same steps with checkout A
-and checkout B (each imported from its own tree, with its own compiled
-``plr_kernels._C``: a checkout without a build of its own is refused), alternating A and B for ``--rounds`` rounds, each round a
-fresh process per checkout that times ``--steps`` steps of
-``Trainer.train_step`` after ``--warmup`` untimed ones (same config, same
-data, same seed), so machine load drifts hit both alike. It prints the median
-step time of each, per model configuration, and the ratio A / B.
+and checkout B, each imported from its own tree with its own compiled
+``plr_kernels._C`` (a checkout without a build of its own is refused),
+alternating A and B for ``--rounds`` rounds: each round a fresh process per
+checkout times ``--steps`` steps of ``Trainer.train_step`` after ``--warmup``
+untimed ones (same config, same data, same seed), so machine load drifts hit
+both alike. It prints the median step time of each, per model configuration,
+and the ratio A / B.
 
     python benchmarks/ab_builds.py --a ../old-checkout --b . \\
         --data ../shared/data/amazon2014-beauty_seqrecbench \\

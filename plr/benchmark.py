@@ -38,9 +38,9 @@ once (``metrics.json`` names the source under ``"adopted_from"``); a relative
 ``data.path`` of such a run is read from the current directory, as ``plr tune``
 wrote it. ``--only`` checks only the named runs' config files, so one part of
 a suite can run while another part's ``config_file`` (from a search still
-running) is not written yet. Results: ``OUT/RESULTS.md``, ``OUT/results.json`` and one figure
-of validation curves per dataset, ``OUT/curves-<dataset>.png`` (the numbers
-are in ``results.json``).
+running) is not written yet. Results: ``OUT/RESULTS.md``, ``OUT/results.json``
+and one figure of validation curves per dataset, ``OUT/curves-<dataset>.png``
+(the numbers are in ``results.json``).
 """
 
 from __future__ import annotations
