@@ -141,10 +141,9 @@ def step_prefix_cache(prefix: PrefixEncoding, num_steps: int, backend: str
 # batch 256 x 20: ~1,381 of 5,120), and zero-fills buffers of that size, but
 # reads each prefix once per (b, h), where the rows gather a copy per row. On
 # the CPU the rows measured 1.22x faster per PLR step at M=4, T=5 and 1.05x at
-# M=5, T=1 and level at M=2 (0.99x); a first version, which gathered per step,
-# was slower at M=1 (0.93x for PLR, 0.94x for ERL; benchmarks/RESULTS.md,
-# training cost). They are used from M=3 streams. On CUDA the causal kernels
-# are the ones measured, so they stay.
+# M=5, T=1, level at M=2 (0.97-0.99x) and slower at M=1 (0.87x for PLR, 0.97x
+# for ERL; benchmarks/RESULTS.md, training cost). They are used from M=3
+# streams. On CUDA the causal kernels are the ones measured, so they stay.
 PACKED_ROWS_DEVICES = ("cpu",)
 PACKED_ROWS_MIN_STREAMS = 3
 
