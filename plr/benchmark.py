@@ -276,6 +276,12 @@ def run_status(run: RunSpec) -> str:
     return "new"
 
 
+def _eval_kwargs(run: RunSpec) -> Dict[str, Any]:
+    """``plr.evaluation.evaluate``'s settings from the run's ``eval`` section."""
+    e = run.cfg["eval"]
+    return dict(ks=e["ks"], batch_size=e["batch_size"], exclude_history=e["exclude_history"], ties=e["ties"])
+
+
 def evaluate_from(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
     """A run without training: the best checkpoint of ``source_dir`` with the model
     keys of ``run.cfg`` applied, evaluated on validation and test."""
@@ -287,9 +293,7 @@ def evaluate_from(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
     changed = {k: v for k, v in run.cfg["model"].items() if k != "name" and saved.config().get(k, v) != v}
     model = type(saved)(**{**saved.config(), **changed})
     model.load_state_dict(saved.state_dict())
-    eval_cfg = run.cfg["eval"]
-    kw = dict(ks=eval_cfg["ks"], batch_size=eval_cfg["batch_size"], exclude_history=eval_cfg["exclude_history"],
-              ties=eval_cfg["ties"])
+    kw = _eval_kwargs(run)
     valid = evaluate(model, dataset.valid, **kw).metrics
     result = evaluate(model, dataset.test, **kw)
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -354,10 +358,8 @@ def adopt_run(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
             shutil.copy2(source_dir / name, run.run_dir / name)
     config_mod.save(run.cfg, run.run_dir / "config.yaml")
     if not metrics.get("test"):
-        eval_cfg = run.cfg["eval"]
         best = SequentialRecommender.load(str(run.run_dir / BEST))
-        result = evaluate(best, dataset.test, ks=eval_cfg["ks"], batch_size=eval_cfg["batch_size"],
-                          exclude_history=eval_cfg["exclude_history"], ties=eval_cfg["ties"])
+        result = evaluate(best, dataset.test, **_eval_kwargs(run))
         save_ranks(run.run_dir / "test_ranks.csv", result.users, result.ranks)
         metrics["test"] = result.metrics
     metrics["adopted_from"] = str(source_dir)
