@@ -4,7 +4,8 @@
 #
 #   1. `plr tune` each model on Beauty's VALIDATION split, 4 distinct trials per
 #      model (the same budget for every model), early stopping on valid NDCG@10
-#      with patience 5, at most 100 epochs; the test split is never read.
+#      with patience 5, at most 100 epochs; the test split is never read. The
+#      finished trials recorded under $RECORDS/<model> count as trials.
 #   2. `plr benchmark benchmarks/suites/converged.yaml`: each model's chosen
 #      config (OUT/tune/<model>/best.yaml) trained once per dataset (Beauty,
 #      Steam-100k, Video Games), test read once per run, paired t-tests. On
@@ -26,6 +27,10 @@ BEAUTY=${BEAUTY:-../shared/data/amazon2014-beauty_seqrecbench}
 TRIALS=${TRIALS:-4}
 WORKERS=${WORKERS:-2}
 SUITE=benchmarks/suites/converged.yaml
+# Records of the search's finished trials (config.yaml, metrics.json, train.log; no
+# checkpoints), committed at the end of each session: `plr tune --add-trials` adds them
+# to the study, so a search whose machine (and study.db) was lost goes on, not over.
+RECORDS=${RECORDS:-benchmarks/results/converged-tuning}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT/tune" "$OUT/queue"
 BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=20
@@ -35,12 +40,13 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # each needed model must have written OUT/tune/<model>/best.yaml.
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
+# Order: the headline comparison (PLR against SASRec) first, then the other baselines.
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
-  "tune erl"
   "final sasrec (needs sasrec)"
   "final plr plr-norcl (needs plr)"
+  "tune erl"
   "tune prl"
   "tune lares"
   "final erl (needs erl)"
@@ -60,8 +66,11 @@ run_task() {
   local kind=$1 model=$2; shift
   if [[ $kind == tune ]]; then
     shift
+    # The committed records of its finished trials count (a new machine has lost study.db).
+    local records=()
+    [[ -d $RECORDS/$model ]] && records=(--add-trials "$RECORDS/$model")
     plr tune --model "$model" --data "$BEAUTY" --space "benchmarks/spaces/$model.yaml" --trials "$TRIALS" \
-      --out "$OUT/tune/$model" "${BASE[@]}" "$@"
+      --out "$OUT/tune/$model" "${BASE[@]}" "$@" "${records[@]}"
   else
     plr benchmark "$SUITE" --out "$OUT/final" --only "$@"
   fi

@@ -9,6 +9,7 @@
     plr benchmark SUITE.yaml [--only RUN ...] [--out DIR] [--check | --report]
     plr analyze ablation|sensitivity|robustness|ceiling|attention|efficiency ...   (plr/analysis/)
     plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
+             [--add-trials DIR ...]
     plr serve --checkpoint RUN_DIR/best.pt [--host 127.0.0.1] [--port 8000] [--max-batch 64] [--max-wait-ms 2]
               [--batch-wait adaptive|always] [--threads N]
     plr data stats PATH
@@ -197,7 +198,7 @@ def cmd_tune(args) -> int:
     dataset = load_dataset(cfg["data"])
     print(f"plr tune: {args.model} on {dataset.name}, {args.trials} trials on validation {cfg['eval']['metric']} "
           f"-> {args.out}")
-    best = tune(cfg, dataset, space, args.out, args.trials)
+    best = tune(cfg, dataset, space, args.out, args.trials, add_from=args.add_trials or ())
     for line in format_best(best, cfg["eval"]["metric"], Path(args.out)):
         print(line)
     return 0
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--out", required=True, help="study directory (resumable)")
     tn.add_argument("--config", help="YAML config merged over the model's shipped defaults")
     tn.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    tn.add_argument("--add-trials", action="append", metavar="DIR",
+                    help="finished trials of an earlier search of this space (run directories, or a folder of them, "
+                         "e.g. its committed records) added to the study before searching")
     tn.set_defaults(func=cmd_tune)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

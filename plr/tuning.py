@@ -14,7 +14,11 @@ validation value of ``eval.metric``. The study lives in ``OUT/study.db``
 (SQLite), so a killed search continues where it stopped: a trial that was
 running is run again with the same parameters and resumes its directory.
 ``--trials N`` is the total number of finished trials, each with a distinct
-parameter set (a draw that repeats a finished one is pruned and drawn again). Results:
+parameter set (a draw that repeats a finished one is pruned and drawn again).
+``add_trials`` (``plr tune --add-trials DIR``) adds the finished trials of an
+earlier search of the same space, kept as run directories (``config.yaml`` and
+``metrics.json``: e.g. the committed records of a search whose ``study.db`` was
+lost with its machine), as finished trials of this study. Results:
 ``OUT/best.yaml`` (the whole config of the best trial, usable as
 ``--config`` or a suite's ``config_file``), ``OUT/trials.csv`` and
 ``OUT/history.png``. One process per study (no parallel workers).
@@ -133,12 +137,118 @@ def check_space(cfg: Dict[str, Any], space: Dict[str, Any]) -> None:
             raise SpaceError(f"space: parameters {params} give an invalid config: {err}") from None
 
 
+def distributions(space: Dict[str, Any]) -> Dict[str, Any]:
+    """The Optuna distribution of every drawn parameter (``same_as`` ones are not
+    drawn), as ``suggest`` draws them."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            out[name] = CategoricalDistribution(spec)
+        elif "same_as" in spec:
+            continue
+        elif spec.get("type", "float") == "int":
+            out[name] = IntDistribution(int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                        log=bool(spec.get("log", False)))
+        else:
+            step = spec.get("step")
+            out[name] = FloatDistribution(float(spec["low"]), float(spec["high"]),
+                                          step=None if step is None else float(step), log=bool(spec.get("log", False)))
+    return out
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> Optional[str]:
+    """The dotted key at which two nested mappings first differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    return None if a == b else f"{where} ({a!r} here, {b!r} there)"
+
+
+def add_trials(study, cfg: Dict[str, Any], space: Dict[str, Any], sources: Sequence, out: Path, *,
+               log=print) -> int:
+    """Add each finished run directory under ``sources`` (a folder holding
+    ``config.yaml`` and ``metrics.json``, or a folder of such folders) to
+    ``study`` as a finished trial: its parameters read from its config, its
+    value the validation ``eval.metric`` it recorded; the directory is copied to
+    ``out/trials/<id>``. Refused: a run whose config differs from ``cfg`` in a
+    key that is not searched, a value outside the space, a run that read the
+    test split. Returns how many trials were added (one already in the study is
+    skipped)."""
+    import shutil
+
+    import optuna
+
+    from .benchmark import _same_dataset
+    from .training import same_config
+
+    metric = cfg["eval"]["metric"]
+    dists = distributions(space)
+    have = {trial_id(suggest(optuna.trial.FixedTrial(t.params), space))
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    added = 0
+    for source in sources:
+        source = Path(source)
+        if not source.is_dir():
+            raise SpaceError(f"add-trials: no directory at {str(source)!r}")
+        runs = [source] if (source / "config.yaml").is_file() else sorted(
+            d for d in source.iterdir() if (d / "config.yaml").is_file())
+        if not runs:
+            raise SpaceError(f"add-trials: {source} holds no run directory (a folder with config.yaml)")
+        for run in runs:
+            if not (run / "metrics.json").is_file():
+                log(f"add-trials: {run} is unfinished (no metrics.json): not added")
+                continue
+            saved = same_config(config_mod.load_yaml(run / "config.yaml"))
+            metrics = json.loads((run / "metrics.json").read_text())
+            if metrics.get("test"):
+                raise SpaceError(f"add-trials: {run} read the test split: not a trial of a search on validation")
+            try:
+                params = {name: saved[name.split(".")[0]][name.split(".")[1]] for name in dists}
+                value = float(metrics["valid"][metric])
+            except (KeyError, TypeError) as err:
+                raise SpaceError(f"add-trials: {run}: no {err} in its config.yaml / metrics.json") from None
+            try:
+                full = suggest(optuna.trial.FixedTrial(params), space)
+            except ValueError as err:  # a value outside the space
+                raise SpaceError(f"add-trials: {run}: outside the search space: {err}") from None
+            expect = apply(cfg, full)
+            differs = _first_difference({**expect, "data": {k: v for k, v in expect["data"].items() if k != "path"}},
+                                        {**saved, "data": {k: v for k, v in saved["data"].items() if k != "path"}})
+            if differs is None and not _same_dataset(saved["data"]["path"], cfg["data"]["path"]):
+                differs = f"data.path ({cfg['data']['path']!r} here, {saved['data']['path']!r} there)"
+            if differs:
+                raise SpaceError(f"add-trials: {run} is a run of another config: {differs}")
+            tid = trial_id(full)
+            if tid in have:
+                continue
+            target = out / "trials" / tid
+            try:
+                trial = optuna.trial.create_trial(params=params, distributions=dists, value=value,
+                                                  user_attrs={"run_dir": str(target), "added_from": str(run)})
+            except ValueError as err:  # a value outside the space
+                raise SpaceError(f"add-trials: {run}: outside the search space: {err}") from None
+            if target.resolve() != run.resolve():
+                if target.exists():
+                    raise SpaceError(f"add-trials: {target} exists already; it would be overwritten by {run}")
+                shutil.copytree(run, target)
+            study.add_trial(trial)
+            have.add(tid)
+            added += 1
+            log(f"add-trials: {run} -> trial {tid} (valid {metric} = {value:.4f})")
+    return added
+
+
 def trial_id(params: Dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, *, log=print,
-         seed: Optional[int] = None) -> Dict[str, Any]:
+         seed: Optional[int] = None, add_from: Sequence = ()) -> Dict[str, Any]:
     """Search ``space`` around ``cfg`` for ``trials`` finished trials; returns the best
     trial's ``{"params", "value", "config"}`` and writes the files of the module doc."""
     try:
@@ -160,13 +270,15 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
         study_name="plr-tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=cfg["train"]["seed"] if seed is None else seed),
     )
-    # A resumed study must not replay the random draws of the first session: the
-    # sampler's seed moves on with the number of trials already in the study.
-    study.sampler = optuna.samplers.TPESampler(seed=(cfg["train"]["seed"] if seed is None else seed) + len(study.trials))
     saved_space = study.user_attrs.get("space")
     if saved_space is not None and saved_space != json.loads(json.dumps(space)):
         raise SpaceError(f"out: {out} holds a study of another search space; use a new --out")
     study.set_user_attr("space", json.loads(json.dumps(space)))
+    if add_from:
+        add_trials(study, cfg, space, add_from, out, log=log)
+    # A resumed study must not replay the random draws of the first session: the
+    # sampler's seed moves on with the number of trials already in the study.
+    study.sampler = optuna.samplers.TPESampler(seed=(cfg["train"]["seed"] if seed is None else seed) + len(study.trials))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # Killed mid-trial: run the same parameters again (their directory resumes).
         study.enqueue_trial(stale.params)

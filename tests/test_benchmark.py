@@ -298,6 +298,58 @@ def test_a_trial_killed_while_running_is_run_again_with_its_parameters(tmp_path,
     assert study.trials[1].params == study.trials[0].params
 
 
+def test_a_lost_study_is_rebuilt_from_its_trial_records(tmp_path, dataset):
+    """`--add-trials`: the records of finished trials (config.yaml, metrics.json,
+    no checkpoints), copied out of a study whose study.db was then lost, count
+    as finished trials of a new study, which trains only the rest."""
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.2, 0.3, 0.4]}))
+    tune(cfg, dataset, space, tmp_path / "lost", 2, log=lambda msg: None)
+    records = tmp_path / "records"
+    for run_dir in (tmp_path / "lost" / "trials").iterdir():
+        (records / run_dir.name).mkdir(parents=True)
+        for name in ("config.yaml", "metrics.json", "train.log"):
+            shutil.copy2(run_dir / name, records / run_dir.name / name)
+    finished = sorted(records.iterdir())
+    (records / "unfinished").mkdir()
+    shutil.copy2(finished[0] / "config.yaml", records / "unfinished" / "config.yaml")
+    log = []
+    best = tune(cfg, dataset, space, tmp_path / "new", 3, log=log.append, add_from=[records])
+    assert sum("valid ndcg@10 =" in line and line.startswith("trial") for line in log) == 1  # only the third trained
+    assert sum(line.startswith("add-trials:") and "-> trial" in line for line in log) == 2
+    assert any("unfinished" in line and "not added" in line for line in log)
+    new_dirs = {d.name for d in (tmp_path / "new" / "trials").iterdir()}
+    assert {d.name for d in (tmp_path / "lost" / "trials").iterdir()} < new_dirs  # same ids, records copied
+    values = [json.loads((tmp_path / "new" / "trials" / d / "metrics.json").read_text())["valid"]["ndcg@10"]
+              for d in new_dirs]
+    assert best["value"] == max(values)
+    rows = (tmp_path / "new" / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3
+    # Adding them again (a resumed search that repeats its command) adds nothing.
+    log = []
+    tune(cfg, dataset, space, tmp_path / "new", 3, log=log.append, add_from=[records])
+    assert not any("-> trial" in line or "valid ndcg@10 =" in line for line in log)
+
+
+def test_trial_records_of_another_config_or_that_read_test_are_refused(tmp_path, dataset):
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.3]}))
+    tune(cfg, dataset, space, tmp_path / "study", 1, log=lambda msg: None)
+    record = next((tmp_path / "study" / "trials").iterdir())
+    other = config.resolve("sasrec", None, TINY + ["model.hidden_size=32"], str(DATA))
+    with pytest.raises(SpaceError, match=r"run of another config: model.hidden_size \(32 here, 16 there\)"):
+        tune(other, dataset, space, tmp_path / "other", 2, log=lambda msg: None, add_from=[record])
+    wider = load_space(write_space(tmp_path, {"model.dropout": [0.2, 0.4]}))
+    with pytest.raises(SpaceError, match=r"add-trials: .*outside the search space"):
+        tune(cfg, dataset, wider, tmp_path / "wider", 2, log=lambda msg: None, add_from=[record])
+    metrics = json.loads((record / "metrics.json").read_text())
+    (record / "metrics.json").write_text(json.dumps({**metrics, "test": {"ndcg@10": 0.1}}))
+    with pytest.raises(SpaceError, match=r"read the test split"):
+        tune(cfg, dataset, space, tmp_path / "tested", 2, log=lambda msg: None, add_from=[record])
+    with pytest.raises(SpaceError, match=r"add-trials: no directory at"):
+        tune(cfg, dataset, space, tmp_path / "none", 2, log=lambda msg: None, add_from=[tmp_path / "missing"])
+
+
 @pytest.mark.parametrize("space, message", [
     ({"model.drop": [0.1]}, r"unknown key.*'model.drop'"),
     ({"train.batch_size": {"low": 8, "high": 4, "type": "int"}}, r"expected low < high"),
