@@ -20,6 +20,7 @@
 # delete the mark to retry). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
 #   OUT=runs/converged bash benchmarks/converged.sh --status   # each task's state, nothing started
+#   OUT=runs/converged bash benchmarks/converged.sh --save     # records to commit (at the end of a session)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/converged}
@@ -96,6 +97,9 @@ worker() {
     [[ $did == 0 ]] && sleep 60  # every open task runs elsewhere or waits for a search
   done
 }
+if [[ ${1:-} == --save ]]; then  # commit-ready records of OUT (benchmarks/converged_records.py)
+  exec python benchmarks/converged_records.py save "$OUT" benchmarks/results
+fi
 if [[ ${1:-} == --status ]]; then
   for task in "${TASKS[@]}"; do
     k=$(key "$task")
@@ -108,6 +112,8 @@ if [[ ${1:-} == --status ]]; then
   done
   exit 0
 fi
+# A new machine: the final runs recorded by an earlier one come back (finished: skipped; unfinished: resumed).
+python benchmarks/converged_records.py restore benchmarks/results "$OUT" || exit 1
 pids=()
 for w in $(seq 1 "$WORKERS"); do worker "$w" & pids+=($!); done
 wait "${pids[@]}"

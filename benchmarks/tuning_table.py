@@ -5,8 +5,12 @@ directories (finished or still training), validation only.
 
 Each trial directory holds ``config.yaml``, ``train.log`` and, once finished,
 ``metrics.json`` (plr/tuning.py). ``--copy-to`` also copies those three files
-(not the checkpoints) of every trial into ``DIR/<model>/<trial>/`` and the
-table into ``DIR/trials.md``, for committing a search's state.
+of every trial into ``DIR/<model>/<trial>/`` (and each search's ``best.yaml``,
+``trials.csv``, ``history.png``) and the table into ``DIR/trials.md``, for
+committing a search's state; the table then also lists the trials recorded in
+``DIR`` by earlier machines. ``--checkpoints`` copies the checkpoints of each
+unfinished trial too (and drops those of a trial that has finished), so that
+``plr tune --add-trials DIR/<model>`` on a new machine resumes it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,28 @@ def trial_row(model: str, trial: Path) -> dict:
     return row
 
 
+def started(trial: Path) -> str:
+    """When the trial started: its log's first timestamp ("" for none)."""
+    log = trial / "train.log"
+    first = log.read_text().split("\n", 1)[0] if log.exists() else ""
+    return first[:19] if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", first) else ""
+
+
+def copy_trial(trial: Path, dest: Path, checkpoints: bool) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "train.log", "metrics.json"):
+        if (trial / name).exists():
+            shutil.copy2(trial / name, dest / name)
+    finished = (trial / "metrics.json").exists()
+    for old in dest.rglob("*.pt"):  # a checkpoint recorded while it was training
+        if finished or not (trial / old.relative_to(dest)).exists():
+            old.unlink()
+    if checkpoints and not finished:
+        for ckpt in trial.rglob("*.pt"):
+            (dest / ckpt.relative_to(trial)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt, dest / ckpt.relative_to(trial))
+
+
 def table(rows) -> str:
     out = ["| model | trial | parameters | state | best epoch / epochs | valid N@10 | train s |",
            "|---|---|---|---|---|---|---|"]
@@ -64,22 +90,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("tune_dir", type=Path, help="the --out of plr tune runs: one folder per model")
     p.add_argument("--copy-to", type=Path, default=None)
+    p.add_argument("--checkpoints", action="store_true", help="with --copy-to: the unfinished trials' checkpoints too")
     args = p.parse_args(argv)
     if not args.tune_dir.is_dir():
         raise SystemExit(f"tune_dir: expected a folder of plr tune outputs, got {args.tune_dir}")
-    rows = []
+    trials = {}
     for model_dir in sorted(d for d in args.tune_dir.iterdir() if (d / "trials").is_dir()):
-        trials = sorted((model_dir / "trials").iterdir(), key=lambda t: (  # in the order they were started
-            (t / "config.yaml").stat().st_mtime if (t / "config.yaml").exists() else 0, t.name))
-        for trial in trials:
-            rows.append(trial_row(model_dir.name, trial))
+        for trial in (model_dir / "trials").iterdir():
+            trials[model_dir.name, trial.name] = trial
             if args.copy_to:
-                dest = args.copy_to / model_dir.name / trial.name
-                dest.mkdir(parents=True, exist_ok=True)
-                for name in ("config.yaml", "train.log", "metrics.json"):
-                    if (trial / name).exists():
-                        shutil.copy2(trial / name, dest / name)
-    text = table(rows)
+                copy_trial(trial, args.copy_to / model_dir.name / trial.name, args.checkpoints)
+        for name in ("best.yaml", "trials.csv", "history.png"):
+            if args.copy_to and (model_dir / name).exists():
+                shutil.copy2(model_dir / name, args.copy_to / model_dir.name / name)
+    if args.copy_to and args.copy_to.is_dir():  # trials recorded by earlier machines
+        for model_dir in args.copy_to.iterdir():
+            for trial in (t for t in model_dir.iterdir() if (t / "config.yaml").exists()) if model_dir.is_dir() else ():
+                trials.setdefault((model_dir.name, trial.name), trial)
+    order = sorted(trials, key=lambda k: (k[0], started(trials[k]), k[1]))  # in the order they were started
+    text = table([trial_row(model, trials[model, name]) for model, name in order])
     print(text)
     if args.copy_to:
         (args.copy_to / "trials.md").write_text(text + "\n")

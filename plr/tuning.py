@@ -175,7 +175,9 @@ def add_trials(study, cfg: Dict[str, Any], space: Dict[str, Any], sources: Seque
     ``config.yaml`` and ``metrics.json``, or a folder of such folders) to
     ``study`` as a finished trial: its parameters read from its config, its
     value the validation ``eval.metric`` it recorded; the directory is copied to
-    ``out/trials/<id>``. Refused: a run whose config differs from ``cfg`` in a
+    ``out/trials/<id>``. An unfinished one that holds its checkpoint (``last.pt``)
+    is copied too and its parameters enqueued, so that it runs first and
+    resumes; one without is skipped. Refused: a run whose config differs from ``cfg`` in a
     key that is not searched, a value outside the space, a run that read the
     test split. Returns how many trials were added (one already in the study is
     skipped)."""
@@ -184,7 +186,7 @@ def add_trials(study, cfg: Dict[str, Any], space: Dict[str, Any], sources: Seque
     import optuna
 
     from .benchmark import _same_dataset
-    from .training import same_config
+    from .training import LAST, same_config
 
     metric = cfg["eval"]["metric"]
     dists = distributions(space)
@@ -200,11 +202,12 @@ def add_trials(study, cfg: Dict[str, Any], space: Dict[str, Any], sources: Seque
         if not runs:
             raise SpaceError(f"add-trials: {source} holds no run directory (a folder with config.yaml)")
         for run in runs:
-            if not (run / "metrics.json").is_file():
-                log(f"add-trials: {run} is unfinished (no metrics.json): not added")
+            unfinished = not (run / "metrics.json").is_file()
+            if unfinished and not any(run.rglob(LAST)):
+                log(f"add-trials: {run} is unfinished (no metrics.json) and has no checkpoint: not added")
                 continue
             saved = same_config(config_mod.load_yaml(run / "config.yaml"))
-            metrics = json.loads((run / "metrics.json").read_text())
+            metrics = {"valid": {metric: float("nan")}} if unfinished else json.loads((run / "metrics.json").read_text())
             if metrics.get("test"):
                 raise SpaceError(f"add-trials: {run} read the test split: not a trial of a search on validation")
             try:
@@ -224,9 +227,15 @@ def add_trials(study, cfg: Dict[str, Any], space: Dict[str, Any], sources: Seque
             if differs:
                 raise SpaceError(f"add-trials: {run} is a run of another config: {differs}")
             tid = trial_id(full)
-            if tid in have:
-                continue
             target = out / "trials" / tid
+            if tid in have or unfinished and target.exists():
+                continue  # in the study already (an unfinished one: running, or enqueued by an earlier call)
+            if unfinished:
+                # Killed mid-training on a lost machine: its parameters run first and resume the checkpoint.
+                shutil.copytree(run, target)
+                study.enqueue_trial(params)
+                log(f"add-trials: {run} (unfinished, with its checkpoint) -> trial {tid}: resumes first")
+                continue
             try:
                 trial = optuna.trial.create_trial(params=params, distributions=dists, value=value,
                                                   user_attrs={"run_dir": str(target), "added_from": str(run)})

@@ -331,6 +331,29 @@ def test_a_lost_study_is_rebuilt_from_its_trial_records(tmp_path, dataset):
     assert not any("-> trial" in line or "valid ndcg@10 =" in line for line in log)
 
 
+def test_a_recorded_unfinished_trial_with_its_checkpoint_resumes_first(tmp_path, dataset, monkeypatch):
+    """A trial killed mid-training on a lost machine, recorded with its last.pt:
+    the new study runs its parameters first and resumes that checkpoint."""
+    import plr.training as training
+
+    cfg = config.resolve("sasrec", None, [*TINY[:4], "train.epochs=2"] + TINY[5:], str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.2, 0.3, 0.4]}))
+    tune(cfg, dataset, space, tmp_path / "lost", 1, log=lambda msg: None)
+    run_dir = next((tmp_path / "lost" / "trials").iterdir())
+    record = tmp_path / "records" / run_dir.name
+    record.mkdir(parents=True)
+    for name in ("config.yaml", "train.log", "last.pt", "best.pt"):
+        shutil.copy2(run_dir / name, record / name)  # as if killed after its last epoch, before metrics.json
+    calls = []
+    original = training.train_run
+    monkeypatch.setattr(training, "train_run", lambda *a, **k: calls.append(k["resume"]) or original(*a, **k))
+    log = []
+    tune(cfg, dataset, space, tmp_path / "new", 1, log=log.append, add_from=[tmp_path / "records"])
+    assert calls == [True]
+    assert any("resumes first" in line for line in log) and any("(resuming)" in line for line in log)
+    assert (tmp_path / "new" / "trials" / run_dir.name / "metrics.json").is_file()
+
+
 def test_trial_records_of_another_config_or_that_read_test_are_refused(tmp_path, dataset):
     cfg = config.resolve("sasrec", None, TINY, str(DATA))
     space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.3]}))
@@ -432,6 +455,55 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
                                "(epoch 1, best so far 0.0250) |")
     assert sorted(p.name for p in (out / "plr" / "aaa").iterdir()) == ["config.yaml", "metrics.json", "train.log"]
     assert not (out / "plr-eq10" / "bbb" / "metrics.json").exists()
+    # --checkpoints: a training trial's checkpoints are recorded, and dropped once it has finished.
+    (running / "last.pt").write_bytes(b"state")
+    (done / "last.pt").write_bytes(b"state")
+    tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out), "--checkpoints"])
+    assert (out / "plr-eq10" / "bbb" / "last.pt").read_bytes() == b"state"
+    assert not (out / "plr" / "aaa" / "last.pt").exists()
+    (running / "metrics.json").write_text((done / "metrics.json").read_text())
+    tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out), "--checkpoints"])
+    assert not (out / "plr-eq10" / "bbb" / "last.pt").exists()
+    # A new machine's search (without bbb) keeps the rows recorded by the earlier one.
+    shutil.rmtree(running.parents[1])
+    tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out)])
+    assert [line.split(" | ")[:2] for line in (out / "trials.md").read_text().splitlines()[2:]] == [
+        ["| plr", "aaa"], ["| plr-eq10", "bbb"]]
+
+
+def test_converged_records_keep_finished_and_unfinished_final_runs_across_machines(tmp_path):
+    """benchmarks/converged_records.py: a finished run is recorded without its
+    checkpoints (with its test ranks), an unfinished one with them; restore puts
+    both back on a new machine and overwrites nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("converged_records", ROOT / "benchmarks" / "converged_records.py")
+    records = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(records)
+    out = tmp_path / "runs"
+    done, running = out / "final" / "beauty" / "sasrec", out / "final" / "steam" / "plr"
+    for run_dir in (done, running):
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("model: {name: sasrec}\n")
+        (run_dir / "last.pt").write_bytes(b"state")
+    (done / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.05}}))
+    (done / "test_ranks.csv").write_text("user,rank\n1,3\n")
+    (out / "final" / "RESULTS.md").write_text("| table |\n")
+    records.main(["save", str(out), str(tmp_path / "results")])
+    rec = tmp_path / "results" / "converged-final"
+    assert sorted(p.name for p in (rec / "beauty" / "sasrec").iterdir()) == ["config.yaml", "metrics.json",
+                                                                             "test_ranks.csv"]
+    assert (rec / "steam" / "plr" / "last.pt").read_bytes() == b"state"
+    assert (rec / "RESULTS.md").is_file()
+    new = tmp_path / "new"
+    (new / "final" / "steam" / "plr").mkdir(parents=True)  # already here: kept as it is
+    records.main(["restore", str(tmp_path / "results"), str(new)])
+    assert (new / "final" / "beauty" / "sasrec" / "test_ranks.csv").read_text() == "user,rank\n1,3\n"
+    assert not any((new / "final" / "steam" / "plr").iterdir())
+    # Once it has finished, the unfinished run's recorded checkpoint goes.
+    (running / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.04}}))
+    records.main(["save", str(out), str(tmp_path / "results")])
+    assert not (rec / "steam" / "plr" / "last.pt").exists()
 
 
 def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, capsys):

@@ -1,0 +1,119 @@
+"""Records of ``benchmarks/converged.sh`` that outlive the machine it runs on.
+
+A search and its final runs take more worker-hours than a session has, and a
+later session may get a new machine without ``runs/``. ``save`` copies what is
+worth keeping into the repository, ``restore`` puts the final runs back:
+
+    python benchmarks/converged_records.py save runs/converged benchmarks/results
+    python benchmarks/converged_records.py restore benchmarks/results runs/converged
+
+``save`` writes
+- ``converged-tuning/``: every trial of ``OUT/tune`` (``benchmarks/tuning_table.py
+  --copy-to --checkpoints``: config, log, metrics; an unfinished trial's checkpoints,
+  which ``plr tune --add-trials`` resumes), the queue's logs and marks, ``driver.log``;
+- ``converged-final/<dataset>/<run>/``: each run of ``OUT/final``, finished (config,
+  log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests)
+  or unfinished (config, log and its checkpoints, to resume), and the report.
+
+``restore`` copies each recorded final run that ``OUT/final`` lacks back into it:
+a finished one is then skipped by ``plr benchmark`` (and counted in the report),
+an unfinished one resumed from its checkpoint. Nothing already in ``OUT`` is
+overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tuning_table  # noqa: E402  (benchmarks/ is not a package)
+
+KEPT = ("config.yaml", "train.log", "metrics.json", "test_ranks.csv")
+REPORT = ("RESULTS.md", "results.json", "curves-*.png")  # plr.benchmark.write_report
+
+
+def finished(run_dir: Path) -> bool:
+    """A final run is finished once its metrics.json holds test metrics (plr.benchmark.run_status)."""
+    try:
+        return bool(json.loads((run_dir / "metrics.json").read_text()).get("test"))
+    except (OSError, ValueError):
+        return False
+
+
+def save_final(final: Path, dest: Path) -> int:
+    """Copy every run of a suite's ``out`` (``final/<dataset>/<run>``); returns how many."""
+    count = 0
+    for run_dir in sorted(p.parent for p in final.glob("*/*/config.yaml")):
+        target = dest / run_dir.relative_to(final)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, target / name)
+        done = finished(run_dir)
+        for old in target.rglob("*.pt"):
+            if done or not (run_dir / old.relative_to(target)).exists():
+                old.unlink()
+        if not done:
+            for ckpt in run_dir.rglob("*.pt"):
+                (target / ckpt.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ckpt, target / ckpt.relative_to(run_dir))
+        count += 1
+    for pattern in REPORT:
+        for f in final.glob(pattern):
+            shutil.copy2(f, dest / f.name)
+    return count
+
+
+def restore_final(records: Path, final: Path) -> int:
+    """Copy each recorded run that ``final`` lacks back into it; returns how many."""
+    count = 0
+    for record in sorted(p.parent for p in records.glob("*/*/config.yaml")):
+        target = final / record.relative_to(records)
+        if target.exists():
+            continue
+        shutil.copytree(record, target)
+        count += 1
+    return count
+
+
+def save(out: Path, results: Path) -> None:
+    tuning = results / "converged-tuning"
+    if (out / "tune").is_dir():
+        tuning_table.main([str(out / "tune"), "--copy-to", str(tuning), "--checkpoints"])
+    if (out / "queue").is_dir():
+        (tuning / "queue").mkdir(parents=True, exist_ok=True)
+        for f in (out / "queue").iterdir():
+            if f.suffix in (".log", ".done", ".failed"):
+                shutil.copy2(f, tuning / "queue" / f.name)
+    if (out / "driver.log").is_file():
+        shutil.copy2(out / "driver.log", tuning / "driver.log")
+    if (out / "final").is_dir():
+        print(f"final: {save_final(out / 'final', results / 'converged-final')} runs recorded")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("save", help="OUT -> records in RESULTS")
+    s.add_argument("out", type=Path)
+    s.add_argument("results", type=Path)
+    r = sub.add_parser("restore", help="the final runs recorded in RESULTS -> OUT")
+    r.add_argument("results", type=Path)
+    r.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    if args.command == "save":
+        if not args.out.is_dir():
+            raise SystemExit(f"out: expected the OUT folder of benchmarks/converged.sh, got {args.out}")
+        save(args.out, args.results)
+    else:
+        records = args.results / "converged-final"
+        n = restore_final(records, args.out / "final") if records.is_dir() else 0
+        print(f"restore: {n} recorded final runs copied into {args.out / 'final'}")
+
+
+if __name__ == "__main__":
+    main()
