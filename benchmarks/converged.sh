@@ -20,7 +20,8 @@
 # delete the mark to retry). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
 #   OUT=runs/converged bash benchmarks/converged.sh --status   # each task's state, nothing started
-#   OUT=runs/converged bash benchmarks/converged.sh --save     # records to commit (at the end of a session)
+#   OUT=runs/converged bash benchmarks/converged.sh --save [--checkpoints]   # records to commit; with the
+#                                            # unfinished runs' checkpoints once, at the end of a session
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/converged}
@@ -98,7 +99,7 @@ worker() {
   done
 }
 if [[ ${1:-} == --save ]]; then  # commit-ready records of OUT (benchmarks/converged_records.py)
-  exec python benchmarks/converged_records.py save "$OUT" benchmarks/results
+  exec python benchmarks/converged_records.py save "$OUT" benchmarks/results "${@:2}"  # [--checkpoints]
 fi
 if [[ ${1:-} == --status ]]; then
   for task in "${TASKS[@]}"; do

@@ -4,16 +4,19 @@ A search and its final runs take more worker-hours than a session has, and a
 later session may get a new machine without ``runs/``. ``save`` copies what is
 worth keeping into the repository, ``restore`` puts the final runs back:
 
-    python benchmarks/converged_records.py save runs/converged benchmarks/results
+    python benchmarks/converged_records.py save runs/converged benchmarks/results [--checkpoints]
     python benchmarks/converged_records.py restore benchmarks/results runs/converged
 
 ``save`` writes
 - ``converged-tuning/``: every trial of ``OUT/tune`` (``benchmarks/tuning_table.py
-  --copy-to --checkpoints``: config, log, metrics; an unfinished trial's checkpoints,
-  which ``plr tune --add-trials`` resumes), the queue's logs and marks, ``driver.log``;
+  --copy-to``: config, log, metrics), the queue's logs and marks, ``driver.log``
+  (a new machine's logs are added after the recorded ones);
 - ``converged-final/<dataset>/<run>/``: each run of ``OUT/final``, finished (config,
   log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests)
-  or unfinished (config, log and its checkpoints, to resume), and the report.
+  or unfinished (config, log), and the report.
+
+With ``--checkpoints`` (at the end of a session) the unfinished trials and runs
+keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them.
 
 ``restore`` copies each recorded final run that ``OUT/final`` lacks back into it:
 a finished one is then skipped by ``plr benchmark`` (and counted in the report),
@@ -44,8 +47,20 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
-def save_final(final: Path, dest: Path) -> int:
-    """Copy every run of a suite's ``out`` (``final/<dataset>/<run>``); returns how many."""
+def append_log(source: Path, dest: Path) -> None:
+    """Copy a log that grows; a log of a new machine (not a continuation of the
+    recorded one) is added after the recorded one, which is kept."""
+    text = source.read_text()
+    old = dest.read_text() if dest.is_file() else ""
+    # This machine's part of the record: the earliest line from which the record is a prefix of ``text``.
+    start = next((i for i in [0, *(j + 1 for j, c in enumerate(old) if c == "\n")]
+                  if text.startswith(old[i:])), len(old))
+    dest.write_text(old[:start] + text)
+
+
+def save_final(final: Path, dest: Path, checkpoints: bool) -> int:
+    """Copy every run of a suite's ``out`` (``final/<dataset>/<run>``), with the
+    checkpoints of the unfinished ones if ``checkpoints``; returns how many."""
     count = 0
     for run_dir in sorted(p.parent for p in final.glob("*/*/config.yaml")):
         target = dest / run_dir.relative_to(final)
@@ -57,7 +72,7 @@ def save_final(final: Path, dest: Path) -> int:
         for old in target.rglob("*.pt"):
             if done or not (run_dir / old.relative_to(target)).exists():
                 old.unlink()
-        if not done:
+        if checkpoints and not done:
             for ckpt in run_dir.rglob("*.pt"):
                 (target / ckpt.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ckpt, target / ckpt.relative_to(run_dir))
@@ -80,19 +95,21 @@ def restore_final(records: Path, final: Path) -> int:
     return count
 
 
-def save(out: Path, results: Path) -> None:
+def save(out: Path, results: Path, checkpoints: bool = False) -> None:
     tuning = results / "converged-tuning"
     if (out / "tune").is_dir():
-        tuning_table.main([str(out / "tune"), "--copy-to", str(tuning), "--checkpoints"])
+        tuning_table.main([str(out / "tune"), "--copy-to", str(tuning), *(["--checkpoints"] if checkpoints else [])])
     if (out / "queue").is_dir():
         (tuning / "queue").mkdir(parents=True, exist_ok=True)
         for f in (out / "queue").iterdir():
-            if f.suffix in (".log", ".done", ".failed"):
+            if f.suffix == ".log":
+                append_log(f, tuning / "queue" / f.name)
+            elif f.suffix in (".done", ".failed"):
                 shutil.copy2(f, tuning / "queue" / f.name)
     if (out / "driver.log").is_file():
-        shutil.copy2(out / "driver.log", tuning / "driver.log")
+        append_log(out / "driver.log", tuning / "driver.log")
     if (out / "final").is_dir():
-        print(f"final: {save_final(out / 'final', results / 'converged-final')} runs recorded")
+        print(f"final: {save_final(out / 'final', results / 'converged-final', checkpoints)} runs recorded")
 
 
 def main(argv=None) -> None:
@@ -101,6 +118,9 @@ def main(argv=None) -> None:
     s = sub.add_parser("save", help="OUT -> records in RESULTS")
     s.add_argument("out", type=Path)
     s.add_argument("results", type=Path)
+    s.add_argument("--checkpoints", action="store_true",
+                   help="the unfinished runs' checkpoints too (once, at the end of a session: each save of a "
+                        "changed checkpoint adds its whole size to the repository's history)")
     r = sub.add_parser("restore", help="the final runs recorded in RESULTS -> OUT")
     r.add_argument("results", type=Path)
     r.add_argument("out", type=Path)
@@ -108,7 +128,7 @@ def main(argv=None) -> None:
     if args.command == "save":
         if not args.out.is_dir():
             raise SystemExit(f"out: expected the OUT folder of benchmarks/converged.sh, got {args.out}")
-        save(args.out, args.results)
+        save(args.out, args.results, args.checkpoints)
     else:
         records = args.results / "converged-final"
         n = restore_final(records, args.out / "final") if records.is_dir() else 0

@@ -489,8 +489,16 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     (done / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.05}}))
     (done / "test_ranks.csv").write_text("user,rank\n1,3\n")
     (out / "final" / "RESULTS.md").write_text("| table |\n")
-    records.main(["save", str(out), str(tmp_path / "results")])
+    (out / "driver.log").write_text("machine 2\n")
+    (tmp_path / "results" / "converged-tuning").mkdir(parents=True)
+    (tmp_path / "results" / "converged-tuning" / "driver.log").write_text("machine 1\n")
     rec = tmp_path / "results" / "converged-final"
+    records.main(["save", str(out), str(tmp_path / "results")])
+    assert not (rec / "steam" / "plr" / "last.pt").exists()  # checkpoints only with --checkpoints
+    assert (tmp_path / "results" / "converged-tuning" / "driver.log").read_text() == "machine 1\nmachine 2\n"
+    (out / "driver.log").write_text("machine 2\nmore\n")
+    records.main(["save", str(out), str(tmp_path / "results"), "--checkpoints"])
+    assert (tmp_path / "results" / "converged-tuning" / "driver.log").read_text() == "machine 1\nmachine 2\nmore\n"
     assert sorted(p.name for p in (rec / "beauty" / "sasrec").iterdir()) == ["config.yaml", "metrics.json",
                                                                              "test_ranks.csv"]
     assert (rec / "steam" / "plr" / "last.pt").read_bytes() == b"state"
@@ -502,7 +510,7 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     assert not any((new / "final" / "steam" / "plr").iterdir())
     # Once it has finished, the unfinished run's recorded checkpoint goes.
     (running / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.04}}))
-    records.main(["save", str(out), str(tmp_path / "results")])
+    records.main(["save", str(out), str(tmp_path / "results"), "--checkpoints"])
     assert not (rec / "steam" / "plr" / "last.pt").exists()
 
 
