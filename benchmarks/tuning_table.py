@@ -10,7 +10,10 @@ of every trial into ``DIR/<model>/<trial>/`` (and each search's ``best.yaml``,
 committing a search's state; the table then also lists the trials recorded in
 ``DIR`` by earlier machines. ``--checkpoints`` copies the checkpoints of each
 unfinished trial too (and drops those of a trial that has finished), so that
-``plr tune --add-trials DIR/<model>`` on a new machine resumes it.
+``plr tune --add-trials DIR/<model>`` on a new machine resumes it. A file
+``STATE`` in an unfinished trial's record replaces its state in the table
+(``{state}`` in it: the state read off its log), e.g. for a trial lost with its
+machine.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def trial_row(model: str, trial: Path) -> dict:
         last = epochs[-1] if epochs else None
         best = max((v for _, v in epochs), default=None)
         row.update(state=f"training (epoch {last[0]}, best so far {best:.4f})" if last else "started")
+        if (trial / "STATE").exists():  # a note on an unfinished trial's record: abandoned, lost with its machine
+            row["state"] = (trial / "STATE").read_text().strip().format(state=row["state"])
     return row
 
 
@@ -103,10 +108,11 @@ def main(argv=None):
         for name in ("best.yaml", "trials.csv", "history.png"):
             if args.copy_to and (model_dir / name).exists():
                 shutil.copy2(model_dir / name, args.copy_to / model_dir.name / name)
-    if args.copy_to and args.copy_to.is_dir():  # trials recorded by earlier machines
-        for model_dir in args.copy_to.iterdir():
-            for trial in (t for t in model_dir.iterdir() if (t / "config.yaml").exists()) if model_dir.is_dir() else ():
-                trials.setdefault((model_dir.name, trial.name), trial)
+    if args.copy_to and args.copy_to.is_dir():  # trials recorded by earlier machines (named as plr.tuning.trial_id)
+        for model_dir in (d for d in args.copy_to.iterdir() if d.is_dir()):
+            for trial in model_dir.iterdir():
+                if re.fullmatch(r"[0-9a-f]{10}", trial.name) and (trial / "config.yaml").exists():
+                    trials.setdefault((model_dir.name, trial.name), trial)
     order = sorted(trials, key=lambda k: (k[0], started(trials[k]), k[1]))  # in the order they were started
     text = table([trial_row(model, trials[model, name]) for model, name in order])
     print(text)

@@ -464,11 +464,18 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
     (running / "metrics.json").write_text((done / "metrics.json").read_text())
     tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out), "--checkpoints"])
     assert not (out / "plr-eq10" / "bbb" / "last.pt").exists()
-    # A new machine's search (without bbb) keeps the rows recorded by the earlier one.
+    # A new machine's search (without ccc) keeps the rows recorded by the earlier one, named as trial ids;
+    # a STATE note replaces an unfinished trial's state.
+    shutil.copytree(running, out / "plr-eq10" / "ccccc00000")
+    (out / "plr-eq10" / "ccccc00000" / "metrics.json").unlink()
+    (out / "plr-eq10" / "ccccc00000" / "STATE").write_text("lost with its machine ({state})\n")
+    (out / "plr-eq10" / "not-a-trial").mkdir()
+    shutil.copy2(running / "config.yaml", out / "plr-eq10" / "not-a-trial" / "config.yaml")
     shutil.rmtree(running.parents[1])
     tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out)])
-    assert [line.split(" | ")[:2] for line in (out / "trials.md").read_text().splitlines()[2:]] == [
-        ["| plr", "aaa"], ["| plr-eq10", "bbb"]]
+    rows = (out / "trials.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in rows] == [["| plr", "aaa"], ["| plr-eq10", "ccccc00000"]]
+    assert "| lost with its machine (training (epoch 1, best so far 0.0250)) |" in rows[1]
 
 
 def test_converged_records_keep_finished_and_unfinished_final_runs_across_machines(tmp_path):
