@@ -13,9 +13,10 @@
 #      training it again.
 #
 # WORKERS processes (default 2, one thread each: the 2-core CPU of this project)
-# take the tasks below in order of priority. A task runs in one worker at a time
-# (an flock on OUT/queue/<task>.lock), a final task only once the search that
-# writes its config_file has finished, and a finished task is marked
+# take the tasks below in order of priority. A search runs in one worker at a time
+# (an flock on OUT/queue/<task>.lock); a final task is shared (each worker trains
+# the next of its runs that no other is training: `plr benchmark --skip-busy`), and
+# starts only once the search that writes its config_file has finished. A finished task is marked
 # OUT/queue/<task>.done; a failed one OUT/queue/<task>.failed (its log says why;
 # delete the mark to retry). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
@@ -74,7 +75,7 @@ run_task() {
     plr tune --model "$model" --data "$BEAUTY" --space "benchmarks/spaces/$model.yaml" --trials "$TRIALS" \
       --out "$OUT/tune/$model" "${BASE[@]}" "$@" "${records[@]}"
   else
-    plr benchmark "$SUITE" --out "$OUT/final" --only "$@"
+    plr benchmark "$SUITE" --out "$OUT/final" --only "$@" --skip-busy
   fi
 }
 worker() {
@@ -85,6 +86,18 @@ worker() {
       [[ -e $OUT/queue/$k.done || -e $OUT/queue/$k.failed ]] && continue
       left=1
       ready "$task" || continue
+      if [[ $task == final* ]]; then
+        # Shared: every worker takes the next run of it that no other is training (the run
+        # directory's lock); exit 3 = the rest is being trained elsewhere: go on to the next task.
+        run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1
+        case $? in
+          0) touch "$OUT/queue/$k.done"; did=1 ;;
+          3) continue ;;
+          *) echo "$(date -u +%FT%TZ) worker $1: $task failed (see $OUT/queue/$k.log)"; touch "$OUT/queue/$k.failed"
+             did=1 ;;
+        esac
+        break
+      fi
       exec {fd}>"$OUT/queue/$k.lock"
       if flock -n "$fd"; then
         if run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1; then touch "$OUT/queue/$k.done"
@@ -101,12 +114,23 @@ worker() {
 if [[ ${1:-} == --save ]]; then  # commit-ready records of OUT (benchmarks/converged_records.py)
   exec python benchmarks/converged_records.py save "$OUT" benchmarks/results "${@:2}"  # [--checkpoints]
 fi
+busy_runs() {  # the runs of a final task being trained now (their directory's lock is held)
+  busy=""
+  local names=${1% (needs*}
+  for r in ${names#final }; do
+    for d in "$OUT"/final/*/"$r"; do
+      [[ -e $d/.lock ]] && ! flock -n "$d/.lock" true && busy+="${busy:+, }$r on $(basename "$(dirname "$d")")"
+    done
+  done
+  [[ -n $busy ]]
+}
 if [[ ${1:-} == --status ]]; then
   for task in "${TASKS[@]}"; do
     k=$(key "$task")
     if [[ -e $OUT/queue/$k.done ]]; then state=done
     elif [[ -e $OUT/queue/$k.failed ]]; then state="failed (see $OUT/queue/$k.log)"
     elif [[ -e $OUT/queue/$k.lock ]] && ! flock -n "$OUT/queue/$k.lock" true; then state=running
+    elif [[ $task == final* ]] && busy_runs "$task"; then state="running ($busy)"
     elif ready "$task"; then state="queued (for a free worker)"
     else state="waiting for its search"; fi
     printf '%-36s %s\n' "${task% (needs*}" "$state"

@@ -367,38 +367,54 @@ def adopt_run(run: RunSpec, source_dir: Path, dataset) -> Dict[str, Any]:
     return metrics
 
 
-def run_suite(suite: Suite, *, only: Optional[List[str]] = None, log=print) -> Path:
-    """Run every unfinished run of ``suite`` (or of ``only``), then write the report."""
-    from .data import load_dataset
-    from .training import train_run
+def run_suite(suite: Suite, *, only: Optional[List[str]] = None, log=print, skip_busy: bool = False) -> Path:
+    """Run every unfinished run of ``suite`` (or of ``only``), then write the report.
+    Each run holds its directory's lock (``plr.run_lock``); one that another
+    process holds raises ``RunDirBusy``, or with ``skip_busy`` is left to it, so
+    that several processes can share one suite."""
+    from .run_lock import RunDirBusy, run_dir_lock
 
     todo = [r for r in suite.runs if only is None or r.name in only]
     loaded: Dict[str, Any] = {}
     for i, run in enumerate(todo, start=1):
-        status = run_status(run)
         tag = f"[{i}/{len(todo)}] {run.name} on {run.dataset}"
-        if status == "done":
-            log(f"{tag}: finished before, skipped")
-            continue
-        key = json.dumps(run.cfg["data"], sort_keys=True)
-        if key not in loaded:
-            loaded.clear()  # one dataset in memory at a time
-            loaded[key] = load_dataset(run.cfg["data"])
-        dataset = loaded[key]
-        started = time.perf_counter()
-        if run.source is not None:
-            log(f"{tag}: evaluating the best checkpoint of {run.source!r}")
-            metrics = evaluate_from(run, run.run_dir.parent / run.source, dataset)
-        elif status == "new" and (source := find_reusable(run, suite.reuse)) is not None:
-            log(f"{tag}: adopting {source} (a finished run of the same config); reading its test split")
-            metrics = adopt_run(run, source, dataset)
-        else:
-            log(f"{tag}: {'resuming' if status == 'partial' else 'training'} in {run.run_dir}")
-            run.run_dir.mkdir(parents=True, exist_ok=True)
-            metrics = train_run(run.cfg, dataset, run.run_dir, resume=status == "partial", log_to_console=False)
-        log(f"{tag}: test " + " ".join(f"{m}={metrics['test'][m]:.4f}" for m in suite.metrics)
-            + f" ({time.perf_counter() - started:.0f} s)")
+        try:
+            with run_dir_lock(run.run_dir):
+                _run_one(suite, run, tag, loaded, log)
+        except RunDirBusy as err:
+            if not skip_busy:
+                raise
+            log(f"{tag}: left to another process ({err.what})")
     return write_report(suite)
+
+
+def _run_one(suite: Suite, run: RunSpec, tag: str, loaded: Dict[str, Any], log) -> None:
+    """One run of ``run_suite``, under its directory's lock."""
+    from .data import load_dataset
+    from .training import train_run
+
+    status = run_status(run)  # read under the lock: another process may have just finished it
+    if status == "done":
+        log(f"{tag}: finished before, skipped")
+        return
+    key = json.dumps(run.cfg["data"], sort_keys=True)
+    if key not in loaded:
+        loaded.clear()  # one dataset in memory at a time
+        loaded[key] = load_dataset(run.cfg["data"])
+    dataset = loaded[key]
+    started = time.perf_counter()
+    if run.source is not None:
+        log(f"{tag}: evaluating the best checkpoint of {run.source!r}")
+        metrics = evaluate_from(run, run.run_dir.parent / run.source, dataset)
+    elif status == "new" and (source := find_reusable(run, suite.reuse)) is not None:
+        log(f"{tag}: adopting {source} (a finished run of the same config); reading its test split")
+        metrics = adopt_run(run, source, dataset)
+    else:
+        log(f"{tag}: {'resuming' if status == 'partial' else 'training'} in {run.run_dir}")
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = train_run(run.cfg, dataset, run.run_dir, resume=status == "partial", log_to_console=False)
+    log(f"{tag}: test " + " ".join(f"{m}={metrics['test'][m]:.4f}" for m in suite.metrics)
+        + f" ({time.perf_counter() - started:.0f} s)")
 
 
 # -- the report ----------------------------------------------------------------------

@@ -6,7 +6,7 @@
     plr evaluate --checkpoint RUN_DIR/best.pt --data PATH [--split test|valid] [--exclude-history]
     plr recommend --checkpoint RUN_DIR/best.pt --history "12 55 7" [--k 10]
     plr compare RUN_A RUN_B [--metric ndcg@10]
-    plr benchmark SUITE.yaml [--only RUN ...] [--out DIR] [--check | --report]
+    plr benchmark SUITE.yaml [--only RUN ...] [--out DIR] [--check | --report] [--skip-busy]
     plr analyze ablation|sensitivity|robustness|ceiling|attention|efficiency ...   (plr/analysis/)
     plr tune --model plr --data PATH --space SPACE.yaml --trials N --out DIR [--config CFG.yaml] [--set ...]
              [--add-trials DIR ...]
@@ -18,6 +18,8 @@
 User errors (plr.errors) print one line, ``plr: error: <what> — <how to fix>``,
 with exit code 2; ``--debug`` (anywhere on the line) shows the traceback.
 Ctrl-C stops a training run after saving its state (exit code 130).
+``plr benchmark --skip-busy`` exits with code 3 when it left runs to other
+processes (they are still training).
 """
 
 from __future__ import annotations
@@ -183,8 +185,13 @@ def cmd_benchmark(args) -> int:
                              "status": status(r), "directory": str(r.run_dir)} for r in suite.runs],
                            ["run", "model", "dataset", "status", "directory"]))
         return 0
-    path = write_report(suite) if args.report else run_suite(suite, only=args.only)
+    path = write_report(suite) if args.report else run_suite(suite, only=args.only, skip_busy=args.skip_busy)
     print(f"plr benchmark: report in {path}")
+    left = [r for r in suite.runs if (not args.only or r.name in args.only) and run_status(r) != "done"]
+    if args.skip_busy and left:
+        print(f"plr benchmark: {len(left)} run(s) left to other processes: "
+              + ", ".join(f"{r.name} on {r.dataset}" for r in left))
+        return 3
     return 0
 
 
@@ -308,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", help="suite YAML (see plr.benchmark)")
     bench.add_argument("--only", nargs="+", action="extend", metavar="RUN", help="run only these runs of the suite")
     bench.add_argument("--out", help="put the run directories and the report here instead of the suite's out")
+    bench.add_argument("--skip-busy", action="store_true",
+                       help="leave a run that another process is training to it (exit code 3 if any is left), so "
+                            "that several processes share a suite")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check the suite and list its runs, train nothing")
     mode.add_argument("--report", action="store_true", help="rewrite the report from the finished runs only")

@@ -5,8 +5,9 @@ Two processes training into one run directory would overwrite each other's
 second ``plr train --resume`` started by hand). :func:`run_dir_lock` holds an
 advisory ``flock`` on ``RUN_DIR/.lock`` for the whole run; a second process
 is refused at once with an error naming the directory and the holder. The
-lock dies with its process, so a killed run leaves nothing to clean up.
-Platforms without ``fcntl`` (Windows) get no lock.
+lock dies with its process, so a killed run leaves nothing to clean up. It
+is re-entrant within a process (``plr benchmark`` holds it around a run that
+``train_run`` locks again). Platforms without ``fcntl`` (Windows) get no lock.
 """
 
 from __future__ import annotations
@@ -15,15 +16,22 @@ import os
 import platform
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Dict
 
 from .errors import UserError
 
 LOCK = ".lock"
+_held: Dict[str, int] = {}  # run directories this process holds: how many times
+
+
+class RunDirBusy(UserError):
+    """Another process holds the run directory's lock."""
 
 
 @contextmanager
 def run_dir_lock(run_dir):
-    """Hold the lock of ``run_dir`` (created if needed) while the block runs."""
+    """Hold the lock of ``run_dir`` (created if needed) while the block runs;
+    raises :class:`RunDirBusy` at once if another process holds it."""
     try:
         import fcntl
     except ImportError:  # no advisory locks here
@@ -31,6 +39,14 @@ def run_dir_lock(run_dir):
         return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if _held.get(key):  # this process holds it already
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     f = open(run_dir / LOCK, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -38,8 +54,9 @@ def run_dir_lock(run_dir):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"run_dir: {run_dir} is being trained by {holder}",
-                        "wait for that run to end, or choose another --out") from None
+        raise RunDirBusy(f"run_dir: {run_dir} is being trained by {holder}",
+                         "wait for that run to end, or choose another --out") from None
+    _held[key] = 1
     try:
         f.seek(0)
         f.truncate()
@@ -47,5 +64,6 @@ def run_dir_lock(run_dir):
         f.flush()
         yield
     finally:
+        del _held[key]
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()

@@ -199,6 +199,38 @@ def test_a_finished_run_of_the_same_config_is_adopted_and_its_test_read_once(tmp
     assert find_reusable(other_suite.runs[0], other_suite.reuse) is None
 
 
+def test_two_processes_share_a_suite_with_skip_busy(tmp_path, capsys):
+    """A run whose directory another process holds (plr.run_lock) stops a plain
+    `plr benchmark` with an error naming it; `--skip-busy` leaves it to the
+    holder, trains the rest and exits 3; once it is free, a rerun trains it."""
+    import subprocess
+    import sys
+
+    suite = suite_copy(tmp_path)
+    busy = tmp_path / "out" / "ml100k" / "sasrec"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom plr.run_lock import run_dir_lock\n"
+         "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)", str(busy)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = cli_error(capsys, ["benchmark", str(suite), "--only", "sasrec", "plr"])
+        assert f"run_dir: {busy} is being trained by pid {holder.pid}" in line
+        assert main(["benchmark", str(suite), "--only", "sasrec", "plr", "--skip-busy"]) == 3
+        out = capsys.readouterr().out
+        assert "sasrec on ml100k: left to another process" in out
+        assert "1 run(s) left to other processes: sasrec on ml100k" in out
+        assert json.loads((tmp_path / "out" / "ml100k" / "plr" / "metrics.json").read_text())["test"]
+        assert not (busy / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["benchmark", str(suite), "--only", "sasrec", "plr", "--skip-busy"]) == 0
+    out = capsys.readouterr().out
+    assert "plr on ml100k: finished before, skipped" in out and "sasrec on ml100k: training" in out
+    assert json.loads((busy / "metrics.json").read_text())["test"]
+
+
 def test_only_checks_the_config_files_of_its_runs(tmp_path):
     """A suite whose config_file comes from a search still running can run its
     other part with --only; without --only it is refused, naming the entry."""
