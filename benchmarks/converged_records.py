@@ -63,19 +63,7 @@ def save_final(final: Path, dest: Path, checkpoints: bool) -> int:
     checkpoints of the unfinished ones if ``checkpoints``; returns how many."""
     count = 0
     for run_dir in sorted(p.parent for p in final.glob("*/*/config.yaml")):
-        target = dest / run_dir.relative_to(final)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in KEPT:
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, target / name)
-        done = finished(run_dir)
-        for old in target.rglob("*.pt"):
-            if done or not (run_dir / old.relative_to(target)).exists():
-                old.unlink()
-        if checkpoints and not done:
-            for ckpt in run_dir.rglob("*.pt"):
-                (target / ckpt.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ckpt, target / ckpt.relative_to(run_dir))
+        tuning_table.copy_run(run_dir, dest / run_dir.relative_to(final), KEPT, finished(run_dir), checkpoints)
         count += 1
     for pattern in REPORT:
         for f in final.glob(pattern):

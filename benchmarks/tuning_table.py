@@ -65,19 +65,24 @@ def started(trial: Path) -> str:
     return first[:19] if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", first) else ""
 
 
-def copy_trial(trial: Path, dest: Path, checkpoints: bool) -> None:
+def copy_run(run: Path, dest: Path, names, finished: bool, checkpoints: bool) -> None:
+    """Record ``names`` of a run directory in ``dest``; its checkpoints too if
+    ``checkpoints`` and it is unfinished (a recorded one is dropped once finished)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "train.log", "metrics.json"):
-        if (trial / name).exists():
-            shutil.copy2(trial / name, dest / name)
-    finished = (trial / "metrics.json").exists()
+    for name in names:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
     for old in dest.rglob("*.pt"):  # a checkpoint recorded while it was training
-        if finished or not (trial / old.relative_to(dest)).exists():
+        if finished or not (run / old.relative_to(dest)).exists():
             old.unlink()
     if checkpoints and not finished:
-        for ckpt in trial.rglob("*.pt"):
-            (dest / ckpt.relative_to(trial)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ckpt, dest / ckpt.relative_to(trial))
+        for ckpt in run.rglob("*.pt"):
+            (dest / ckpt.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt, dest / ckpt.relative_to(run))
+
+
+def copy_trial(trial: Path, dest: Path, checkpoints: bool) -> None:
+    copy_run(trial, dest, ("config.yaml", "train.log", "metrics.json"), (trial / "metrics.json").exists(), checkpoints)
 
 
 def table(rows) -> str:
