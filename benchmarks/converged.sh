@@ -43,18 +43,21 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # each needed model must have written OUT/tune/<model>/best.yaml.
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
-# Order: the headline comparison (PLR against SASRec) first, then the other baselines.
+# Order: the headline comparison (PLR against SASRec) first, then the other baselines the
+# issue requires, then the converged RCL ablation (plr-norcl; the short-budget diagnosis
+# already measured RCL on/off).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
   "final sasrec (needs sasrec)"
-  "final plr plr-norcl (needs plr)"
+  "final plr (needs plr)"
   "tune erl"
   "tune prl"
   "tune lares"
   "final erl (needs erl)"
   "final prl (needs prl)"
   "final lares (needs lares)"
+  "final plr-norcl (needs plr)"
 )
 key() { echo "$1" | sed 's/ (needs.*//; s/ --set .*//; s/ /-/g'; }
 ready() {
