@@ -20,7 +20,9 @@
 # OUT/queue/<task>.done; a failed one OUT/queue/<task>.failed (its log says why;
 # delete the mark to retry). The report is written last, from every finished run.
 #   OUT=runs/converged bash benchmarks/converged.sh
+#   OUT=runs/converged setsid bash benchmarks/converged.sh &   # (setsid: --stop can reach every process)
 #   OUT=runs/converged bash benchmarks/converged.sh --status   # each task's state, nothing started
+#   OUT=runs/converged bash benchmarks/converged.sh --stop     # SIGTERM: each training saves its state, then ends
 #   OUT=runs/converged bash benchmarks/converged.sh --save [--checkpoints]   # records to commit; with the
 #                                            # unfinished runs' checkpoints once, at the end of a session
 set -uo pipefail
@@ -96,6 +98,7 @@ worker() {
         case $? in
           0) touch "$OUT/queue/$k.done"; did=1 ;;
           3) continue ;;
+          130) echo "$(date -u +%FT%TZ) worker $1: $task stopped (state saved)"; return ;;
           *) echo "$(date -u +%FT%TZ) worker $1: $task failed (see $OUT/queue/$k.log)"; touch "$OUT/queue/$k.failed"
              did=1 ;;
         esac
@@ -103,8 +106,12 @@ worker() {
       fi
       exec {fd}>"$OUT/queue/$k.lock"
       if flock -n "$fd"; then
-        if run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1; then touch "$OUT/queue/$k.done"
-        else echo "$(date -u +%FT%TZ) worker $1: $task failed (see $OUT/queue/$k.log)"; touch "$OUT/queue/$k.failed"; fi
+        run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1
+        case $? in
+          0) touch "$OUT/queue/$k.done" ;;
+          130) echo "$(date -u +%FT%TZ) worker $1: $task stopped (state saved)"; exec {fd}>&-; return ;;
+          *) echo "$(date -u +%FT%TZ) worker $1: $task failed (see $OUT/queue/$k.log)"; touch "$OUT/queue/$k.failed" ;;
+        esac
         did=1
       fi
       exec {fd}>&-
@@ -127,6 +134,14 @@ busy_runs() {  # the runs of a final task being trained now (their directory's l
   done
   [[ -n $busy ]]
 }
+if [[ ${1:-} == --stop ]]; then  # stop the driver started on OUT: every training saves its state first
+  pid=$(cat "$OUT/driver.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null || { echo "no driver running on $OUT"; exit 0; }
+  pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
+  [[ $pgid == "$(ps -o pgid= -p $$ | tr -d ' ')" ]] && { echo "the driver shares this shell's process group: kill it by hand" >&2; exit 1; }
+  kill -TERM -- "-$pgid"  # the bash workers end; each plr (stop_on_sigterm) saves last.pt and exits 130
+  while pgrep -g "$pgid" > /dev/null; do sleep 1; done
+  echo "$(date -u +%FT%TZ) stopped by --stop" >> "$OUT/driver.log"; exit 0
+fi
 if [[ ${1:-} == --status ]]; then
   for task in "${TASKS[@]}"; do
     k=$(key "$task")
@@ -140,6 +155,7 @@ if [[ ${1:-} == --status ]]; then
   done
   exit 0
 fi
+echo $$ > "$OUT/driver.pid"  # for --stop (start the driver with setsid: its own process group)
 # A new machine: the final runs recorded by an earlier one come back (finished: skipped; unfinished: resumed).
 python benchmarks/converged_records.py restore benchmarks/results "$OUT" || exit 1
 pids=()

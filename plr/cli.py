@@ -25,8 +25,11 @@ processes (they are still training).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -354,6 +357,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that train: SIGTERM stops them as Ctrl-C does (training state saved in last.pt).
+STOPPABLE = ("train", "tune", "benchmark", "demo")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(active: bool = True):
+    """While active, SIGTERM (``kill PID``, a scheduler's or a session's stop) raises
+    KeyboardInterrupt, so a training stops with its state saved as on Ctrl-C. A background
+    job started from a script ignores SIGINT (POSIX shells do that for ``cmd &``), so SIGTERM
+    is the way to stop it gracefully; a second SIGTERM kills at once. The previous handler
+    comes back on exit (main() also runs inside other programs, e.g. the tests)."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; user errors print one line and return 2 (plr.errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -365,7 +394,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         check_command(args.command)  # only plr train runs under torchrun
-        return args.func(args)
+        with stop_on_sigterm(args.command in STOPPABLE):
+            return args.func(args)
     except KeyboardInterrupt:
         if debug:
             raise

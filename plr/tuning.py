@@ -309,7 +309,13 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
         run_cfg = apply(cfg, params)
         resume = (run_dir / "last.pt").is_file() or any(run_dir.glob("*/last.pt"))
         log(f"trial {trial.number}: {params} -> {run_dir}" + (" (resuming)" if resume else ""))
-        metrics = train_run(run_cfg, dataset, run_dir, resume=resume, log_to_console=False, test=False)
+        try:
+            metrics = train_run(run_cfg, dataset, run_dir, resume=resume, log_to_console=False, test=False)
+        except KeyboardInterrupt:
+            # Stopped (Ctrl-C, SIGTERM): Optuna records the trial as failed, so the same
+            # parameters go first in the queue and the next call resumes its last.pt.
+            study.enqueue_trial(trial.params)
+            raise
         value = float(metrics["valid"][metric])
         log(f"trial {trial.number}: valid {metric} = {value:.4f}")
         return value

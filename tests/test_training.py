@@ -132,6 +132,34 @@ def test_resume_after_kill_gives_the_same_result(synthetic, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_a_background_training_with_its_state_saved(synthetic, tmp_path):
+    """A job started with ``cmd &`` from a script ignores SIGINT; SIGTERM stops ``plr train``
+    as Ctrl-C does: exit 130, the state at the signal saved in last.pt, and the command to resume."""
+    out = tmp_path / "run"
+    extra = ["train.epochs=1000", "train.patience=1000", "train.save_every_steps=1000000"]
+    cmd = [sys.executable, "-m", "plr.cli", "train", "--model", "plr", "--data", str(synthetic), "--out", str(out)]
+    cmd += sum((["--set", s] for s in TINY + extra), [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        # Past the first epoch's end (its state is saved there), then stopped mid-way through the next ones.
+        state = poll_training_state(proc, out / "last.pt", lambda st: st["epoch"] >= 1, timeout=300)
+        assert state is not None, f"no epoch finished: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    assert rc == 130, err[-2000:]
+    assert "interrupted — training state saved in" in err and "--resume" in err
+    saved = torch.load(out / "last.pt", weights_only=True)["state"]
+    assert not saved["finished"] and saved["global_step"] >= state["global_step"]
+    log = (out / "train.log").read_text()
+    assert f"interrupted at epoch {saved['epoch']}, step {saved['step_in_epoch']}" in log
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="no advisory file locks")
 def test_a_run_directory_is_trained_by_one_process_at_a_time(synthetic, tmp_path):
     """While another process trains into a run directory (holds its lock), a
