@@ -330,6 +330,33 @@ def test_a_trial_killed_while_running_is_run_again_with_its_parameters(tmp_path,
     assert study.trials[1].params == study.trials[0].params
 
 
+def test_a_trial_stopped_by_a_signal_is_run_again_first(tmp_path, dataset, monkeypatch):
+    """Ctrl-C or SIGTERM in a trial (KeyboardInterrupt): Optuna records it as failed; the
+    next call trains the same parameters first (resuming the trial's directory), not a new draw."""
+    import optuna
+    import plr.training as training
+
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}))
+    original, stopped = training.train_run, []
+
+    def stops(cfg, dataset, run_dir, **kw):
+        stopped.append(run_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_run", stops)
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, dataset, space, tmp_path / "study", 1, log=lambda msg: None)
+    trained = []
+    monkeypatch.setattr(training, "train_run", lambda cfg, ds, run_dir, **kw: trained.append(run_dir)
+                        or original(cfg, ds, run_dir, **kw))
+    tune(cfg, dataset, space, tmp_path / "study", 1, log=lambda msg: None)
+    assert trained == stopped
+    study = optuna.load_study(study_name="plr-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params
+
+
 def test_a_lost_study_is_rebuilt_from_its_trial_records(tmp_path, dataset):
     """`--add-trials`: the records of finished trials (config.yaml, metrics.json,
     no checkpoints), copied out of a study whose study.db was then lost, count
