@@ -306,3 +306,64 @@ def test_wrong_model_class_and_foreign_dataset_are_clear_errors(runs, tmp_path, 
     err = cli_error(capsys, ["analyze", "ceiling", "--checkpoint", runs / "plr", runs / "erl", "--labels", "x",
                              "--out", tmp_path / "f"])
     assert "--labels: expected 2 distinct names" in err
+
+
+def test_quantile_groups_keep_ties_together_and_leave_no_group_empty():
+    from plr.analysis.groups import quantile_groups
+
+    values = np.array([4, 4, 4, 4, 4, 5, 6, 7, 8, 20, 20, 20])
+    group = quantile_groups(values, 4)
+    assert sorted(set(group.tolist())) == list(range(group.max() + 1))  # no gap: no empty group
+    for v in np.unique(values):
+        assert len(set(group[values == v].tolist())) == 1  # equal values, one group
+    order = np.argsort(values, kind="stable")
+    assert (np.diff(group[order]) >= 0).all()  # groups are value ranges, in order
+    assert quantile_groups(np.arange(100), 4).tolist() == [i // 25 for i in range(100)]
+    assert quantile_groups(np.full(7, 3), 4).tolist() == [0] * 7
+
+
+def test_groups_split_the_paired_test_by_history_length_and_target_popularity(runs, tmp_path):
+    from scipy import stats
+
+    from plr.evaluation import per_user_metric
+
+    out = tmp_path / "groups"
+    assert main(["analyze", "groups", str(runs / "sasrec"), str(runs / "plr"), str(runs / "erl"), "--bins", "3",
+                 "--out", str(out)]) == 0
+    rows = read_csv(out / "groups.csv")
+    dataset = load_dataset(tiny_cfg("sasrec")["data"], parts=("test",))
+    users = dataset.test.user.numpy()
+    ranks = {name: load_ranks(runs / name / "test_ranks.csv") for name in ("sasrec", "plr", "erl")}
+    for name in ("sasrec", "plr", "erl"):
+        plain = json.loads((runs / name / "metrics.json").read_text())["test"]
+        for metric in ("ndcg@10", "recall@20"):
+            every = [r for r in rows if r["group"] == "all" and r["metric"] == metric]
+            assert len(every) == 2 and all(float(r[name]) == pytest.approx(plain[metric], abs=1e-12) for r in every)
+    values = {"history": np.asarray(dataset.seq_lengths)[users] - 1,  # leave-one-out: the target comes last
+              "popularity": np.asarray(dataset.item_popularity)[dataset.test.target.numpy()]}
+    for grouping, vals in values.items():
+        groups = [r for r in rows if r["grouping"] == grouping and r["metric"] == "ndcg@10" and r["group"] != "all"]
+        assert 2 <= len(groups) <= 3 and sum(int(r["users"]) for r in groups) == len(users)
+        for r in groups:  # recomputed from the ranks and the group's value range
+            lo, _, hi = r["group"].partition("-")
+            sel = (vals >= int(lo)) & (vals <= int(hi or lo))
+            assert sel.sum() == int(r["users"])
+            a = per_user_metric(np.array([ranks["sasrec"][u] for u in users[sel]]), "ndcg@10")
+            b = per_user_metric(np.array([ranks["plr"][u] for u in users[sel]]), "ndcg@10")
+            assert float(r["sasrec"]) == pytest.approx(a.mean()) and float(r["plr"]) == pytest.approx(b.mean())
+            want = 1.0 if np.array_equal(a, b) else stats.ttest_rel(b, a).pvalue
+            assert float(r["plr p"]) == pytest.approx(want)
+    assert_png(out / "groups.png")
+    summary = (out / "SUMMARY.md").read_text()
+    assert "By interactions before the target" in summary and "By training count of the target item" in summary
+
+
+def test_groups_refuse_a_single_run_unfinished_runs_and_bad_metrics(runs, tmp_path, capsys):
+    err = cli_error(capsys, ["analyze", "groups", runs / "sasrec", "--out", tmp_path / "a"])
+    assert "expected a reference run and at least one other, got 1" in err
+    (tmp_path / "empty").mkdir()
+    err = cli_error(capsys, ["analyze", "groups", runs / "sasrec", tmp_path / "empty", "--out", tmp_path / "b"])
+    assert "holds no test_ranks.csv" in err
+    err = cli_error(capsys, ["analyze", "groups", runs / "sasrec", runs / "plr", "--metrics", "mrr@3",
+                             "--out", tmp_path / "c"])
+    assert "--metrics: expected recall@K or ndcg@K, got 'mrr@3'" in err

@@ -9,6 +9,8 @@ One module per kind; each writes figures (PNG) with the numbers behind them
 * ``ceiling``     Figure 4: the oracle over every reasoning state vs the model
 * ``attention``   Figure 5: attention maps of the streams and the gate weights
 * ``efficiency``  Table 4: FLOPs and latency per sample, relative to SASRec
+* ``groups``      (not in the paper) the paired test of finished runs per user group:
+                  history length, target popularity
 """
 
-KINDS = ("ablation", "sensitivity", "robustness", "ceiling", "attention", "efficiency")
+KINDS = ("ablation", "sensitivity", "robustness", "ceiling", "attention", "efficiency", "groups")

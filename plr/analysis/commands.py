@@ -36,6 +36,11 @@ def cmd_analyze(args) -> int:
 
         return _report(run_attention(args.out, args.checkpoint, data=args.data, users=args.users,
                                      count=args.num_users, layer=args.layer))
+    if kind == "groups":
+        from .groups import run_groups
+
+        return _report(run_groups(args.out, args.runs, data=args.data, metrics=args.metrics, bins=args.bins,
+                                  labels=args.labels))
     from .efficiency import run_efficiency
 
     return _report(run_efficiency(args.out, args.checkpoint or (), like=args.like, models=args.models,
@@ -45,7 +50,7 @@ def cmd_analyze(args) -> int:
 def add_analyze_parser(sub) -> None:
     """``plr analyze KIND``: one sub-parser per kind of plr.analysis."""
     analyze = sub.add_parser("analyze", help="the PLR paper's analyses: ablation, sensitivity, robustness, "
-                                             "ceiling, attention, efficiency (figures + tables)")
+                                             "ceiling, attention, efficiency; groups (figures + tables)")
     kinds = analyze.add_subparsers(dest="kind", required=True)
 
     def common(p, help_out: str = "output directory (default runs/analysis/KIND-TIME)", labels: bool = False):
@@ -88,6 +93,15 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--num-users", type=int, default=3)
     p.add_argument("--layer", type=int, default=-1, help="layer shown (default: the last)")
     common(p)
+
+    p = kinds.add_parser("groups", help="the paired test of finished runs per user group: history length, "
+                                        "target popularity (the first run is the reference)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (test_ranks.csv); the "
+                                                              "first is the reference, e.g. SASRec")
+    p.add_argument("--data", help="dataset (default: the runs')")
+    p.add_argument("--metrics", nargs="+", default=["ndcg@10", "recall@20"], help="default: %(default)s")
+    p.add_argument("--bins", type=int, default=4, help="quantile groups per grouping (default: %(default)s)")
+    common(p, labels=True)
 
     p = kinds.add_parser("efficiency", help="Table 4: FLOPs and latency per sample, relative cost")
     p.add_argument("--checkpoint", nargs="+", help="models to compare (run directories or checkpoints)")
