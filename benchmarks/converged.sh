@@ -139,7 +139,8 @@ if [[ ${1:-} == --stop ]]; then  # stop the driver started on OUT: every trainin
   pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
   [[ $pgid == "$(ps -o pgid= -p $$ | tr -d ' ')" ]] && { echo "the driver shares this shell's process group: kill it by hand" >&2; exit 1; }
   kill -TERM -- "-$pgid"  # the bash workers end; each plr (stop_on_sigterm) saves last.pt and exits 130
-  while pgrep -g "$pgid" > /dev/null; do sleep 1; done
+  alive() { ps -eo pgid=,stat= | awk -v g="$pgid" '$1 == g && $2 !~ /^Z/ {n++} END {exit !n}'; }  # zombies: ended
+  while alive; do sleep 1; done
   echo "$(date -u +%FT%TZ) stopped by --stop" >> "$OUT/driver.log"; exit 0
 fi
 if [[ ${1:-} == --status ]]; then

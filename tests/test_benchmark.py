@@ -606,3 +606,47 @@ def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, cap
     with pytest.raises(SystemExit, match=r"checkout A: plr_kernels._C came from .*, not from"):
         ab.main(["--a", str(tmp_path), "--b", str(tree), "--data", str(DATA), "--model", "sasrec",
                  "--steps", "1", "--warmup", "0", "--rounds", "1", *tiny])
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid")
+def test_converged_stop_ends_the_driver_with_every_training_state_saved(tmp_path):
+    """`benchmarks/converged.sh --stop`: SIGTERM to the driver's process group. Its bash
+    workers end, and a training run in the background (so ignoring SIGINT, as under the
+    real driver) saves its state and exits, before --stop returns."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    def stop():
+        return subprocess.run(["bash", str(ROOT / "benchmarks" / "converged.sh"), "--stop"],
+                              env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=120)
+
+    out, run = tmp_path / "converged", tmp_path / "run"
+    out.mkdir()
+    train = [sys.executable, "-m", "plr.cli", "train", "--model", "sasrec", "--data", str(DATA), "--out", str(run),
+             "--set", "model.hidden_size=16", "--set", "model.inner_size=32", "--set", "data.max_len=10",
+             "--set", "train.epochs=1000", "--set", "train.patience=1000", "--set", "train.progress=false",
+             "--set", "train.save_every_steps=1000000"]
+    script = f"{' '.join(train)} 2> {tmp_path / 'train.err'} &\nsleep 300 &\nwait\n"
+    driver = subprocess.Popen(["setsid", "bash", "-c", script], stdout=subprocess.DEVNULL)
+    try:
+        (out / "driver.pid").write_text(f"{driver.pid}\n")
+        deadline = time.time() + 300
+        while not (run / "last.pt").is_file() and time.time() < deadline:  # its first epoch is saved
+            time.sleep(0.2)
+        assert (run / "last.pt").is_file(), (tmp_path / "train.err").read_text()[-2000:]
+        stopped = stop()
+        assert stopped.returncode == 0, stopped.stderr
+        assert driver.wait(timeout=10) != 0  # the driver's bash ended by the signal
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert "interrupted" in (tmp_path / "train.err").read_text()
+    state = torch.load(run / "last.pt", weights_only=True)["state"]
+    assert f"interrupted at epoch {state['epoch']}, step {state['step_in_epoch']}" in (run / "train.log").read_text()
+    assert "stopped by --stop" in (out / "driver.log").read_text()
+    again = stop()
+    assert again.returncode == 0 and "no driver running" in again.stdout
