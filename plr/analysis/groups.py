@@ -126,7 +126,8 @@ def run_groups(out, runs: Sequence[str], *, data: Optional[str] = None, metrics:
     seen = "" if dataset.split == "loo" else f" (split {dataset.split!r}: the items seen, at most max_len)"
     lines = [f"Each run against **{names[0]}** (paired t-test over the users of each group; groups are "
              f"quantiles of the test users, at most {bins} per grouping). Dataset: `{data_cfg.get('path')}`"
-             f"{seen}.", ""]
+             f"{seen}. Each p-value is that of its group alone, not corrected for the number of groups "
+             f"and metrics tested: among many groups, some p < 0.05 arise by chance.", ""]
     for grouping, text in GROUPINGS.items():
         lines += [f"## By {text}", ""]
         table = []
