@@ -608,7 +608,8 @@ def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, cap
                  "--steps", "1", "--warmup", "0", "--rounds", "1", *tiny])
 
 
-@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid")
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("setsid", "ps", "awk", "flock")),
+                    reason="needs setsid, ps, awk, flock")
 def test_converged_stop_ends_the_driver_with_every_training_state_saved(tmp_path):
     """`benchmarks/converged.sh --stop`: SIGTERM to the driver's process group. Its bash
     workers end, and a training run in the background (so ignoring SIGINT, as under the
