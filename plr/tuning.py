@@ -15,6 +15,8 @@ validation value of ``eval.metric``. The study lives in ``OUT/study.db``
 running is run again with the same parameters and resumes its directory.
 ``--trials N`` is the total number of finished trials, each with a distinct
 parameter set (a draw that repeats a finished one is pruned and drawn again).
+A trial whose training diverges (``plr.guards``) fails, with the reason in
+``trials.csv``; it does not count, and its parameters are not drawn again.
 ``add_trials`` (``plr tune --add-trials DIR``) adds the finished trials of an
 earlier search of the same space, kept as run directories (``config.yaml`` and
 ``metrics.json``: e.g. the committed records of a search whose ``study.db`` was
@@ -266,6 +268,7 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
     except ImportError:
         raise ImportError("plr tune needs Optuna: pip install 'plr[tune]' (or pip install optuna)") from None
 
+    from .guards import TrainingDiverged
     from .training import train_run
 
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -297,9 +300,14 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
         return {trial_id(suggest(optuna.trial.FixedTrial(t.params), space))
                 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
+    def tried_ids() -> set:  # finished, or diverged (training it again would diverge again)
+        diverged = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                    if "diverged" in t.user_attrs]
+        return finished_ids() | {trial_id(suggest(optuna.trial.FixedTrial(t.params), space)) for t in diverged}
+
     def objective(trial) -> float:
         params = suggest(trial, space)
-        if trial_id(params) in finished_ids():
+        if trial_id(params) in tried_ids():
             # A parameter set already trained would count twice against the
             # budget of distinct trials: draw again.
             log(f"trial {trial.number}: {params} already tried, drawing again")
@@ -316,6 +324,12 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
             # parameters go first in the queue and the next call resumes its last.pt.
             study.enqueue_trial(trial.params)
             raise
+        except TrainingDiverged as exc:
+            # A parameter set whose objective runs away is an outcome of the search, not
+            # an error of it: the trial fails (trials.csv says why), the search goes on.
+            trial.set_user_attr("diverged", exc.what)
+            log(f"trial {trial.number}: diverged ({exc.what}); it does not count, drawing another")
+            raise
         value = float(metrics["valid"][metric])
         log(f"trial {trial.number}: valid {metric} = {value:.4f}")
         return value
@@ -323,9 +337,11 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
     draws = 0
     while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < trials:
         if draws >= 50 * trials:
-            raise SpaceError(f"space: {draws} draws found only {len(finished_ids())} distinct parameter sets, "
-                             f"fewer than --trials {trials}; widen the space or lower --trials")
-        study.optimize(objective, n_trials=1, catch=())
+            found, done = len(tried_ids()), len(finished_ids())
+            which = f" ({found - done} of them diverged)" if found > done else ""
+            raise SpaceError(f"space: {draws} draws found only {found} distinct parameter sets{which}, "
+                             f"{done} finished, fewer than --trials {trials}; widen the space or lower --trials")
+        study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
         draws += 1
     best = study.best_trial
     best_params = suggest(optuna.trial.FixedTrial(best.params), space)
@@ -337,8 +353,8 @@ def tune(cfg: Dict[str, Any], dataset, space: Dict[str, Any], out, trials: int, 
 
 
 def write_trials(study, space: Dict[str, Any], metric: str, out: Path) -> None:
-    """``trials.csv`` (every trial trained: number, state, parameters, value; not the
-    draws pruned as repeats) and ``history.png``."""
+    """``trials.csv`` (every trial trained: number, state, parameters, value, and why
+    a diverged one failed; not the draws pruned as repeats) and ``history.png``."""
     from optuna.trial import TrialState
 
     names = list(space)
@@ -347,10 +363,10 @@ def write_trials(study, space: Dict[str, Any], metric: str, out: Path) -> None:
         params = {n: t.params.get(space[n]["same_as"] if isinstance(space[n], dict) and "same_as" in space[n]
                                   else n) for n in names}
         rows.append({"trial": t.number, "state": t.state.name, **params, f"valid_{metric}": t.value,
-                     "run_dir": t.user_attrs.get("run_dir", "")})
+                     "run_dir": t.user_attrs.get("run_dir", ""), "note": t.user_attrs.get("diverged", "")})
     tmp = out / ".tmp-trials.csv"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["trial", "state", *names, f"valid_{metric}", "run_dir"])
+        writer = csv.DictWriter(f, fieldnames=["trial", "state", *names, f"valid_{metric}", "run_dir", "note"])
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out / "trials.csv")

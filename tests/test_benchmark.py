@@ -307,7 +307,7 @@ def test_tune_trials_are_distinct_parameter_sets(tmp_path, dataset):
     saved = sorted(config.load_yaml(d / "config.yaml")["model"]["dropout"]
                    for d in (tmp_path / "study" / "trials").iterdir())
     assert saved == [0.1, 0.3]
-    with pytest.raises(SpaceError, match=r"only 2 distinct parameter sets, fewer than --trials 3"):
+    with pytest.raises(SpaceError, match=r"only 2 distinct parameter sets, 2 finished, fewer than --trials 3"):
         tune(cfg, dataset, space, tmp_path / "study", 3, log=log.append)
 
 
@@ -355,6 +355,42 @@ def test_a_trial_stopped_by_a_signal_is_run_again_first(tmp_path, dataset, monke
     study = optuna.load_study(study_name="plr-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params
+
+
+def test_a_diverged_trial_fails_and_the_search_goes_on_without_it(tmp_path, dataset, monkeypatch):
+    """A trial stopped by plr.guards (its objective ran away) is recorded as failed with
+    the reason, does not count towards --trials, and its parameters are not drawn again."""
+    import optuna
+    import plr.training as training
+    from plr.guards import TrainingDiverged
+
+    cfg = config.resolve("sasrec", None, TINY, str(DATA))
+    space = load_space(write_space(tmp_path, {"model.dropout": [0.1, 0.2, 0.3]}))
+    original, calls = training.train_run, []
+
+    def first_diverges(cfg, ds, run_dir, **kw):
+        calls.append(cfg["model"]["dropout"])
+        if len(calls) == 1:
+            raise TrainingDiverged("kl", 3, 17, 2e4, 1e4)
+        return original(cfg, ds, run_dir, **kw)
+
+    monkeypatch.setattr(training, "train_run", first_diverges)
+    log = []
+    best = tune(cfg, dataset, space, tmp_path / "study", 2, log=log.append)
+    assert len(calls) == 3 and len(set(calls)) == 3  # the diverged value is not trained again
+    assert best["params"]["model.dropout"] != calls[0]
+    assert any("diverged" in line and "'kl' = 20000" in line for line in log)
+    study = optuna.load_study(study_name="plr-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    trained = [t for t in study.trials if t.state.name != "PRUNED"]
+    assert [t.state.name for t in trained] == ["FAIL", "COMPLETE", "COMPLETE"]
+    rows = {r.split(",")[0]: r for r in (tmp_path / "study" / "trials.csv").read_text().strip().splitlines()[1:]}
+    assert "exceeds train.divergence_limit" in rows[str(trained[0].number)]
+    # Resumed, the study does not train it again either: a third finished trial cannot exist.
+    calls.clear()
+    with pytest.raises(SpaceError, match=r"only 3 distinct parameter sets \(1 of them diverged\), 2 finished, "
+                                         r"fewer than --trials 3"):
+        tune(cfg, dataset, space, tmp_path / "study", 3, log=log.append)
+    assert calls == []
 
 
 def test_a_lost_study_is_rebuilt_from_its_trial_records(tmp_path, dataset):
