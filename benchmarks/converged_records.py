@@ -12,8 +12,8 @@ worth keeping into the repository, ``restore`` puts the final runs back:
   --copy-to``: config, log, metrics), the queue's logs and marks, ``driver.log``
   (a new machine's logs are added after the recorded ones);
 - ``converged-final/<dataset>/<run>/``: each run of ``OUT/final``, finished (config,
-  log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests)
-  or unfinished (config, log), and the report.
+  log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests),
+  diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report.
 
 With ``--checkpoints`` (at the end of a session) the unfinished trials and runs
 keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them.
@@ -35,12 +35,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tuning_table  # noqa: E402  (benchmarks/ is not a package)
 
-KEPT = ("config.yaml", "train.log", "metrics.json", "test_ranks.csv")
+KEPT = ("config.yaml", "train.log", "metrics.json", "test_ranks.csv", "DIVERGED")
 REPORT = ("RESULTS.md", "results.json", "curves-*.png")  # plr.benchmark.write_report
 
 
 def finished(run_dir: Path) -> bool:
-    """A final run is finished once its metrics.json holds test metrics (plr.benchmark.run_status)."""
+    """A final run is finished once its metrics.json holds test metrics, or once it
+    diverged (``DIVERGED``: it has no test result and is not trained again;
+    plr.benchmark.run_status)."""
+    if (run_dir / "DIVERGED").is_file():
+        return True
     try:
         return bool(json.loads((run_dir / "metrics.json").read_text()).get("test"))
     except (OSError, ValueError):

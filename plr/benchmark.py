@@ -30,7 +30,9 @@ Everything is checked before any training starts (unknown keys, models,
 datasets, metrics, a run directory holding another config), and each error
 names the suite entry. A finished run (``metrics.json`` with test metrics) is
 skipped, a killed one resumed from its ``last.pt``; the test split is read
-once per run. A new run whose config (model, data, train and eval keys) is
+once per run. A run whose training diverges (``plr.guards``) is recorded as
+such (``DIVERGED`` in its directory, listed in the report) and the suite goes
+on with the other runs. A new run whose config (model, data, train and eval keys) is
 that of a finished run under a ``reuse`` folder, trained with the test split
 withheld (a ``plr tune`` trial, say), adopts it instead of training again: its
 best checkpoint, curves and wall time are copied and the test split is read
@@ -262,8 +264,14 @@ def _check_run_dirs(suite: Suite) -> None:
                                  f"with another config; delete that directory or rename the run")
 
 
+# Written into a run directory whose training diverged (plr.guards): the reason. The run
+# is skipped from then on, and reported without a test result; delete the file to retry.
+DIVERGED = "DIVERGED"
+
+
 def run_status(run: RunSpec) -> str:
-    """``done`` (metrics.json with test metrics), ``partial`` (last.pt) or ``new``."""
+    """``done`` (metrics.json with test metrics), ``diverged`` (its training stopped on a
+    diverging or non-finite loss: ``DIVERGED``), ``partial`` (last.pt) or ``new``."""
     metrics = run.run_dir / "metrics.json"
     if metrics.is_file():
         try:
@@ -271,6 +279,8 @@ def run_status(run: RunSpec) -> str:
                 return "done"
         except json.JSONDecodeError:
             pass
+    if (run.run_dir / DIVERGED).is_file():
+        return "diverged"
     if (run.run_dir / "last.pt").is_file() or any(run.run_dir.glob("*/last.pt")):
         return "partial"
     return "new"
@@ -391,11 +401,15 @@ def run_suite(suite: Suite, *, only: Optional[List[str]] = None, log=print, skip
 def _run_one(suite: Suite, run: RunSpec, tag: str, loaded: Dict[str, Any], log) -> None:
     """One run of ``run_suite``, under its directory's lock."""
     from .data import load_dataset
+    from .guards import TrainingDiverged
     from .training import train_run
 
     status = run_status(run)  # read under the lock: another process may have just finished it
     if status == "done":
         log(f"{tag}: finished before, skipped")
+        return
+    if status == "diverged":
+        log(f"{tag}: diverged before, skipped (delete {run.run_dir / DIVERGED} to train it again)")
         return
     key = json.dumps(run.cfg["data"], sort_keys=True)
     if key not in loaded:
@@ -403,6 +417,10 @@ def _run_one(suite: Suite, run: RunSpec, tag: str, loaded: Dict[str, Any], log) 
         loaded[key] = load_dataset(run.cfg["data"])
     dataset = loaded[key]
     started = time.perf_counter()
+    if run.source is not None and (run.run_dir.parent / run.source / DIVERGED).is_file():
+        _mark_diverged(run, f"its source run {run.source!r} diverged")
+        log(f"{tag}: skipped, its source run {run.source!r} diverged")
+        return
     if run.source is not None:
         log(f"{tag}: evaluating the best checkpoint of {run.source!r}")
         metrics = evaluate_from(run, run.run_dir.parent / run.source, dataset)
@@ -412,9 +430,22 @@ def _run_one(suite: Suite, run: RunSpec, tag: str, loaded: Dict[str, Any], log) 
     else:
         log(f"{tag}: {'resuming' if status == 'partial' else 'training'} in {run.run_dir}")
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = train_run(run.cfg, dataset, run.run_dir, resume=status == "partial", log_to_console=False)
+        try:
+            metrics = train_run(run.cfg, dataset, run.run_dir, resume=status == "partial", log_to_console=False)
+        except TrainingDiverged as exc:
+            # An outcome of this config on this dataset: recorded, and the suite goes on.
+            _mark_diverged(run, exc.what)
+            log(f"{tag}: diverged, no test result ({exc.what}); the suite goes on")
+            return
     log(f"{tag}: test " + " ".join(f"{m}={metrics['test'][m]:.4f}" for m in suite.metrics)
         + f" ({time.perf_counter() - started:.0f} s)")
+
+
+def _mark_diverged(run: RunSpec, reason: str) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run.run_dir / f".tmp-{DIVERGED}"
+    tmp.write_text(reason + "\n")
+    tmp.replace(run.run_dir / DIVERGED)
 
 
 # -- the report ----------------------------------------------------------------------
@@ -506,6 +537,11 @@ def write_report(suite: Suite) -> Path:
              f"({platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}).",
              "Test metrics of the checkpoint with the best validation metric; paired t-tests over test users "
              "(relative difference, p).", ""]
+    diverged = [r for r in suite.runs if run_status(r) == "diverged"]
+    if diverged:
+        lines += ["Diverged (training stopped by `plr.guards`; no test result):", ""]
+        lines += [f"- {r.name} on {r.dataset}: {(r.run_dir / DIVERGED).read_text().strip()}" for r in diverged]
+        lines.append("")
     report: Dict[str, Any] = {"suite": str(suite.path), "datasets": {}}
     for ds_name, runs in finished.items():
         rows = dataset_table(suite, ds_name, runs)

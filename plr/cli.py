@@ -190,7 +190,12 @@ def cmd_benchmark(args) -> int:
         return 0
     path = write_report(suite) if args.report else run_suite(suite, only=args.only, skip_busy=args.skip_busy)
     print(f"plr benchmark: report in {path}")
-    left = [r for r in suite.runs if (not args.only or r.name in args.only) and run_status(r) != "done"]
+    mine = [r for r in suite.runs if not args.only or r.name in args.only]
+    diverged = [r for r in mine if run_status(r) == "diverged"]
+    if diverged:
+        print(f"plr benchmark: {len(diverged)} run(s) diverged, without a test result (see the report): "
+              + ", ".join(f"{r.name} on {r.dataset}" for r in diverged), file=sys.stderr)
+    left = [r for r in mine if run_status(r) not in ("done", "diverged")]
     if args.skip_busy and left:
         print(f"plr benchmark: {len(left)} run(s) left to other processes: "
               + ", ".join(f"{r.name} on {r.dataset}" for r in left))

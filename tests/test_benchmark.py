@@ -107,6 +107,36 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeyp
     assert resumed["test"] == uninterrupted["test"] and resumed["valid"] == uninterrupted["valid"]
 
 
+def test_a_diverged_run_is_reported_and_the_suite_goes_on(tmp_path, capsys):
+    """A run stopped by plr.guards: DIVERGED in its directory (the reason), the other runs
+    train, a run evaluated from its checkpoint is skipped too, the report lists both, and
+    the next call skips them (exit 0; the diverged runs are named on stderr)."""
+    def edit(raw):
+        raw["runs"][1]["config"]["train"] = {"divergence_limit": 0.5}  # L_NIP starts near ln(1682) = 7.4
+
+    path = suite_copy(tmp_path, edit)
+    lines = []
+    run_suite(load_suite(path), log=lines.append)
+    suite = load_suite(path)
+    assert [run_status(r) for r in suite.runs] == ["done", "diverged", "diverged"]
+    plr, h0 = suite.runs[1], suite.runs[2]
+    assert "exceeds train.divergence_limit = 0.5" in (plr.run_dir / "DIVERGED").read_text()
+    assert (plr.run_dir / "last.pt").is_file()  # the last good state, as after any stop
+    assert "its source run 'plr' diverged" in (h0.run_dir / "DIVERGED").read_text()
+    assert any("diverged, no test result" in line and "the suite goes on" in line for line in lines)
+    report = (suite.out / "RESULTS.md").read_text()
+    assert "Diverged (training stopped by `plr.guards`; no test result):" in report
+    assert "- plr on ml100k: training stopped: loss term" in report and "- plr-h0 on ml100k: its source" in report
+    capsys.readouterr()
+    assert main(["benchmark", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("diverged before, skipped (delete ") == 2
+    assert "2 run(s) diverged, without a test result (see the report): plr on ml100k, plr-h0 on ml100k" \
+        in captured.err
+    assert main(["benchmark", str(path), "--check"]) == 0
+    assert "diverged" in capsys.readouterr().out
+
+
 BAD_SUITES = [
     (lambda raw: raw["runs"][0].update(model="sasrekt"), r"runs\[0\] \('sasrec'\): model: expected one of"),
     (lambda raw: raw.update(datasets={"ml100k": "/nonexistent/data"}), r"datasets.ml100k: no dataset at"),
@@ -614,6 +644,14 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     (running / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.04}}))
     records.main(["save", str(out), str(tmp_path / "results"), "--checkpoints"])
     assert not (rec / "steam" / "plr" / "last.pt").exists()
+    # A diverged run is recorded with its reason and without checkpoints (it is not trained again).
+    diverged = out / "final" / "steam" / "erl"
+    diverged.mkdir()
+    (diverged / "config.yaml").write_text("model: {name: erl}\n")
+    (diverged / "last.pt").write_bytes(b"state")
+    (diverged / "DIVERGED").write_text("training stopped: loss term 'kl' ...\n")
+    records.main(["save", str(out), str(tmp_path / "results"), "--checkpoints"])
+    assert sorted(p.name for p in (rec / "steam" / "erl").iterdir()) == ["DIVERGED", "config.yaml"]
 
 
 def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, capsys):
