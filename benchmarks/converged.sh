@@ -124,12 +124,18 @@ worker() {
 if [[ ${1:-} == --save ]]; then  # commit-ready records of OUT (benchmarks/converged_records.py)
   exec python benchmarks/converged_records.py save "$OUT" benchmarks/results "${@:2}"  # [--checkpoints]
 fi
+held() { [[ -e $1/.lock ]] && ! flock -n "$1/.lock" true; }  # a run directory being trained now
+progress() {  # the last finished epoch of a run directory's train.log
+  local line
+  line=$(grep -E ' epoch [0-9]+: .*valid ' "$1/train.log" 2>/dev/null | tail -n 1)
+  [[ -n $line ]] && sed -E 's/.* epoch ([0-9]+): .*valid ([^=]+)=([0-9.]+).*/: epoch \1 done, valid \2 \3/' <<< "$line"
+}
 busy_runs() {  # the runs of a final task being trained now (their directory's lock is held)
   busy=""
   local names=${1% (needs*}
   for r in ${names#final }; do
     for d in "$OUT"/final/*/"$r"; do
-      [[ -e $d/.lock ]] && ! flock -n "$d/.lock" true && busy+="${busy:+, }$r on $(basename "$(dirname "$d")")"
+      held "$d" && busy+="${busy:+, }$r on $(basename "$(dirname "$d")")$(progress "$d")"
     done
   done
   [[ -n $busy ]]
@@ -148,7 +154,11 @@ if [[ ${1:-} == --status ]]; then
     k=$(key "$task")
     if [[ -e $OUT/queue/$k.done ]]; then state=done
     elif [[ -e $OUT/queue/$k.failed ]]; then state="failed (see $OUT/queue/$k.log)"
-    elif [[ -e $OUT/queue/$k.lock ]] && ! flock -n "$OUT/queue/$k.lock" true; then state=running
+    elif [[ -e $OUT/queue/$k.lock ]] && ! flock -n "$OUT/queue/$k.lock" true; then
+      state=running
+      for d in "$OUT/tune/$(awk '{print $2}' <<< "$task")"/trials/*/; do
+        held "${d%/}" && state+=" (trial $(basename "$d")$(progress "${d%/}"))"
+      done
     elif [[ $task == final* ]] && busy_runs "$task"; then state="running ($busy)"
     elif ready "$task"; then state="queued (for a free worker)"
     else state="waiting for its search"; fi
