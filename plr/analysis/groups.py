@@ -106,13 +106,13 @@ def run_groups(out, runs: Sequence[str], *, data: Optional[str] = None, metrics:
             sel = np.ones(len(users), bool) if g < 0 else group == g
             lo, hi = int(vals[sel].min()), int(vals[sel].max())
             span = "all" if g < 0 else (str(lo) if lo == hi else f"{lo}-{hi}")
+            by_user = [dict(zip(users[sel].tolist(), rk[sel].tolist())) for rk in ranks]  # paired_test's input
             for m in metrics:
-                ref = {u: int(x) for u, x in zip(users[sel].tolist(), ranks[0][sel])}
                 row = {"grouping": grouping, "group": span, "users": int(sel.sum()), "metric": m,
                        names[0]: float(per_user_metric(ranks[0][sel], m).mean())}
-                for name, rk in zip(names[1:], ranks[1:]):
-                    res = paired_test(ref, {u: int(x) for u, x in zip(users[sel].tolist(), rk[sel])}, m) \
-                        if sel.sum() >= 2 else None  # a group of one user has no t-test
+                for name, rk, other in zip(names[1:], ranks[1:], by_user[1:]):
+                    # a group of one user has no t-test
+                    res = paired_test(by_user[0], other, m) if sel.sum() >= 2 else None
                     row[name] = float(per_user_metric(rk[sel], m).mean())
                     row[f"{name} vs {names[0]} (%)"] = None if res is None else res.relative
                     row[f"{name} p"] = None if res is None else res.p
