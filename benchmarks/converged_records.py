@@ -16,7 +16,9 @@ worth keeping into the repository, ``restore`` puts the final runs back:
   diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report.
 
 With ``--checkpoints`` (at the end of a session) the unfinished trials and runs
-keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them.
+keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them;
+and each search's best finished trial keeps its ``best.pt``, so that the final
+run on Beauty adopts it on a new machine rather than training it again.
 
 ``restore`` copies each recorded final run that ``OUT/final`` lacks back into it:
 a finished one is then skipped by ``plr benchmark`` (and counted in the report),

@@ -10,7 +10,10 @@ of every trial into ``DIR/<model>/<trial>/`` (and each search's ``best.yaml``,
 committing a search's state; the table then also lists the trials recorded in
 ``DIR`` by earlier machines. ``--checkpoints`` copies the checkpoints of each
 unfinished trial too (and drops those of a trial that has finished), so that
-``plr tune --add-trials DIR/<model>`` on a new machine resumes it. A file
+``plr tune --add-trials DIR/<model>`` on a new machine resumes it; it also
+keeps the best checkpoint (``best.pt``) of each search's best finished trial,
+so that a new machine's final run on the search's dataset adopts that trial
+(``plr.benchmark.find_reusable``) instead of training it again. A file
 ``STATE`` in an unfinished trial's record replaces its state in the table
 (``{state}`` in it: the state read off its log), e.g. for a trial lost with its
 machine.
@@ -65,24 +68,35 @@ def started(trial: Path) -> str:
     return first[:19] if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", first) else ""
 
 
-def copy_run(run: Path, dest: Path, names, finished: bool, checkpoints: bool) -> None:
+def copy_run(run: Path, dest: Path, names, finished: bool, checkpoints: bool, keep=()) -> None:
     """Record ``names`` of a run directory in ``dest``; its checkpoints too if
-    ``checkpoints`` and it is unfinished (a recorded one is dropped once finished)."""
+    ``checkpoints`` and it is unfinished (a recorded one is dropped once finished,
+    except the checkpoints named in ``keep``, recorded if ``checkpoints``)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in names:
         if (run / name).is_file():
             shutil.copy2(run / name, dest / name)
     for old in dest.rglob("*.pt"):  # a checkpoint recorded while it was training
-        if finished or not (run / old.relative_to(dest)).exists():
+        if (finished and old.name not in keep) or not (run / old.relative_to(dest)).exists():
             old.unlink()
-    if checkpoints and not finished:
+    if checkpoints:
         for ckpt in run.rglob("*.pt"):
-            (dest / ckpt.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ckpt, dest / ckpt.relative_to(run))
+            if not finished or ckpt.name in keep:
+                (dest / ckpt.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ckpt, dest / ckpt.relative_to(run))
 
 
-def copy_trial(trial: Path, dest: Path, checkpoints: bool) -> None:
-    copy_run(trial, dest, ("config.yaml", "train.log", "metrics.json"), (trial / "metrics.json").exists(), checkpoints)
+def copy_trial(trial: Path, dest: Path, checkpoints: bool, best: bool = False) -> None:
+    """``best``: the search's best finished trial, whose best checkpoint is kept."""
+    copy_run(trial, dest, ("config.yaml", "train.log", "metrics.json"), (trial / "metrics.json").exists(),
+             checkpoints, keep=("best.pt",) if best else ())
+
+
+def best_trial(trials) -> Path | None:
+    """The finished trial of the highest validation NDCG@10 (what ``plr tune`` chose)."""
+    scored = [(json.loads((t / "metrics.json").read_text())["valid"]["ndcg@10"], t.name, t)
+              for t in trials if (t / "metrics.json").is_file()]
+    return max(scored)[2] if scored else None
 
 
 def table(rows) -> str:
@@ -100,16 +114,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("tune_dir", type=Path, help="the --out of plr tune runs: one folder per model")
     p.add_argument("--copy-to", type=Path, default=None)
-    p.add_argument("--checkpoints", action="store_true", help="with --copy-to: the unfinished trials' checkpoints too")
+    p.add_argument("--checkpoints", action="store_true", help="with --copy-to: the unfinished trials' checkpoints too, and the best checkpoint of "
+                   "each search's best finished trial")
     args = p.parse_args(argv)
     if not args.tune_dir.is_dir():
         raise SystemExit(f"tune_dir: expected a folder of plr tune outputs, got {args.tune_dir}")
     trials = {}
     for model_dir in sorted(d for d in args.tune_dir.iterdir() if (d / "trials").is_dir()):
-        for trial in (model_dir / "trials").iterdir():
+        here = [t for t in (model_dir / "trials").iterdir() if t.is_dir()]
+        best = best_trial(here)
+        for trial in here:
             trials[model_dir.name, trial.name] = trial
             if args.copy_to:
-                copy_trial(trial, args.copy_to / model_dir.name / trial.name, args.checkpoints)
+                copy_trial(trial, args.copy_to / model_dir.name / trial.name, args.checkpoints, trial == best)
         for name in ("best.yaml", "trials.csv", "history.png"):
             if args.copy_to and (model_dir / name).exists():
                 shutil.copy2(model_dir / name, args.copy_to / model_dir.name / name)

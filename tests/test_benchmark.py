@@ -580,12 +580,29 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
                                "(epoch 1, best so far 0.0250) |")
     assert sorted(p.name for p in (out / "plr" / "aaa").iterdir()) == ["config.yaml", "metrics.json", "train.log"]
     assert not (out / "plr-eq10" / "bbb" / "metrics.json").exists()
-    # --checkpoints: a training trial's checkpoints are recorded, and dropped once it has finished.
+    # --checkpoints: a training trial's checkpoints are recorded, and dropped once it has finished; the
+    # search's best finished trial keeps its best.pt (for a new machine's final run to adopt it), another
+    # finished trial keeps none.
     (running / "last.pt").write_bytes(b"state")
     (done / "last.pt").write_bytes(b"state")
+    (done / "best.pt").write_bytes(b"best")
+    worse = done.parent / "ddd"
+    shutil.copytree(done, worse)
+    (worse / "metrics.json").write_text(json.dumps({**json.loads((done / "metrics.json").read_text()),
+                                                    "valid": {"ndcg@10": 0.02}}))
     tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out), "--checkpoints"])
     assert (out / "plr-eq10" / "bbb" / "last.pt").read_bytes() == b"state"
-    assert not (out / "plr" / "aaa" / "last.pt").exists()
+    assert sorted(p.name for p in (out / "plr" / "aaa").glob("*.pt")) == ["best.pt"]
+    assert (out / "plr" / "aaa" / "best.pt").read_bytes() == b"best"
+    assert not list((out / "plr" / "ddd").glob("*.pt"))
+    # Once another trial is better, the record of the old best drops its checkpoint.
+    (worse / "metrics.json").write_text(json.dumps({**json.loads((done / "metrics.json").read_text()),
+                                                    "valid": {"ndcg@10": 0.03}}))
+    tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out), "--checkpoints"])
+    assert not list((out / "plr" / "aaa").glob("*.pt"))
+    assert (out / "plr" / "ddd" / "best.pt").read_bytes() == b"best"
+    shutil.rmtree(worse)
+    shutil.rmtree(out / "plr" / "ddd")
     (running / "metrics.json").write_text((done / "metrics.json").read_text())
     tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out), "--checkpoints"])
     assert not (out / "plr-eq10" / "bbb" / "last.pt").exists()
