@@ -33,8 +33,9 @@ TRIALS=${TRIALS:-4}
 WORKERS=${WORKERS:-2}
 SUITE=benchmarks/suites/converged.yaml
 # Records of the search's finished trials (config.yaml, metrics.json, train.log; with
-# --checkpoints the best.pt of each search's best one), committed at the end of each session: `plr tune --add-trials` adds them
-# to the study, so a search whose machine (and study.db) was lost goes on, not over.
+# --checkpoints the best.pt of each search's best one), committed at the end of each
+# session: `plr tune --add-trials` adds them to the study, so a search whose machine
+# (and study.db) was lost goes on, not over.
 RECORDS=${RECORDS:-benchmarks/results/converged-tuning}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT/tune" "$OUT/queue"
