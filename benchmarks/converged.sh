@@ -47,8 +47,9 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
 # Order: the headline comparison (PLR against SASRec) first, then the other baselines the
-# issue requires, then the converged RCL ablation (plr-norcl; the short-budget diagnosis
-# already measured RCL on/off).
+# issue requires (ERL's final runs before LARES's search: ERL's search found the best
+# validation score of all, so it is the likely "best baseline" of the t-tests), then the
+# converged RCL ablation (plr-norcl; the short-budget diagnosis already measured RCL on/off).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -56,8 +57,8 @@ TASKS=(
   "final plr (needs plr)"
   "tune erl"
   "tune prl"
-  "tune lares"
   "final erl (needs erl)"
+  "tune lares"
   "final prl (needs prl)"
   "final lares (needs lares)"
   "final plr-norcl (needs plr)"
