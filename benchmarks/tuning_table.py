@@ -114,8 +114,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("tune_dir", type=Path, help="the --out of plr tune runs: one folder per model")
     p.add_argument("--copy-to", type=Path, default=None)
-    p.add_argument("--checkpoints", action="store_true", help="with --copy-to: the unfinished trials' checkpoints too, and the best checkpoint of "
-                   "each search's best finished trial")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="with --copy-to: the unfinished trials' checkpoints too, and the best checkpoint of "
+                        "each search's best finished trial")
     args = p.parse_args(argv)
     if not args.tune_dir.is_dir():
         raise SystemExit(f"tune_dir: expected a folder of plr tune outputs, got {args.tune_dir}")
