@@ -24,7 +24,7 @@
 #   OUT=runs/converged bash benchmarks/converged.sh --status   # each task's state, nothing started
 #   OUT=runs/converged bash benchmarks/converged.sh --stop     # SIGTERM: each training saves its state, then ends
 #   OUT=runs/converged bash benchmarks/converged.sh --save [--checkpoints]   # records to commit; with the
-#                                            # unfinished runs' checkpoints once, at the end of a session
+#                                            # unfinished runs' checkpoints a few times a session (not every hour)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/converged}
@@ -33,7 +33,7 @@ TRIALS=${TRIALS:-4}
 WORKERS=${WORKERS:-2}
 SUITE=benchmarks/suites/converged.yaml
 # Records of the search's finished trials (config.yaml, metrics.json, train.log; with
-# --checkpoints the best.pt of each search's best one), committed at the end of each
+# --checkpoints the best.pt of each search's best one), committed during each
 # session: `plr tune --add-trials` adds them to the study, so a search whose machine
 # (and study.db) was lost goes on, not over.
 RECORDS=${RECORDS:-benchmarks/results/converged-tuning}

@@ -15,7 +15,7 @@ worth keeping into the repository, ``restore`` puts the final runs back:
   log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests),
   diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report.
 
-With ``--checkpoints`` (at the end of a session) the unfinished trials and runs
+With ``--checkpoints`` (a few times a session: a new machine resumes from the last one) the unfinished trials and runs
 keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them;
 and each search's best finished trial keeps its ``best.pt``, so that the final
 run on Beauty adopts it on a new machine rather than training it again.
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     s.add_argument("out", type=Path)
     s.add_argument("results", type=Path)
     s.add_argument("--checkpoints", action="store_true",
-                   help="the unfinished runs' checkpoints too (once, at the end of a session: each save of a "
+                   help="the unfinished runs' checkpoints too (a few times a session, the last one near its end: each save of a "
                         "changed checkpoint adds its whole size to the repository's history)")
     r = sub.add_parser("restore", help="the final runs recorded in RESULTS -> OUT")
     r.add_argument("results", type=Path)
