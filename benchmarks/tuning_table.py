@@ -31,18 +31,33 @@ import yaml
 
 from plr.deprecations import LEGACY_MODEL_VALUES
 
-# The searched keys shown per model family (benchmarks/spaces/*.yaml).
-SHOWN = {"kl_weight": "lambda", "num_streams": "M", "num_steps": "T", "dropout": "dropout",
-         "rcl_weight": "w_rcl", "noise_std": "noise"}
+# How a searched key is shown, in this order; a family shows the keys its space searches
+# (benchmarks/spaces/<family>.yaml), so a trial's row names what its search drew.
+LABELS = {"kl_weight": "lambda", "pl_weight": "lambda_pl", "tla_weight": "w_tla", "mean_depth": "depth",
+          "num_streams": "M", "num_steps": "T", "dropout": "dropout"}
+SPACES = Path(__file__).parent / "spaces"
+
+
+def searched_keys(family: str) -> list[str]:
+    """The model keys the family's space draws (``same_as`` keys copy another and are not shown)."""
+    space = yaml.safe_load((SPACES / f"{family}.yaml").read_text())
+    drawn = {key.split(".", 1)[1] for key, spec in space.items()
+             if key.startswith("model.") and not (isinstance(spec, dict) and "same_as" in spec)}
+    unknown = drawn - set(LABELS)
+    if unknown:
+        raise SystemExit(f"{SPACES / (family + '.yaml')}: no label for the searched keys {sorted(unknown)}; "
+                         f"add them to LABELS in {Path(__file__).name}")
+    return [key for key in LABELS if key in drawn]
+
+
 EPOCH = re.compile(r"epoch (\d+):.*valid ndcg@10=([0-9.]+)")
 
 
 def trial_row(model: str, trial: Path) -> dict:
     config = yaml.safe_load((trial / "config.yaml").read_text()) if (trial / "config.yaml").exists() else {}
     family = config.get("model", {}).get("name", model)  # the folder may be named otherwise (plr-eq10)
-    params = ", ".join(f"{label} {config['model'][key]:g}" for key, label in SHOWN.items()
-                       if key in config.get("model", {}) and (key != "num_streams" or family == "plr")
-                       and (key != "num_steps" or family in ("plr", "erl", "prl", "lares")))
+    params = ", ".join(f"{LABELS[key]} {config['model'][key]:g}" for key in searched_keys(family)
+                       if key in config.get("model", {}))
     if family == "plr":  # a config without the key predates it and ran as plr.deprecations says
         params += f", readout {config['model'].get('readout', LEGACY_MODEL_VALUES['plr']['readout'])}"
     log = (trial / "train.log").read_text().splitlines() if (trial / "train.log").exists() else []

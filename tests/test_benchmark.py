@@ -552,14 +552,42 @@ def test_shipped_suites_are_valid(suite, tmp_path):
     assert load_suite(suite, out=tmp_path / "out").runs
 
 
-def test_tuning_table_reports_finished_and_running_trials_and_copies_their_records(tmp_path):
-    """benchmarks/tuning_table.py: a finished trial's metrics.json, a running one's last epoch."""
+def _tuning_table():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tuning_table", Path(__file__).parents[1] / "benchmarks" /
                                                   "tuning_table.py")
     tuning_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tuning_table)
+    return tuning_table
+
+
+def test_tuning_table_names_what_each_family_searched(tmp_path):
+    """A trial's row shows the keys its family's space draws (benchmarks/spaces), not a fixed list."""
+    tuning_table = _tuning_table()
+    prl = tmp_path / "prl"
+    lares = tmp_path / "lares"
+    for trial, model in ((prl, {"name": "prl", "pl_weight": 0.5, "num_steps": 3, "dropout": 0.2,
+                                "rcl_weight": 1.0, "noise_std": 0.01}),
+                         (lares, {"name": "lares", "mean_depth": 3.0, "tla_weight": 0.1, "dropout": 0.4,
+                                  "num_steps": 2})):
+        trial.mkdir()
+        (trial / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    # pl_weight is PRL's searched weight; rcl_weight and noise_std are fixed, so they are not shown.
+    assert tuning_table.trial_row("prl", prl)["params"] == "lambda_pl 0.5, T 3, dropout 0.2"
+    assert tuning_table.trial_row("lares", lares)["params"] == "w_tla 0.1, depth 3, dropout 0.4"
+    # A space drawing a key without a label is refused, naming the key.
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "prl.yaml").write_text("model.new_weight: [0.1, 1.0]\nmodel.attn_dropout: {same_as: model.dropout}\n")
+    tuning_table.SPACES = spaces
+    with pytest.raises(SystemExit, match="new_weight"):
+        tuning_table.trial_row("prl", prl)
+
+
+def test_tuning_table_reports_finished_and_running_trials_and_copies_their_records(tmp_path):
+    """benchmarks/tuning_table.py: a finished trial's metrics.json, a running one's last epoch."""
+    tuning_table = _tuning_table()
     done = tmp_path / "tune" / "plr" / "trials" / "aaa"
     running = tmp_path / "tune" / "plr-eq10" / "trials" / "bbb"  # a folder named otherwise: the config says plr
     for trial, m, extra in ((done, 1, {"readout": "rea"}), (running, 4, {})):
