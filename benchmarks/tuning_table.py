@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from plr.deprecations import LEGACY_MODEL_VALUES
+from plr.tuning import load_space
 
 # How a searched key is shown, in this order; a family shows the keys its space searches
 # (benchmarks/spaces/<family>.yaml), so a trial's row names what its search drew.
@@ -40,7 +41,7 @@ SPACES = Path(__file__).parent / "spaces"
 
 def searched_keys(family: str) -> list[str]:
     """The model keys the family's space draws (``same_as`` keys copy another and are not shown)."""
-    space = yaml.safe_load((SPACES / f"{family}.yaml").read_text())
+    space = load_space(SPACES / f"{family}.yaml")  # validated as plr tune reads it
     drawn = {key.split(".", 1)[1] for key, spec in space.items()
              if key.startswith("model.") and not (isinstance(spec, dict) and "same_as" in spec)}
     unknown = drawn - set(LABELS)

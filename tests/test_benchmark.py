@@ -579,7 +579,8 @@ def test_tuning_table_names_what_each_family_searched(tmp_path):
     # A space drawing a key without a label is refused, naming the key.
     spaces = tmp_path / "spaces"
     spaces.mkdir()
-    (spaces / "prl.yaml").write_text("model.new_weight: [0.1, 1.0]\nmodel.attn_dropout: {same_as: model.dropout}\n")
+    (spaces / "prl.yaml").write_text("model.new_weight: [0.1, 1.0]\nmodel.dropout: [0.1, 0.2]\n"
+                                     "model.attn_dropout: {same_as: model.dropout}\n")
     tuning_table.SPACES = spaces
     with pytest.raises(SystemExit, match="new_weight"):
         tuning_table.trial_row("prl", prl)
