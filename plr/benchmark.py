@@ -494,6 +494,21 @@ def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]
     return rows
 
 
+def report_columns(suite: Suite, rows: List[Dict[str, Any]]) -> List[str]:
+    """The columns of a dataset's table, in one order for every dataset: run,
+    model, the metrics, epochs, time, then per significance metric the test
+    against the baseline and against the best other run. Only columns some row
+    fills are kept (a table without a proposed run has no "vs best other")."""
+    order = ["run", "model", *suite.metrics, "epochs (best)", "train min"]
+    for metric in suite.significance:
+        order += [f"vs {suite.baseline} {metric}", f"vs best other {metric}"]
+    present = {k for r in rows for k in r}
+    unknown = present - set(order)
+    if unknown:
+        raise ValueError(f"report_columns: row keys {sorted(unknown)} have no place in the table's columns {order}")
+    return [c for c in order if c in present]
+
+
 def plot_curves(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]], metric: str) -> Optional[Path]:
     """Validation ``metric`` per epoch of every trained run of one dataset."""
     import matplotlib
@@ -545,7 +560,7 @@ def write_report(suite: Suite) -> Path:
     report: Dict[str, Any] = {"suite": str(suite.path), "datasets": {}}
     for ds_name, runs in finished.items():
         rows = dataset_table(suite, ds_name, runs)
-        columns = list(dict.fromkeys(k for r in rows for k in r))
+        columns = report_columns(suite, rows)
         lines += [f"## {ds_name}", "", markdown_table(rows, columns), ""]
         metric = next(r.cfg["eval"]["metric"] for r in suite.runs if r.dataset == ds_name)
         figure = plot_curves(suite, ds_name, runs, metric)

@@ -54,6 +54,31 @@ def test_the_ci_suite_runs_end_to_end_and_writes_the_table(finished):
     assert [h["epoch"] for h in history] == [0, 1] and all("valid_ndcg@10" in h for h in history)
 
 
+def test_every_dataset_table_has_its_columns_in_one_order(tmp_path):
+    """A baseline run listed before the proposed one used to put all the "vs
+    sasrec" columns first on one dataset and interleave them on another."""
+    from plr.benchmark import report_columns
+
+    suite = load_suite(suite_copy(tmp_path))
+    metrics = {m: 0.1 for m in suite.metrics}
+    sig = suite.significance
+    baseline_first = [
+        {"run": "sasrec", "model": "sasrec", **metrics, "epochs (best)": "2 (1)", "train min": "0.1"},
+        {"run": "erl", "model": "erl", **metrics, "epochs (best)": "2 (1)", "train min": "0.1",
+         **{f"vs sasrec {m}": "+1%" for m in sig}},
+        {"run": "plr", "model": "plr", **metrics, "epochs (best)": "2 (1)", "train min": "0.1",
+         **{k: "+1%" for m in sig for k in (f"vs sasrec {m}", f"vs best other {m}")}},
+    ]
+    want = ["run", "model", *suite.metrics, "epochs (best)", "train min"]
+    want += [k for m in sig for k in (f"vs sasrec {m}", f"vs best other {m}")]
+    assert len(sig) >= 2
+    assert report_columns(suite, baseline_first) == want
+    assert report_columns(suite, baseline_first[::-1]) == want
+    assert report_columns(suite, baseline_first[:2]) == [c for c in want if "best other" not in c]
+    with pytest.raises(ValueError, match="stray"):
+        report_columns(suite, [{"run": "x", "stray": 1}])
+
+
 def test_a_run_from_a_checkpoint_is_that_checkpoint_with_the_changed_readout(finished):
     from plr.data import load_dataset
     from plr.evaluation import evaluate
