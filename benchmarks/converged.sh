@@ -50,6 +50,8 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # issue requires (ERL's final runs before LARES's search: ERL's search found the best
 # validation score of all, so it is the likely "best baseline" of the t-tests), then the
 # converged RCL ablation (plr-norcl; the short-budget diagnosis already measured RCL on/off).
+# sasrec-prefix (a control, ~1 h) follows LARES's search: it says whether LARES's lead is its
+# per-prefix batches (5.4x more updates per epoch than the sequence-mode models).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -59,6 +61,7 @@ TASKS=(
   "tune prl"
   "final erl (needs erl)"
   "tune lares"
+  "final sasrec-prefix (needs sasrec)"
   "final prl (needs prl)"
   "final lares (needs lares)"
   "final plr-norcl (needs plr)"

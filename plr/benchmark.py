@@ -21,6 +21,7 @@ A suite file::
     table:
       baseline: sasrec           # every run is t-tested against this one ...
       proposed: [plr]            # ... and these also against the best other trained run
+      controls: [sasrec-prefix]  # optional: ablations of a baseline, never the "best other"
       metrics: [recall@10, ndcg@10, recall@20, ndcg@20]
       significance: [ndcg@10, recall@20]
 
@@ -64,7 +65,7 @@ from .evaluation import metric_names
 
 SUITE_KEYS = {"name", "description", "out", "datasets", "defaults", "reuse", "runs", "table"}
 RUN_KEYS = {"name", "model", "from", "config", "config_file", "datasets"}
-TABLE_KEYS = {"baseline", "proposed", "metrics", "significance"}
+TABLE_KEYS = {"baseline", "proposed", "controls", "metrics", "significance"}
 DEFAULT_METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
 DEFAULT_SIGNIFICANCE = ["ndcg@10", "recall@20"]
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -96,6 +97,7 @@ class Suite:
     significance: List[str]
     run_names: List[str] = field(default_factory=list)
     reuse: List[Path] = field(default_factory=list)  # folders of finished runs to adopt
+    controls: List[str] = field(default_factory=list)  # ablations, left out of "best other"
 
 
 def _mapping(value, where: str) -> Dict[str, Any]:
@@ -232,6 +234,11 @@ def load_suite(path, out=None, only: Optional[List[str]] = None) -> Suite:
     proposed = table.get("proposed") or []
     if not isinstance(proposed, list) or any(p not in by_name for p in proposed):
         raise SuiteError(f"{where}: table.proposed: expected a list of runs among {names}, got {proposed!r}")
+    controls = table.get("controls") or []
+    if (not isinstance(controls, list) or any(c not in by_name for c in controls)
+            or set(controls) & ({baseline} | set(proposed))):
+        raise SuiteError(f"{where}: table.controls: expected a list of runs among {names}, other than the "
+                         f"baseline and the proposed runs, got {controls!r}")
     metrics = table.get("metrics") or DEFAULT_METRICS
     significance = table.get("significance") or DEFAULT_SIGNIFICANCE
     for key, values in (("metrics", metrics), ("significance", significance)):
@@ -242,7 +249,7 @@ def load_suite(path, out=None, only: Optional[List[str]] = None) -> Suite:
                 raise SuiteError(f"{where}: table.{key}: expected metrics among {known} (eval.ks of run "
                                  f"{run.name!r}), got {bad!r}")
     suite = Suite(path, name, out, datasets, runs, baseline, list(proposed), list(metrics), list(significance),
-                  names, reuse)
+                  names, reuse, list(controls))
     _check_run_dirs(suite)
     return suite
 
@@ -466,7 +473,8 @@ def _significance_cell(test) -> str:
 
 def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Rows of one dataset's table, with the t-tests against the baseline and,
-    for proposed runs, against the best other trained run of each metric."""
+    for proposed runs, against the best other trained run of each metric (a
+    control, an ablation of another model, is never that run)."""
     from .significance import compare_runs
 
     folder = suite.out / ds_name
@@ -485,7 +493,7 @@ def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]
                     compare_runs(folder / suite.baseline, folder / name, metric))
             if name in suite.proposed:
                 others = {o: om["test"][metric] for o, om in finished.items()
-                          if o not in suite.proposed and not sources.get(o)}
+                          if o not in suite.proposed and o not in suite.controls and not sources.get(o)}
                 if others:
                     best = max(others, key=others.get)
                     row[f"vs best other {metric}"] = (

@@ -79,6 +79,53 @@ def test_every_dataset_table_has_its_columns_in_one_order(tmp_path):
         report_columns(suite, [{"run": "x", "stray": 1}])
 
 
+def _with_a_control(raw):
+    raw["runs"].insert(1, {"name": "sasrec-prefix", "model": "sasrec", "config": {"train": {"samples": "prefix"}}})
+    raw["table"]["controls"] = ["sasrec-prefix"]
+
+
+def test_a_control_is_tested_against_the_baseline_but_is_never_the_best_other(tmp_path, monkeypatch):
+    """A control (an untuned ablation of a baseline) with the best test score
+    must not become the "best other" a proposed run is judged against."""
+    import plr.significance
+    from plr.benchmark import dataset_table
+
+    suite = load_suite(suite_copy(tmp_path, _with_a_control))
+    assert suite.controls == ["sasrec-prefix"]
+    tested = []
+
+    class Test:
+        relative, p = 1.0, 0.5
+
+    def fake_compare(a, b, metric):
+        tested.append((Path(a).name, Path(b).name, metric))
+        return Test()
+
+    monkeypatch.setattr(plr.significance, "compare_runs", fake_compare)
+    score = {"sasrec": 0.2, "sasrec-prefix": 0.9, "plr": 0.3}
+    finished = {n: {"model": "sasrec" if n != "plr" else "plr", "test": {m: v for m in suite.metrics},
+                    "epochs": 2, "best_epoch": 1, "train_seconds": 6.0} for n, v in score.items()}
+    rows = {r["run"]: r for r in dataset_table(suite, "ml100k", finished)}
+    for metric in suite.significance:
+        assert rows["plr"][f"vs best other {metric}"].startswith("sasrec: ")
+        assert rows["sasrec-prefix"][f"vs sasrec {metric}"] == "+1.0% (p=0.5)"
+        assert ("sasrec", "sasrec-prefix", metric) in tested and ("sasrec-prefix", "plr", metric) not in tested
+    # without the control mark the same numbers pick the ablation
+    monkeypatch.setattr(suite, "controls", [])
+    rows = {r["run"]: r for r in dataset_table(suite, "ml100k", finished)}
+    assert rows["plr"]["vs best other ndcg@10"].startswith("sasrec-prefix: ")
+
+
+@pytest.mark.parametrize("controls", [["nope"], ["sasrec"], ["plr"], "sasrec-prefix"])
+def test_a_bad_control_list_is_refused_before_training(tmp_path, controls):
+    def edit(raw):
+        _with_a_control(raw)
+        raw["table"]["controls"] = controls
+
+    with pytest.raises(SuiteError, match="table.controls: expected a list of runs"):
+        load_suite(suite_copy(tmp_path, edit))
+
+
 def test_a_run_from_a_checkpoint_is_that_checkpoint_with_the_changed_readout(finished):
     from plr.data import load_dataset
     from plr.evaluation import evaluate
