@@ -367,3 +367,73 @@ def test_groups_refuse_a_single_run_unfinished_runs_and_bad_metrics(runs, tmp_pa
     err = cli_error(capsys, ["analyze", "groups", runs / "sasrec", runs / "plr", "--metrics", "mrr@3",
                              "--out", tmp_path / "c"])
     assert "--metrics: expected recall@K or ndcg@K, got 'mrr@3'" in err
+
+
+def _history_reference(model, samples, training: bool, seed: int = 0):
+    """Per sample, from the whole score matrix: (top-1 in history, history mass,
+    rank with all items, rank with the history excluded); float64."""
+    from plr.models.base import PADDING
+
+    model.train(training)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        seq = model.prepare(samples.item_seq)
+        z = model.inference_vector(model.forward_prepared(seq)).double()
+    model.eval()
+    scores = z @ model.item_emb.detach().double().T / model.temperature
+    scores[:, PADDING] = -math.inf
+    hist = torch.zeros_like(scores, dtype=torch.bool)
+    for b, row in enumerate(seq.tolist()):
+        hist[b, [v for v in row if v != PADDING]] = True
+    target_score = scores.gather(1, samples.target[:, None])
+    rank_all = 1 + (scores > target_score).sum(1)
+    rank_excl = 1 + ((scores > target_score) & ~hist).sum(1)
+    top1 = hist.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+    mass = (torch.softmax(scores, 1) * hist).sum(1)
+    return top1.double().mean().item(), mass.mean().item(), rank_all.numpy(), rank_excl.numpy()
+
+
+def test_history_shares_and_exclusion_are_those_of_the_whole_score_matrix(runs, tmp_path):
+    """`plr analyze history`: the share of top-1 history items, their softmax mass in
+    eval and training mode, and the metrics without / with the history excluded,
+    against a float64 reference over the [samples x items] score matrix."""
+    from plr.analysis.common import load_checkpoint
+
+    out = tmp_path / "hist"
+    assert main(["analyze", "history", "--checkpoint", str(runs / "sasrec"), str(runs / "plr"),
+                 "--metrics", "ndcg@10", "recall@20", "--seed", "7", "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in read_csv(out / "history.csv")}
+    assert list(rows) == ["sasrec", "plr"]
+    valid = load_dataset(tiny_cfg("sasrec")["data"], parts=("valid",)).valid
+    for name, row in rows.items():
+        model, _, _ = load_checkpoint(runs / name)
+        assert row["split"] == "valid" and int(row["samples"]) == len(valid.target)
+        assert float(row["target in history"]) == 0.0  # MovieLens: a user rates a film once
+        for mode, training in (("eval", False), ("train", True)):
+            top1, mass, _, _ = _history_reference(model, valid, training, seed=7)
+            assert float(row[f"top-1 in history ({mode})"]) == pytest.approx(top1, abs=1e-12)
+            assert float(row[f"history mass ({mode})"]) == pytest.approx(mass, rel=1e-4)
+        # dropout 0.2: one training-mode pass is not the eval-mode one
+        assert float(row["history mass (train)"]) != pytest.approx(float(row["history mass (eval)"]), rel=1e-6)
+        _, _, rank_all, rank_excl = _history_reference(model, valid, False)
+        assert (rank_excl <= rank_all).all() and (rank_excl < rank_all).any()
+        for metric in ("ndcg@10", "recall@20"):
+            assert float(row[metric]) == pytest.approx(metrics_from_ranks(rank_all, [10, 20])[metric], rel=1e-9)
+            assert float(row[f"{metric} excluding history"]) == pytest.approx(
+                metrics_from_ranks(rank_excl, [10, 20])[metric], rel=1e-9)
+            assert float(row[f"{metric} excluding history"]) >= float(row[metric])
+    assert_png(out / "history.png")
+    assert "excluded" in (out / "SUMMARY.md").read_text()
+
+
+def test_history_refuses_a_bad_split_and_bad_metrics(runs, tmp_path, capsys):
+    from plr.analysis.history import run_history
+    from plr.errors import UserError
+
+    with pytest.raises(UserError, match=r"--split: expected one of \['valid', 'test'\], got 'train'"):
+        run_history(tmp_path / "a", [str(runs / "sasrec")], split="train")
+    err = cli_error(capsys, ["analyze", "history", "--checkpoint", runs / "sasrec", "--metrics", "mrr@3",
+                             "--out", tmp_path / "b"])
+    assert "--metrics: expected recall@K or ndcg@K, got 'mrr@3'" in err
+    err = cli_error(capsys, ["analyze", "history", "--checkpoint", tmp_path / "nothing", "--out", tmp_path / "c"])
+    assert "no run directory or checkpoint" in err

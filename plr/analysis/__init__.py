@@ -11,6 +11,8 @@ One module per kind; each writes figures (PNG) with the numbers behind them
 * ``efficiency``  Table 4: FLOPs and latency per sample, relative to SASRec
 * ``groups``      (not in the paper) the paired test of finished runs per user group:
                   history length, target popularity
+* ``history``     (not in the paper) how often the top of the list is an item of the
+                  history, and the metrics with the history excluded
 """
 
-KINDS = ("ablation", "sensitivity", "robustness", "ceiling", "attention", "efficiency", "groups")
+KINDS = ("ablation", "sensitivity", "robustness", "ceiling", "attention", "efficiency", "groups", "history")

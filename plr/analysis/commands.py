@@ -41,6 +41,11 @@ def cmd_analyze(args) -> int:
 
         return _report(run_groups(args.out, args.runs, data=args.data, metrics=args.metrics, bins=args.bins,
                                   labels=args.labels))
+    if kind == "history":
+        from .history import run_history
+
+        return _report(run_history(args.out, args.checkpoint, data=args.data, split=args.split, metrics=args.metrics,
+                                   seed=args.seed, labels=args.labels))
     from .efficiency import run_efficiency
 
     return _report(run_efficiency(args.out, args.checkpoint or (), like=args.like, models=args.models,
@@ -50,7 +55,7 @@ def cmd_analyze(args) -> int:
 def add_analyze_parser(sub) -> None:
     """``plr analyze KIND``: one sub-parser per kind of plr.analysis."""
     analyze = sub.add_parser("analyze", help="the PLR paper's analyses: ablation, sensitivity, robustness, "
-                                             "ceiling, attention, efficiency; groups (figures + tables)")
+                                             "ceiling, attention, efficiency; groups, history (figures + tables)")
     kinds = analyze.add_subparsers(dest="kind", required=True)
 
     def common(p, help_out: str = "output directory (default runs/analysis/KIND-TIME)", labels: bool = False):
@@ -101,6 +106,16 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--data", help="dataset (default: the runs')")
     p.add_argument("--metrics", nargs="+", default=["ndcg@10", "recall@20"], help="default: %(default)s")
     p.add_argument("--bins", type=int, default=4, help="quantile groups per grouping (default: %(default)s)")
+    common(p, labels=True)
+
+    p = kinds.add_parser("history", help="how often the top of the list is an item of the history, and the "
+                                         "metrics with the history excluded (paired t-test)")
+    p.add_argument("--checkpoint", nargs="+", required=True, help="run directories or checkpoints")
+    p.add_argument("--data", help="dataset (default: each run's)")
+    p.add_argument("--split", default="valid", choices=["valid", "test"],
+                   help="split diagnosed (default: %(default)s, which leaves the test split unread)")
+    p.add_argument("--metrics", nargs="+", default=["ndcg@10", "recall@20"], help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training-mode (dropout) pass")
     common(p, labels=True)
 
     p = kinds.add_parser("efficiency", help="Table 4: FLOPs and latency per sample, relative cost")
