@@ -11,6 +11,9 @@
 #      Steam-100k, Video Games), test read once per run, paired t-tests. On
 #      Beauty a run adopts the search's best trial (the same run) instead of
 #      training it again.
+#   3. `plr benchmark benchmarks/suites/converged-exclude.yaml` ("exclude" tasks):
+#      the same configs with the history excluded from the candidates (valid and
+#      test), on Beauty and Steam-100k, in OUT/exclude.
 #
 # WORKERS processes (default 2, one thread each: the 2-core CPU of this project)
 # take the tasks below in order of priority. A search runs in one worker at a time
@@ -32,6 +35,7 @@ BEAUTY=${BEAUTY:-../shared/data/amazon2014-beauty_seqrecbench}
 TRIALS=${TRIALS:-4}
 WORKERS=${WORKERS:-2}
 SUITE=benchmarks/suites/converged.yaml
+SUITE_EXCLUDE=benchmarks/suites/converged-exclude.yaml
 # Records of the search's finished trials (config.yaml, metrics.json, train.log; with
 # --checkpoints the best.pt of each search's best one), committed during each
 # session: `plr tune --add-trials` adds them to the study, so a search whose machine
@@ -52,6 +56,9 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # converged RCL ablation (plr-norcl; the short-budget diagnosis already measured RCL on/off).
 # sasrec-prefix (a control, ~1 h) follows LARES's search: it says whether LARES's lead is its
 # per-prefix batches (5.4x more updates per epoch than the sequence-mode models).
+# The "exclude" tasks (added 2026-12-04, ahead of the rest: the models put a history item first
+# for most users, and excluding the history reorders them) run the chosen configs again with
+# eval.exclude_history: true.
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -59,8 +66,11 @@ TASKS=(
   "final plr (needs plr)"
   "tune erl"
   "tune prl"
+  "exclude sasrec plr (needs sasrec plr)"
+  "exclude erl prl (needs erl prl)"
   "final erl (needs erl)"
   "tune lares"
+  "exclude lares (needs lares)"
   "final sasrec-prefix (needs sasrec)"
   "final prl (needs prl)"
   "final lares (needs lares)"
@@ -84,6 +94,8 @@ run_task() {
     [[ -d $RECORDS/$model ]] && records=(--add-trials "$RECORDS/$model")
     plr tune --model "$model" --data "$BEAUTY" --space "benchmarks/spaces/$model.yaml" --trials "$TRIALS" \
       --out "$OUT/tune/$model" "${BASE[@]}" "$@" "${records[@]}"
+  elif [[ $kind == exclude ]]; then
+    plr benchmark "$SUITE_EXCLUDE" --out "$OUT/exclude" --only "$@" --skip-busy
   else
     plr benchmark "$SUITE" --out "$OUT/final" --only "$@" --skip-busy
   fi
@@ -96,7 +108,7 @@ worker() {
       [[ -e $OUT/queue/$k.done || -e $OUT/queue/$k.failed ]] && continue
       left=1
       ready "$task" || continue
-      if [[ $task == final* ]]; then
+      if [[ $task == final* || $task == exclude* ]]; then
         # Shared: every worker takes the next run of it that no other is training (the run
         # directory's lock); exit 3 = the rest is being trained elsewhere: go on to the next task.
         run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1
@@ -137,9 +149,10 @@ progress() {  # the last finished epoch of a run directory's train.log
 }
 busy_runs() {  # the runs of a final task being trained now (their directory's lock is held)
   busy=""
-  local names=${1% (needs*}
-  for r in ${names#final }; do
-    for d in "$OUT"/final/*/"$r"; do
+  local names=${1% (needs*} dir=final
+  [[ $names == exclude* ]] && dir=exclude
+  for r in ${names#* }; do
+    for d in "$OUT"/$dir/*/"$r"; do
       held "$d" && busy+="${busy:+, }$r on $(basename "$(dirname "$d")")$(progress "$d")"
     done
   done
@@ -164,7 +177,7 @@ if [[ ${1:-} == --status ]]; then
       for d in "$OUT/tune/$(awk '{print $2}' <<< "$task")"/trials/*/; do
         held "${d%/}" && state+=" (trial $(basename "$d")$(progress "${d%/}"))"
       done
-    elif [[ $task == final* ]] && busy_runs "$task"; then state="running ($busy)"
+    elif [[ $task == final* || $task == exclude* ]] && busy_runs "$task"; then state="running ($busy)"
     elif ready "$task"; then state="queued (for a free worker)"
     else state="waiting for its search"; fi
     printf '%-36s %s\n' "${task% (needs*}" "$state"
@@ -178,3 +191,4 @@ pids=()
 for w in $(seq 1 "$WORKERS"); do worker "$w" & pids+=($!); done
 wait "${pids[@]}"
 plr benchmark "$SUITE" --out "$OUT/final" --report
+plr benchmark "$SUITE_EXCLUDE" --out "$OUT/exclude" --report

@@ -13,12 +13,16 @@ worth keeping into the repository, ``restore`` puts the final runs back:
   (a new machine's logs are added after the recorded ones);
 - ``converged-final/<dataset>/<run>/``: each run of ``OUT/final``, finished (config,
   log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests),
-  diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report.
+  diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report;
+- ``converged-exclude/``: the same for ``OUT/exclude`` (the suite evaluated with the
+  history excluded).
 
 With ``--checkpoints`` (a few times a session: a new machine resumes from the last one) the unfinished trials and runs
 keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them;
-and each search's best finished trial keeps its ``best.pt``, so that the final
-run on Beauty adopts it on a new machine rather than training it again.
+each search's best finished trial keeps its ``best.pt``, so that the final
+run on Beauty adopts it on a new machine rather than training it again; and each
+finished final run keeps its ``best.pt``, for analyses of the chosen models
+(``plr analyze history``, ``ceiling``) without training them again.
 
 ``restore`` copies each recorded final run that ``OUT/final`` lacks back into it:
 a finished one is then skipped by ``plr benchmark`` (and counted in the report),
@@ -64,12 +68,17 @@ def append_log(source: Path, dest: Path) -> None:
     dest.write_text(old[:start] + text)
 
 
+SUITES = {"final": "converged-final", "exclude": "converged-exclude"}  # OUT/<key> -> RESULTS/<value>
+
+
 def save_final(final: Path, dest: Path, checkpoints: bool) -> int:
     """Copy every run of a suite's ``out`` (``final/<dataset>/<run>``), with the
-    checkpoints of the unfinished ones if ``checkpoints``; returns how many."""
+    checkpoints of the unfinished ones and the ``best.pt`` of the finished ones if
+    ``checkpoints``; returns how many."""
     count = 0
     for run_dir in sorted(p.parent for p in final.glob("*/*/config.yaml")):
-        tuning_table.copy_run(run_dir, dest / run_dir.relative_to(final), KEPT, finished(run_dir), checkpoints)
+        tuning_table.copy_run(run_dir, dest / run_dir.relative_to(final), KEPT, finished(run_dir), checkpoints,
+                              keep=("best.pt",))
         count += 1
     for pattern in REPORT:
         for f in final.glob(pattern):
@@ -102,8 +111,9 @@ def save(out: Path, results: Path, checkpoints: bool = False) -> None:
                 shutil.copy2(f, tuning / "queue" / f.name)
     if (out / "driver.log").is_file():
         append_log(out / "driver.log", tuning / "driver.log")
-    if (out / "final").is_dir():
-        print(f"final: {save_final(out / 'final', results / 'converged-final', checkpoints)} runs recorded")
+    for folder, records in SUITES.items():
+        if (out / folder).is_dir():
+            print(f"{folder}: {save_final(out / folder, results / records, checkpoints)} runs recorded")
 
 
 def main(argv=None) -> None:
@@ -115,7 +125,7 @@ def main(argv=None) -> None:
     s.add_argument("--checkpoints", action="store_true",
                    help="the unfinished runs' checkpoints too (a few times a session, the last one near its end: each save of a "
                         "changed checkpoint adds its whole size to the repository's history)")
-    r = sub.add_parser("restore", help="the final runs recorded in RESULTS -> OUT")
+    r = sub.add_parser("restore", help="the final (and exclude) runs recorded in RESULTS -> OUT")
     r.add_argument("results", type=Path)
     r.add_argument("out", type=Path)
     args = p.parse_args(argv)
@@ -124,9 +134,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"out: expected the OUT folder of benchmarks/converged.sh, got {args.out}")
         save(args.out, args.results, args.checkpoints)
     else:
-        records = args.results / "converged-final"
-        n = restore_final(records, args.out / "final") if records.is_dir() else 0
-        print(f"restore: {n} recorded final runs copied into {args.out / 'final'}")
+        for folder, name in SUITES.items():
+            records = args.results / name
+            n = restore_final(records, args.out / folder) if records.is_dir() else 0
+            print(f"restore: {n} recorded {folder} runs copied into {args.out / folder}")
 
 
 if __name__ == "__main__":

@@ -722,9 +722,10 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
 
 
 def test_converged_records_keep_finished_and_unfinished_final_runs_across_machines(tmp_path):
-    """benchmarks/converged_records.py: a finished run is recorded without its
-    checkpoints (with its test ranks), an unfinished one with them; restore puts
-    both back on a new machine and overwrites nothing."""
+    """benchmarks/converged_records.py: a finished run is recorded with its test ranks
+    and, with --checkpoints, its best.pt only; an unfinished one with its checkpoints;
+    the runs of OUT/exclude likewise; restore puts them back on a new machine and
+    overwrites nothing."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("converged_records", ROOT / "benchmarks" / "converged_records.py")
@@ -736,6 +737,11 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text("model: {name: sasrec}\n")
         (run_dir / "last.pt").write_bytes(b"state")
+    (done / "best.pt").write_bytes(b"best")
+    excluded = out / "exclude" / "beauty" / "sasrec"
+    excluded.mkdir(parents=True)
+    (excluded / "config.yaml").write_text("model: {name: sasrec}\neval: {exclude_history: true}\n")
+    (excluded / "last.pt").write_bytes(b"x-state")
     (done / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.05}}))
     (done / "test_ranks.csv").write_text("user,rank\n1,3\n")
     (out / "final" / "RESULTS.md").write_text("| table |\n")
@@ -745,18 +751,23 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     rec = tmp_path / "results" / "converged-final"
     records.main(["save", str(out), str(tmp_path / "results")])
     assert not (rec / "steam" / "plr" / "last.pt").exists()  # checkpoints only with --checkpoints
+    assert not (rec / "beauty" / "sasrec" / "best.pt").exists()
     assert (tmp_path / "results" / "converged-tuning" / "driver.log").read_text() == "machine 1\nmachine 2\n"
     (out / "driver.log").write_text("machine 2\nmore\n")
     records.main(["save", str(out), str(tmp_path / "results"), "--checkpoints"])
     assert (tmp_path / "results" / "converged-tuning" / "driver.log").read_text() == "machine 1\nmachine 2\nmore\n"
-    assert sorted(p.name for p in (rec / "beauty" / "sasrec").iterdir()) == ["config.yaml", "metrics.json",
-                                                                             "test_ranks.csv"]
+    assert sorted(p.name for p in (rec / "beauty" / "sasrec").iterdir()) == ["best.pt", "config.yaml",
+                                                                             "metrics.json", "test_ranks.csv"]
+    rec_x = tmp_path / "results" / "converged-exclude" / "beauty" / "sasrec"
+    assert (rec_x / "last.pt").read_bytes() == b"x-state" and "exclude_history" in (rec_x / "config.yaml").read_text()
     assert (rec / "steam" / "plr" / "last.pt").read_bytes() == b"state"
     assert (rec / "RESULTS.md").is_file()
     new = tmp_path / "new"
     (new / "final" / "steam" / "plr").mkdir(parents=True)  # already here: kept as it is
     records.main(["restore", str(tmp_path / "results"), str(new)])
     assert (new / "final" / "beauty" / "sasrec" / "test_ranks.csv").read_text() == "user,rank\n1,3\n"
+    assert (new / "final" / "beauty" / "sasrec" / "best.pt").read_bytes() == b"best"
+    assert (new / "exclude" / "beauty" / "sasrec" / "last.pt").read_bytes() == b"x-state"
     assert not any((new / "final" / "steam" / "plr").iterdir())
     # Once it has finished, the unfinished run's recorded checkpoint goes.
     (running / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.04}}))
