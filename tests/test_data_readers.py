@@ -174,6 +174,9 @@ def test_stats_and_format(tmp_path):
     assert st["sequence_length"]["median"] == 3 and abs(st["sparsity"] - (1 - 9 / 21)) < 1e-12
     text = format_stats(st)
     assert "users" in text and "median 3" in text
+    assert "duplicates   none: no item recurs" in text  # the hint that excluding the history is safe
+    repeated = dataset_stats(write(tmp_path / "rep.txt", "1 4 5 4\n2 5 7\n"))
+    assert repeated["duplicates"] == 1 and "no item recurs" not in format_stats(repeated)
     assert dataset_stats(read_interactions(p))["interactions"] == 9
 
 

@@ -65,6 +65,9 @@ def format_stats(stats: dict) -> str:
     if stats.get("duplicates"):
         lines.append(f"{'duplicates':<12} {stats['duplicates']:,} repeated (user, item) pairs (kept as interactions; "
                      "sparsity counts distinct pairs)")
+    elif stats["interactions"]:
+        lines.append(f"{'duplicates':<12} none: no item recurs in a user's history, so no target is ever a history "
+                     "item (excluding the history, eval.exclude_history: true, cannot hide one)")
     sp = stats.get("sparsity", float("nan"))
     lines.append(f"{'sparsity':<12} {sp:.4%}" if sp == sp else f"{'sparsity':<12} n/a")
     ln = stats["sequence_length"]
