@@ -69,6 +69,14 @@ def check_labels(checkpoints: Sequence[str], labels: Optional[Sequence[str]]) ->
     return labels
 
 
+def check_cutoff_metrics(metrics: Sequence[str]) -> None:
+    """``--metrics``: each ``recall@K`` or ``ndcg@K`` with K >= 1."""
+    for m in metrics:
+        kind, _, k = m.partition("@")
+        if not (kind in ("recall", "ndcg") and k.isdigit() and int(k) >= 1):
+            raise UserError(f"--metrics: expected recall@K or ndcg@K, got {m!r}", "e.g. --metrics ndcg@10 recall@20")
+
+
 def unique_label(label: str, taken) -> str:
     """``label``, or ``label-2``, ``label-3``... if it is taken."""
     out, i = label, 1

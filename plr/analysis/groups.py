@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .common import Output, check_labels, pyplot, unique_label
+from .common import Output, check_cutoff_metrics, check_labels, pyplot, unique_label
 
 GROUPINGS = {"history": "interactions before the target",
              "popularity": "training count of the target item"}
@@ -61,10 +61,7 @@ def run_groups(out, runs: Sequence[str], *, data: Optional[str] = None, metrics:
 
     if len(runs) < 2:
         raise UserError(f"runs: expected a reference run and at least one other, got {len(runs)}")
-    for m in metrics:
-        kind, _, k = m.partition("@")
-        if not (kind in ("recall", "ndcg") and k.isdigit() and int(k) >= 1):
-            raise UserError(f"--metrics: expected recall@K or ndcg@K, got {m!r}", "e.g. --metrics ndcg@10 recall@20")
+    check_cutoff_metrics(metrics)
     labels = check_labels(runs, labels)
     paths = [Path(r) for r in runs]
     settings = [_run_data(p) for p in paths]

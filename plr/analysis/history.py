@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..evaluation import per_user_metric, rank_targets
 from ..models.base import PADDING
-from .common import Output, check_labels, eval_settings, load_checkpoint, matching_dataset, pyplot, unique_label
+from .common import (Output, check_cutoff_metrics, check_labels, eval_settings, load_checkpoint, matching_dataset,
+                     pyplot, unique_label)
 
 SPLITS = ("valid", "test")
 DEFAULT_METRICS = ("ndcg@10", "recall@20")
@@ -82,10 +83,7 @@ def run_history(out, checkpoints: Sequence[str], *, data: Optional[str] = None, 
         raise UserError("--checkpoint: expected at least one run directory or checkpoint")
     if split not in SPLITS:
         raise UserError(f"--split: expected one of {list(SPLITS)}, got {split!r}")
-    for m in metrics:
-        kind, _, k = m.partition("@")
-        if not (kind in ("recall", "ndcg") and k.isdigit() and int(k) >= 1):
-            raise UserError(f"--metrics: expected recall@K or ndcg@K, got {m!r}", "e.g. --metrics ndcg@10 recall@20")
+    check_cutoff_metrics(metrics)
     labels = check_labels(checkpoints, labels)
     output = Output(out, "history")
     rows: List[Dict] = []
