@@ -17,8 +17,8 @@ not read for a diagnosis):
   first recommendation is a history item / the last one, in eval mode;
 * ``history mass``: the mean softmax probability ``sum_{v in history}
   softmax(z . E / tau)_v`` of the distinct history items, in eval mode and in
-  training mode (dropout on, one seeded draw): a gap between the two is a
-  train/eval mismatch that the training loss never saw;
+  training mode (dropout on, one seeded draw): the training mode is what the
+  loss sees; what eval mode adds to it comes from switching dropout off;
 * each metric without and with the history excluded from the candidates
   (``exclude_history``), the relative change and its paired t-test over samples.
 
