@@ -123,7 +123,8 @@ def main(argv=None) -> None:
     s.add_argument("out", type=Path)
     s.add_argument("results", type=Path)
     s.add_argument("--checkpoints", action="store_true",
-                   help="the unfinished runs' checkpoints too (a few times a session, the last one near its end: each save of a "
+                   help="the unfinished runs' checkpoints and the finished ones' best.pt too (a few times a session, the last one "
+                        "near its end: each save of a "
                         "changed checkpoint adds its whole size to the repository's history)")
     r = sub.add_parser("restore", help="the final (and exclude) runs recorded in RESULTS -> OUT")
     r.add_argument("results", type=Path)
