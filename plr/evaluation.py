@@ -53,6 +53,16 @@ def metrics_from_ranks(ranks, ks: Sequence[int] = (5, 10, 20, 50)) -> Dict[str, 
     return {name: float(per_user_metric(ranks, name).mean()) for name in metric_names(ks)}
 
 
+def target_in_history_share(samples) -> float:
+    """The share of ``samples`` (``.item_seq [N, L]``, ``.target [N]``) whose target is
+    an item of its visible history: at 0, excluding the history from the
+    candidates (``exclude_history``) can never hide a target."""
+    seq, target = samples.item_seq, samples.target
+    if len(target) == 0:
+        return 0.0
+    return float(((seq == target[:, None]) & (seq != PADDING)).any(dim=1).double().mean())
+
+
 @torch.no_grad()
 def rank_targets(model, item_seq: torch.Tensor, target: torch.Tensor, *, batch_size: int = 1024,
                  exclude_history: bool = False, ties: str = "optimistic", progress: bool = False,

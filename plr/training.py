@@ -32,6 +32,7 @@ from . import distributed, guards
 from .data import check_usable
 from .deprecations import fill_legacy_model_values
 from .errors import UserError
+from .evaluation import target_in_history_share
 from .run_lock import run_dir_lock
 from .models import build_model, model_class
 from .data.dataset import SequenceSamples
@@ -286,6 +287,12 @@ class Trainer:
                    f"{len(self.train_samples):,} training sequences ({self.train_samples.num_targets():,} targets)")
         self.log(f"model {self.cfg['model']['name']} ({n_params:,} parameters), {samples}, "
                  f"{self.steps_per_epoch()} steps/epoch")
+        valid = getattr(self.dataset, "valid", None)
+        if not self.eval_cfg.exclude_history and valid is not None and len(valid.target) and \
+                target_in_history_share(valid) == 0.0:
+            self.log("note: no validation target is an item of its history, and eval.exclude_history is false, so "
+                     "every history item competes with the target (models often rank the last one first: plr "
+                     "analyze history measures it); eval.exclude_history: true removes them")
         while not self.state["finished"] and self.state["epoch"] < self.train_cfg.epochs:
             epoch = self.state["epoch"]
             losses = self.run_epoch(epoch)

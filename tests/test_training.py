@@ -206,3 +206,22 @@ def test_short_training_on_real_data_beats_most_popular(tmp_path):
     assert metrics["test"]["ndcg@10"] == pytest.approx(model_ndcg.mean())
     assert model_ndcg.mean() > 1.5 * pop_ndcg.mean(), (model_ndcg.mean(), pop_ndcg.mean())
     assert stats.ttest_rel(model_ndcg, pop_ndcg, alternative="greater").pvalue < 1e-3
+
+
+def test_the_log_notes_when_no_target_is_in_its_history_and_the_history_competes(tmp_path):
+    """A log without repeats, evaluated over every item, gets a note in train.log
+    (history items then compete with every target); with the history excluded, or
+    on data whose targets recur in their histories, it does not."""
+    rng = np.random.default_rng(0)
+    distinct = [list(rng.choice(np.arange(1, 41), size=8, replace=False)) for _ in range(60)]
+    # leave-one-out: the second-to-last item is the validation target; here it repeats the first
+    repeated = [h[:-2] + [h[0], h[-1]] for h in distinct]
+    note = "note: no validation target is an item of its history"
+    for name, histories, extra, expected in (("distinct", distinct, [], True),
+                                             ("excluded", distinct, ["eval.exclude_history=true"], False),
+                                             ("repeated", repeated, [], False)):
+        path = tmp_path / f"{name}.txt"
+        write_sequences(histories, path)
+        cfg = tiny_cfg("sasrec", path, "train.epochs=1", "train.max_steps_per_epoch=1", *extra)
+        train_run(cfg, dataset_for(cfg), tmp_path / name, log_to_console=False)
+        assert (note in (tmp_path / name / "train.log").read_text()) is expected, name

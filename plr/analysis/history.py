@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..evaluation import per_user_metric, rank_targets
+from ..evaluation import per_user_metric, rank_targets, target_in_history_share
 from ..models.base import PADDING
 from .common import (Output, check_cutoff_metrics, check_labels, eval_settings, load_checkpoint, matching_dataset,
                      pyplot, unique_label)
@@ -96,7 +96,7 @@ def run_history(out, checkpoints: Sequence[str], *, data: Optional[str] = None, 
         samples = getattr(matching_dataset(model, extra, data, str(path), parts=(split,)), split)
         seq, target = samples.item_seq, samples.target
         row = {"model": name, "class": type(model).__name__, "split": split, "samples": int(len(target)),
-               "target in history": float(((seq == target[:, None]) & (seq != PADDING)).any(dim=1).double().mean())}
+               "target in history": target_in_history_share(samples)}
         for mode, training in (("eval", False), ("train", True)):
             shares = history_shares(model, samples, batch_size=settings["batch_size"], training=training, seed=seed,
                                     desc=f"history {name} ({mode} mode)")
