@@ -42,7 +42,7 @@ SUITE_EXCLUDE=benchmarks/suites/converged-exclude.yaml
 # (and study.db) was lost goes on, not over.
 RECORDS=${RECORDS:-benchmarks/results/converged-tuning}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT/tune" "$OUT/queue"
+mkdir -p "$OUT/tune" "$OUT/queue" "$OUT/ablation"  # ablation: reused by the suite (runs trained by hand; none on a new machine)
 BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=20
       --set train.batch_size=256 --set train.epochs=100 --set train.patience=5
       --set train.seed=2024 --set train.progress=false)
@@ -51,14 +51,16 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
 # Order: the headline comparison (PLR against SASRec) first, then the other baselines the
-# issue requires (ERL's final runs before LARES's search: ERL's search found the best
-# validation score of all, so it is the likely "best baseline" of the t-tests), then the
-# converged RCL ablation (plr-norcl; the short-budget diagnosis already measured RCL on/off).
-# sasrec-prefix (a control, ~1 h) follows LARES's search: it says whether LARES's lead is its
-# per-prefix batches (5.4x more updates per epoch than the sequence-mode models).
-# The "exclude" tasks (added 2026-12-04, ahead of the rest: the models put a history item first
-# for most users, and excluding the history reorders them) run the chosen configs again with
-# eval.exclude_history: true.
+# issue requires, then the converged RCL ablation (plr-norcl, Beauty and Steam-100k; the
+# short-budget diagnosis already measured RCL on/off). sasrec-prefix (a control, finished) says
+# whether LARES's lead is its per-prefix batches (5.4x more updates per epoch than the
+# sequence-mode models). The "exclude" tasks (added 2026-12-04: the models put a history item
+# first for most users, and excluding the history reorders them) run the chosen configs again
+# with eval.exclude_history: true.
+# Since 2026-12-07 LARES's search comes first of the open tasks: it is the critical path
+# (one worker at a time, ~11 worker-hours, then LARES's Video Games final, ~8 hours), and every
+# other open task fits beside it on the other worker. The required final runs (ERL, PRL, LARES)
+# come before the optional ones (LARES with the history excluded; the plr-norcl ablation).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -67,13 +69,13 @@ TASKS=(
   "tune erl"
   "tune prl"
   "exclude sasrec plr (needs sasrec plr)"
+  "tune lares"
   "exclude erl prl (needs erl prl)"
   "final erl (needs erl)"
-  "tune lares"
-  "exclude lares (needs lares)"
-  "final sasrec-prefix (needs sasrec)"
   "final prl (needs prl)"
   "final lares (needs lares)"
+  "final sasrec-prefix (needs sasrec)"
+  "exclude lares (needs lares)"
   "final plr-norcl (needs plr)"
 )
 key() { echo "$1" | sed 's/ (needs.*//; s/ --set .*//; s/ /-/g'; }
