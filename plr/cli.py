@@ -73,9 +73,9 @@ def cmd_train(args) -> int:
         say = print if ctx.is_main else (lambda *a, **k: None)
         say(f"plr train: {cfg['model']['name']} on {dataset.name} -> {out}"
             + (f" ({ctx.world_size} processes)" if ctx.active else ""))
-        metrics = train_run(cfg, dataset, out, resume=args.resume)
-        say(format_table([{"split": s, **metrics[s]} for s in ("valid", "test")],
-                         ["split"] + list(metrics["test"])))
+        metrics = train_run(cfg, dataset, out, resume=args.resume, test=not args.no_test)
+        splits = ("valid",) if args.no_test else ("valid", "test")
+        say(format_table([{"split": s, **metrics[s]} for s in splits], ["split"] + list(metrics["valid"])))
     finally:
         distributed.teardown()
     return 0
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     train.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the training state in --out")
+    train.add_argument("--no-test", action="store_true",
+                       help="never read the test split: early stopping and the report on validation only "
+                            "(diagnosis and hand tuning; metrics.json then has \"test\": null)")
     train.add_argument("--phase", choices=["both", "spt", "rpt"],
                        help="lares only (= --set model.phase=...): both = SPT then RPT in one run "
                             "(RUN/spt, RUN/rpt; default), spt = self-supervised pre-training only, "

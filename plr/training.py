@@ -87,7 +87,8 @@ class Trainer:
         self.cfg = config_mod.check(cfg)
         self.train_cfg = config_mod.section(self.cfg, "train")
         self.eval_cfg = config_mod.section(self.cfg, "eval")
-        check_usable(dataset, repr(getattr(dataset, "name", "dataset")))  # samples to train and evaluate on
+        # Samples to train and validate on (the test split: in fit, which may never read it).
+        check_usable(dataset, repr(getattr(dataset, "name", "dataset")), parts=("train", "valid"))
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +260,8 @@ class Trainer:
         the run with ``last.pt`` holding the last good state (resumable). With
         several processes Ctrl-C does not save (the ranks stop at different points,
         a collective save could hang): ``last.pt`` is the last periodic state."""
+        if test:  # before any training: a run that cannot be tested fails now, not at its end
+            check_usable(self.dataset, repr(getattr(self.dataset, "name", "dataset")), parts=("test",))
         try:
             return self._fit(resume, test)
         except (guards.TrainingDiverged, KeyboardInterrupt) as exc:

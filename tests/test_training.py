@@ -83,6 +83,40 @@ def test_run_directory_and_cli_round_trip(synthetic, tmp_path, capsys):
                   log_to_console=False)
 
 
+class _SplitNotToRead:
+    """Stands for a split that must not be read: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read (len)")
+
+
+def test_train_no_test_never_reads_the_test_split(synthetic, tmp_path, capsys, monkeypatch):
+    import plr.cli
+
+    def load_without_test(data_cfg, *args, **kwargs):
+        dataset = load_dataset(data_cfg, *args, **kwargs)
+        dataset.test = _SplitNotToRead()
+        return dataset
+
+    load_dataset = plr.cli.load_dataset
+    monkeypatch.setattr(plr.cli, "load_dataset", load_without_test)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "sasrec", "--data", str(synthetic), "--out", str(out), "--no-test",
+                 "--set", "train.epochs=2", *sum((["--set", s] for s in TINY), [])]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"] is None and metrics["epochs"] == 2 and metrics["valid"]["ndcg@10"] > 0
+    assert (out / "best.pt").is_file() and not (out / "test_ranks.csv").exists()
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.split()[:1] == ["valid"] for r in rows) and not any(r.split()[:1] == ["test"] for r in rows)
+    # Without --no-test the same guard trips: the check above can fail.
+    with pytest.raises(AssertionError, match="the test split was read"):
+        main(["train", "--model", "sasrec", "--data", str(synthetic), "--out", str(tmp_path / "with-test"),
+              "--set", "train.epochs=1", *sum((["--set", s] for s in TINY), [])])
+
+
 def test_compare_prints_a_paired_t_test(synthetic, tmp_path, capsys):
     ds = dataset_for(tiny_cfg("sasrec", synthetic))
     for name in ("sasrec", "plr"):

@@ -347,7 +347,7 @@ def check_usable(ds: SequenceDataset, source: str, parts: Sequence[str] = ("trai
         if part in parts and len(getattr(ds, part).target) == 0:
             raise ValueError(f"data: {where} yields no {part} users (leave-one-out needs users with >= 3 "
                              f"interactions; a time split needs interactions after its split_time)")
-    single = int((np.asarray(getattr(ds, "seq_lengths", [])) == 1).sum())
+    single = int((np.asarray(getattr(ds, "seq_lengths", [])) == 1).sum()) if "train" in parts else 0
     if single and ds.split != "predefined":
         warnings.warn(f"data: {single} user(s) of {where} have a single interaction and give no sample "
                       "(dropped)", stacklevel=3)
