@@ -144,10 +144,11 @@ if [[ ${1:-} == --save ]]; then  # commit-ready records of OUT (benchmarks/conve
   exec python benchmarks/converged_records.py save "$OUT" benchmarks/results "${@:2}"  # [--checkpoints]
 fi
 held() { [[ -e $1/.lock ]] && ! flock -n "$1/.lock" true; }  # a run directory being trained now
-progress() {  # the last finished epoch of a run directory's train.log
-  local line
-  line=$(grep -E ' epoch [0-9]+: .*valid ' "$1/train.log" 2>/dev/null | tail -n 1)
-  [[ -n $line ]] && sed -E 's/.* epoch ([0-9]+): .*valid ([^=]+)=([0-9.]+).*/: epoch \1 done, valid \2 \3/' <<< "$line"
+progress() {  # the last finished epoch of a run directory's train.log (LARES: of its latest phase, spt or rpt)
+  local line log=$1/train.log phase=""
+  for p in spt rpt; do [[ -f $1/$p/train.log ]] && log=$1/$p/train.log && phase=" $p"; done
+  line=$(grep -E ' epoch [0-9]+: .*valid ' "$log" 2>/dev/null | tail -n 1)
+  [[ -n $line ]] && sed -E "s/.* epoch ([0-9]+): .*valid ([^=]+)=([0-9.]+).*/:$phase epoch \\1 done, valid \\2 \\3/" <<< "$line"
 }
 busy_runs() {  # the runs of a final task being trained now (their directory's lock is held)
   busy=""
