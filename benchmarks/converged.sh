@@ -51,16 +51,17 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # PLR's search was restarted with readout rea (scoring z_rea, the vector L_NIP trains; the
 # default since 2026-12-01), pinned here; its first search (Eq. 10) is kept as tune/plr-eq10.
 # Order: the headline comparison (PLR against SASRec) first, then the other baselines the
-# issue requires, then the converged RCL ablation (plr-norcl, Beauty and Steam-100k; the
-# short-budget diagnosis already measured RCL on/off). sasrec-prefix (a control, finished) says
+# issue requires and the converged RCL ablation (plr-norcl; see below). sasrec-prefix (a control, finished) says
 # whether LARES's lead is its per-prefix batches (5.4x more updates per epoch than the
 # sequence-mode models). The "exclude" tasks (added 2026-12-04: the models put a history item
 # first for most users, and excluding the history reorders them) run the chosen configs again
 # with eval.exclude_history: true.
 # Since 2026-12-07 LARES's search comes first of the open tasks: it is the critical path
 # (one worker at a time, ~11 worker-hours, then LARES's Video Games final, ~8 hours), and every
-# other open task fits beside it on the other worker. The required final runs (ERL, PRL, LARES)
-# come before the optional ones (LARES with the history excluded; the plr-norcl ablation).
+# other open task fits beside it on the other worker. Then PLR without RCL (plr-norcl, both
+# protocols: it led PLR with RCL and SASRec on Steam-100k's validation split with the history
+# excluded, and PLR with RCL on Beauty's at M=1, T=4), then the required final runs of ERL, PRL
+# and LARES, then LARES with the history excluded.
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -71,12 +72,13 @@ TASKS=(
   "exclude sasrec plr (needs sasrec plr)"
   "tune lares"
   "exclude erl prl (needs erl prl)"
+  "exclude plr-norcl (needs plr)"
+  "final plr-norcl (needs plr)"
   "final erl (needs erl)"
   "final prl (needs prl)"
   "final lares (needs lares)"
   "final sasrec-prefix (needs sasrec)"
   "exclude lares (needs lares)"
-  "final plr-norcl (needs plr)"
 )
 key() { echo "$1" | sed 's/ (needs.*//; s/ --set .*//; s/ /-/g'; }
 ready() {

@@ -15,7 +15,9 @@ worth keeping into the repository, ``restore`` puts the final runs back:
   log, ``metrics.json`` with its test metrics, ``test_ranks.csv`` for the t-tests),
   diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report;
 - ``converged-exclude/``: the same for ``OUT/exclude`` (the suite evaluated with the
-  history excluded).
+  history excluded);
+- ``converged-tuning/ablation/<run>/``: each single-change run trained by hand in
+  ``OUT/ablation`` (``plr train --no-test``; config, log, metrics, no checkpoints).
 
 With ``--checkpoints`` (a few times a session: a new machine resumes from the last one) the unfinished trials and runs
 keep their checkpoints too: ``plr tune --add-trials`` and ``restore`` resume them;
@@ -111,6 +113,9 @@ def save(out: Path, results: Path, checkpoints: bool = False) -> None:
                 shutil.copy2(f, tuning / "queue" / f.name)
     if (out / "driver.log").is_file():
         append_log(out / "driver.log", tuning / "driver.log")
+    for run_dir in sorted(p.parent for p in (out / "ablation").glob("*/config.yaml")):
+        tuning_table.copy_run(run_dir, tuning / "ablation" / run_dir.name, ("config.yaml", "train.log", "metrics.json"),
+                              finished=True, checkpoints=False)
     for folder, records in SUITES.items():
         if (out / folder).is_dir():
             print(f"{folder}: {save_final(out / folder, results / records, checkpoints)} runs recorded")

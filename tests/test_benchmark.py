@@ -748,8 +748,16 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     (out / "driver.log").write_text("machine 2\n")
     (tmp_path / "results" / "converged-tuning").mkdir(parents=True)
     (tmp_path / "results" / "converged-tuning" / "driver.log").write_text("machine 1\n")
+    ablation = out / "ablation" / "steam-plr-norcl"  # a run trained by hand: config, log, metrics recorded
+    ablation.mkdir(parents=True)
+    for name, text in (("config.yaml", "model: {name: plr}\n"), ("train.log", "epoch 0\n"),
+                       ("metrics.json", json.dumps({"valid": {"ndcg@10": 0.05}, "test": None}))):
+        (ablation / name).write_text(text)
+    (ablation / "best.pt").write_bytes(b"best")
     rec = tmp_path / "results" / "converged-final"
     records.main(["save", str(out), str(tmp_path / "results")])
+    rec_a = tmp_path / "results" / "converged-tuning" / "ablation" / "steam-plr-norcl"
+    assert sorted(p.name for p in rec_a.iterdir()) == ["config.yaml", "metrics.json", "train.log"]
     assert not (rec / "steam" / "plr" / "last.pt").exists()  # checkpoints only with --checkpoints
     assert not (rec / "beauty" / "sasrec" / "best.pt").exists()
     assert (tmp_path / "results" / "converged-tuning" / "driver.log").read_text() == "machine 1\nmachine 2\n"
