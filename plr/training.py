@@ -88,7 +88,8 @@ class Trainer:
         self.train_cfg = config_mod.section(self.cfg, "train")
         self.eval_cfg = config_mod.section(self.cfg, "eval")
         # Samples to train and validate on (the test split: in fit, which may never read it).
-        check_usable(dataset, repr(getattr(dataset, "name", "dataset")), parts=("train", "valid"))
+        self.data_source = repr(getattr(dataset, "name", "dataset"))
+        check_usable(dataset, self.data_source, parts=("train", "valid"))
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +262,7 @@ class Trainer:
         several processes Ctrl-C does not save (the ranks stop at different points,
         a collective save could hang): ``last.pt`` is the last periodic state."""
         if test:  # before any training: a run that cannot be tested fails now, not at its end
-            check_usable(self.dataset, repr(getattr(self.dataset, "name", "dataset")), parts=("test",))
+            check_usable(self.dataset, self.data_source, parts=("test",))
         try:
             return self._fit(resume, test)
         except (guards.TrainingDiverged, KeyboardInterrupt) as exc:

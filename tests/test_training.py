@@ -96,12 +96,13 @@ class _SplitNotToRead:
 def test_train_no_test_never_reads_the_test_split(synthetic, tmp_path, capsys, monkeypatch):
     import plr.cli
 
+    real_load = plr.cli.load_dataset
+
     def load_without_test(data_cfg, *args, **kwargs):
-        dataset = load_dataset(data_cfg, *args, **kwargs)
+        dataset = real_load(data_cfg, *args, **kwargs)
         dataset.test = _SplitNotToRead()
         return dataset
 
-    load_dataset = plr.cli.load_dataset
     monkeypatch.setattr(plr.cli, "load_dataset", load_without_test)
     out = tmp_path / "run"
     assert main(["train", "--model", "sasrec", "--data", str(synthetic), "--out", str(out), "--no-test",
