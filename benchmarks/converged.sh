@@ -60,8 +60,9 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # (one worker at a time, ~11 worker-hours, then LARES's Video Games final, ~8 hours), and every
 # other open task fits beside it on the other worker. Then PLR without RCL (plr-norcl, both
 # protocols: it led PLR with RCL and SASRec on Steam-100k's validation split with the history
-# excluded, and PLR with RCL on Beauty's at M=1, T=4), then the required final runs of ERL, PRL
-# and LARES, then LARES with the history excluded.
+# excluded, and PLR with RCL on Beauty's at M=1, T=4; since 2026-12-07 ahead of ERL's and PRL's
+# exclude runs, a supplement: plr-norcl decides the headline), then the required final runs of
+# ERL, PRL and LARES, then LARES with the history excluded.
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -71,9 +72,9 @@ TASKS=(
   "tune prl"
   "exclude sasrec plr (needs sasrec plr)"
   "tune lares"
-  "exclude erl prl (needs erl prl)"
   "exclude plr-norcl (needs plr)"
   "final plr-norcl (needs plr)"
+  "exclude erl prl (needs erl prl)"
   "final erl (needs erl)"
   "final prl (needs prl)"
   "final lares (needs lares)"
