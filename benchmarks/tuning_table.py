@@ -85,13 +85,17 @@ def started(trial: Path) -> str:
 
 
 def copy_run(run: Path, dest: Path, names, finished: bool, checkpoints: bool, keep=()) -> None:
-    """Record ``names`` of a run directory in ``dest``; its checkpoints too if
+    """Record ``names`` of a run directory (and of its phase directories) in ``dest``; its checkpoints too if
     ``checkpoints`` and it is unfinished (a recorded one is dropped once finished,
     except the checkpoints named in ``keep``, recorded if ``checkpoints``)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (run / name).is_file():
-            shutil.copy2(run / name, dest / name)
+    # A run in phases (LARES: spt/, rpt/) keeps each phase directory's files too.
+    phases = [d.name for d in sorted(run.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
+    for where in ("", *phases):
+        (dest / where).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if (run / where / name).is_file():
+                shutil.copy2(run / where / name, dest / where / name)
     for old in dest.rglob("*.pt"):  # a checkpoint recorded while it was training
         if (finished and old.name not in keep) or not (run / old.relative_to(dest)).exists():
             old.unlink()

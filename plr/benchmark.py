@@ -467,6 +467,16 @@ def _collect(suite: Suite) -> Dict[str, Dict[str, Dict[str, Any]]]:
     return out
 
 
+def epochs_cell(m: Dict[str, Any]) -> str:
+    """``epochs (best epoch)`` of a run's metrics.json; a two-phase run (LARES) gives
+    both phases, ``SPT + RPT``, and RPT's best epoch -1 (no RPT epoch beat the SPT
+    model, whose weights it keeps) reads ``spt``."""
+    def one(phase):
+        best = phase.get("best_epoch")
+        return f"{phase.get('epochs')} ({'spt' if best == -1 and 'spt' in m else best})"
+    return f"{one(m['spt'])} + {one(m)}" if isinstance(m.get("spt"), dict) else one(m)
+
+
 def _significance_cell(test) -> str:
     return f"{test.relative:+.1f}% (p={test.p:.2g})"
 
@@ -484,7 +494,7 @@ def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]
         row: Dict[str, Any] = {"run": name, "model": m["model"]}
         row.update({metric: m["test"][metric] for metric in suite.metrics})
         minutes = (m.get("train_seconds") or 0.0) / 60
-        row["epochs (best)"] = f"{m.get('epochs')} ({m.get('best_epoch')})"
+        row["epochs (best)"] = epochs_cell(m)
         row["train min"] = (f"{minutes:.1f}" + (f" (of {sources[name]})" if sources.get(name) else "")
                             + (" (adopted)" if m.get("adopted_from") else ""))
         for metric in suite.significance:

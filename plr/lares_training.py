@@ -5,9 +5,10 @@
 ``model.phase`` chooses what one ``plr train --model lares`` runs:
 
 * ``both`` (default): SPT into ``RUN/spt/``, then RPT initialised from
-  ``RUN/spt/best.pt`` into ``RUN/rpt/``; ``RUN/best.pt``, ``RUN/metrics.json``
+  ``RUN/spt/best.pt`` into ``RUN/rpt/`` (the SPT model validated first, as RPT's
+  epoch -1: it stays the best where no RPT epoch beats it); ``RUN/best.pt``, ``RUN/metrics.json``
   and ``RUN/test_ranks.csv`` are copies of the RPT phase's (metrics.json adds the
-  SPT phase's under ``"spt"``), so ``plr evaluate --checkpoint RUN/best.pt`` works;
+  SPT phase's under ``"spt"``; its ``train_seconds`` is both phases'), so ``plr evaluate --checkpoint RUN/best.pt`` works;
 * ``spt``: SPT only, ``RUN`` is an ordinary run directory;
 * ``rpt``: RPT only, from ``model.init_from`` (a LARES checkpoint, e.g. the
   ``best.pt`` of an SPT run; ``plr train --init PATH``).
@@ -68,7 +69,10 @@ def run_phase(cfg: Dict[str, Any], dataset, run_dir: Path, *, init_from: Optiona
         # them); the frozen SPT model stays the KL reference in any case.
         trainer.model.start_rpt(SequentialRecommender.load(str(init_from)))
         trainer.log(f"RPT from {init_from}")
-    return trainer.fit(resume=resume, test=test)
+    # RPT continues a trained model: the SPT model competes as its epoch -1, so a run
+    # whose post-training only lowers validation keeps the SPT weights (early
+    # stopping's rule: the best validated weights), and patience counts from them.
+    return trainer.fit(resume=resume, test=test, validate_start=cfg["model"]["phase"] == "rpt")
 
 
 def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
@@ -104,8 +108,11 @@ def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
         tmp = run_dir / f".tmp-{name}"
         shutil.copyfile(run_dir / "rpt" / name, tmp)
         os.replace(tmp, run_dir / name)
-    metrics = {**rpt, "phase": "both", "spt": {k: spt[k] for k in ("valid", "test", "best_epoch", "epochs")}}
+    metrics = {**rpt, "phase": "both", "train_seconds": round(spt["train_seconds"] + rpt["train_seconds"], 2),
+               "spt": {k: spt[k] for k in ("valid", "test", "best_epoch", "epochs", "train_seconds")}}
     write_json_atomic(metrics, run_dir / "metrics.json")
     with open(run_dir / "train.log", "a") as f:
         f.write(f"spt: test {spt['test']} (log in spt/train.log)\nrpt: test {rpt['test']} (log in rpt/train.log)\n")
+        if rpt["best_epoch"] == -1:
+            f.write("rpt: no RPT epoch beat the SPT model on validation: best.pt holds the SPT weights\n")
     return metrics

@@ -252,10 +252,15 @@ class Trainer:
         self.state["train_seconds"] += time.perf_counter() - started
         return {k: v / max(1, self.state["epoch_targets"]) for k, v in sums.items()}
 
-    def fit(self, resume: bool = False, test: bool = True) -> Dict[str, Any]:
+    def fit(self, resume: bool = False, test: bool = True, validate_start: bool = False) -> Dict[str, Any]:
         """Train until ``epochs`` or early stopping, then test the best model
         (``test=False``: never read the test split, e.g. while tuning on validation;
         ``metrics.json`` then has ``"test": null``).
+
+        ``validate_start``: the starting weights (a phase that continues a trained
+        model, e.g. LARES's RPT) are validated before the first update and compete
+        as epoch -1: if no epoch beats them, ``best.pt`` holds them, and patience
+        counts from them (``metrics.json``: ``"best_epoch": -1``, ``"start_valid"``).
 
         A step whose loss is non-finite or diverges (plr.guards) and Ctrl-C stop
         the run with ``last.pt`` holding the last good state (resumable). With
@@ -264,7 +269,7 @@ class Trainer:
         if test:  # before any training: a run that cannot be tested fails now, not at its end
             check_usable(self.dataset, self.data_source, parts=("test",))
         try:
-            return self._fit(resume, test)
+            return self._fit(resume, test, validate_start)
         except (guards.TrainingDiverged, KeyboardInterrupt) as exc:
             if self.state.get("finished"):
                 raise
@@ -277,7 +282,7 @@ class Trainer:
                      else f"interrupted at {where}; training state saved in {self.run_dir / LAST}")
             raise
 
-    def _fit(self, resume: bool, test: bool) -> Dict[str, Any]:
+    def _fit(self, resume: bool, test: bool, validate_start: bool = False) -> Dict[str, Any]:
         if resume and self.load_state():
             self.log(f"resumed at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
         elif resume:
@@ -297,18 +302,23 @@ class Trainer:
             self.log("note: no validation target is an item of its history, and eval.exclude_history is false, so "
                      "every history item competes with the target (models often rank the last one first: plr "
                      "analyze history measures it); eval.exclude_history: true removes them")
+        if validate_start and "start_valid" not in self.state:
+            if self.state["global_step"] == 0:
+                valid = self.validate()
+                self.state["start_valid"] = valid
+                improved = self.keep_if_better(valid, epoch=-1)
+                self.log(f"epoch -1 (the starting weights, before any update): valid {metric}={valid[metric]:.4f}"
+                         + (" *" if improved else ""))
+                self.save_state()
+            else:  # a state saved mid-training by a version without this option: the start is gone
+                self.log("validate_start: the run resumed after its first update; its starting weights "
+                         "were not validated and do not compete")
         while not self.state["finished"] and self.state["epoch"] < self.train_cfg.epochs:
             epoch = self.state["epoch"]
             losses = self.run_epoch(epoch)
-            valid = self.dist.evaluate(self.model, self.dataset.valid, ks=self.eval_cfg.ks,
-                                       batch_size=self.eval_cfg.batch_size,
-                                       exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties).metrics
-            improved = math.isfinite(valid[metric]) and valid[metric] > self.state["best_metric"]
-            if improved:
-                self.state.update(best_metric=valid[metric], best_epoch=epoch, bad_epochs=0, best_valid=valid)
-                if self.dist.is_main:  # the others wait at save_state's barrier
-                    self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
-            else:
+            valid = self.validate()
+            improved = self.keep_if_better(valid, epoch)
+            if not improved:
                 self.state["bad_epochs"] += 1
             # train_seconds: cumulative training time (evaluation excluded) at the end of the epoch
             self.state["history"].append({"epoch": epoch, **losses, "train_seconds": round(self.state["train_seconds"], 2),
@@ -329,12 +339,32 @@ class Trainer:
             return metrics
         return self.test()
 
+    def validate(self) -> Dict[str, float]:
+        """The model's metrics on the validation split."""
+        return self.dist.evaluate(self.model, self.dataset.valid, ks=self.eval_cfg.ks,
+                                  batch_size=self.eval_cfg.batch_size,
+                                  exclude_history=self.eval_cfg.exclude_history, ties=self.eval_cfg.ties).metrics
+
+    def keep_if_better(self, valid: Dict[str, float], epoch: int) -> bool:
+        """Early stopping's bookkeeping: a better (finite) validation metric makes the
+        weights the best so far (``best.pt``). Returns whether they were."""
+        score = valid[self.eval_cfg.metric]
+        if not (math.isfinite(score) and score > self.state["best_metric"]):
+            return False
+        self.state.update(best_metric=score, best_epoch=epoch, bad_epochs=0, best_valid=valid)
+        if self.dist.is_main:  # the others wait at save_state's barrier
+            self.model.save(str(self.run_dir / BEST), extra=dataset_extra(self.dataset, self.cfg))
+        return True
+
     def summary(self, test_metrics) -> Dict[str, Any]:
         """The content of ``metrics.json``."""
-        return {"valid": self.state.get("best_valid", {}), "test": test_metrics,
-                "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"],
-                "train_seconds": round(self.state["train_seconds"], 2), "model": self.cfg["model"]["name"],
-                "dataset": self.dataset.name, "history": self.state["history"]}
+        out = {"valid": self.state.get("best_valid", {}), "test": test_metrics,
+               "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"],
+               "train_seconds": round(self.state["train_seconds"], 2), "model": self.cfg["model"]["name"],
+               "dataset": self.dataset.name, "history": self.state["history"]}
+        if "start_valid" in self.state:
+            out["start_valid"] = self.state["start_valid"]
+        return out
 
     def test(self) -> Dict[str, Any]:
         """Reload the best checkpoint, evaluate on the test samples, write metrics.json."""

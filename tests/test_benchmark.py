@@ -611,6 +611,8 @@ def test_shipped_suites_are_valid(suite, tmp_path):
         raw["reuse"] = [str(tmp_path / f"reuse{i}") for i in range(len(raw["reuse"]))]
         for d in raw["reuse"]:
             Path(d).mkdir()
+    elif "reuse" in raw:  # the suite may be rewritten into tmp_path: the folders it names, absolute
+        raw["reuse"] = [str((base / d).resolve()) for d in raw["reuse"]]
     if missing or absent:
         for name, spec in raw["datasets"].items():
             path = spec if isinstance(spec, str) else spec["path"]
@@ -619,6 +621,9 @@ def test_shipped_suites_are_valid(suite, tmp_path):
         for r in missing:
             r["config_file"] = str(tmp_path / f"{r['name']}.yaml")
             config.save(config.resolve(r["model"], None, []), r["config_file"])
+        for r in raw["runs"]:  # the ones a search has written (this checkout ran it): found from tmp_path too
+            if r.get("config_file") and r not in missing:
+                r["config_file"] = str((base / r["config_file"]).resolve())
         suite = tmp_path / suite.name
         suite.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert load_suite(suite, out=tmp_path / "out").runs
@@ -656,6 +661,25 @@ def test_tuning_table_names_what_each_family_searched(tmp_path):
     tuning_table.SPACES = spaces
     with pytest.raises(SystemExit, match="new_weight"):
         tuning_table.trial_row("prl", prl)
+
+
+def test_the_records_of_a_run_in_phases_keep_each_phase_directory(tmp_path):
+    """LARES's runs log each phase in its own directory (spt/, rpt/): a record without them
+    would keep neither the phases' curves nor their metrics."""
+    tuning_table = _tuning_table()
+    run = tmp_path / "run"
+    for where in ("", "spt", "rpt"):
+        (run / where).mkdir(parents=True, exist_ok=True)
+        (run / where / "config.yaml").write_text(f"phase: {where or 'both'}\n")
+        (run / where / "train.log").write_text(f"log {where}\n")
+    (run / "spt" / "last.pt").write_bytes(b"state")
+    (run / "notes").mkdir()  # a folder without config.yaml is not a phase
+    (run / "notes" / "train.log").write_text("not recorded\n")
+    dest = tmp_path / "record"
+    tuning_table.copy_run(run, dest, ("config.yaml", "train.log"), finished=False, checkpoints=True)
+    assert (dest / "train.log").read_text() == "log \n" and (dest / "spt" / "train.log").read_text() == "log spt\n"
+    assert (dest / "rpt" / "config.yaml").read_text() == "phase: rpt\n"
+    assert (dest / "spt" / "last.pt").read_bytes() == b"state" and not (dest / "notes").exists()
 
 
 def test_tuning_table_reports_finished_and_running_trials_and_copies_their_records(tmp_path):

@@ -430,8 +430,13 @@ def test_one_command_runs_both_phases(synthetic, tmp_path, capsys):
     assert config.load_yaml(out / "rpt" / "config.yaml")["train"]["lr"] == pytest.approx(1e-4)
     metrics = json.loads((out / "metrics.json").read_text())
     rpt = json.loads((out / "rpt" / "metrics.json").read_text())
+    spt = json.loads((out / "spt" / "metrics.json").read_text())
     assert metrics["phase"] == "both" and metrics["test"] == rpt["test"] and rpt["epochs"] == 2
-    assert metrics["spt"]["test"] == json.loads((out / "spt" / "metrics.json").read_text())["test"]
+    assert metrics["spt"]["test"] == spt["test"]
+    # RPT validates its start, the SPT model, before any update: the same weights score the same.
+    assert rpt["start_valid"] == spt["valid"]
+    assert metrics["valid"]["ndcg@10"] >= spt["valid"]["ndcg@10"]  # never below the SPT model: it competes as epoch -1
+    assert metrics["train_seconds"] == pytest.approx(spt["train_seconds"] + rpt["train_seconds"], abs=0.02)
     best = LARESModel.load(str(out / "best.pt"))
     assert best.phase == "rpt"
     capsys.readouterr()
@@ -518,7 +523,41 @@ def test_both_phases_resume_after_a_kill_during_rpt(synthetic, tmp_path):
     assert not (out / "metrics.json").exists()
     assert main(cli_args(synthetic, out, *extra, "--resume")) == 0
     resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["test"] == full["test"] and resumed["spt"] == full["spt"]
+    timeless = lambda spt: {k: v for k, v in spt.items() if k != "train_seconds"}  # noqa: E731
+    assert resumed["test"] == full["test"] and timeless(resumed["spt"]) == timeless(full["spt"])
     a = LARESModel.load(str(tmp_path / "full" / "best.pt")).state_dict()
     b = LARESModel.load(str(out / "best.pt")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_of_the_old_rule_is_reselected_with_its_spt_model(synthetic, tmp_path):
+    """benchmarks/lares_spt_competes.py: a run finished before the SPT model competed as
+    RPT's epoch -1 (simulated: its start_valid removed, its RPT epochs scored below the
+    SPT model) gets the SPT checkpoint and metrics; a run that read its test split is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lares_spt_competes", Path(__file__).parents[1] / "benchmarks" /
+                                                  "lares_spt_competes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "run"
+    assert main(cli_args(synthetic, out, "--no-test", "--set", "model.rpt_epochs=2")) == 0
+    spt = json.loads((out / "spt" / "metrics.json").read_text())
+    rpt_path = out / "rpt" / "metrics.json"
+    rpt = json.loads(rpt_path.read_text())
+    old = {**rpt, "best_epoch": 0, "valid": {k: v / 2 for k, v in spt["valid"].items()},
+           "history": [{**h, "valid_ndcg@10": spt["valid"]["ndcg@10"] / 2} for h in rpt["history"]]}
+    del old["start_valid"]
+    rpt_path.write_text(json.dumps(old))
+    assert "replaces RPT's best" in script.reselect(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["valid"] == spt["valid"] and metrics["best_epoch"] == -1 and metrics["start_valid"] == spt["valid"]
+    assert (out / "best.pt").read_bytes() == (out / "spt" / "best.pt").read_bytes()
+    assert "already" in script.reselect(out)  # once is enough
+    # A run whose RPT beat its SPT model is left as it is.
+    better = {**old, "valid": {k: v * 2 for k, v in spt["valid"].items()}}
+    rpt_path.write_text(json.dumps(better))
+    assert "nothing to change" in script.reselect(out)
+    rpt_path.write_text(json.dumps({**old, "test": {"ndcg@10": 0.1}}))
+    with pytest.raises(SystemExit, match="test split"):
+        script.reselect(out)

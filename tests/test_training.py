@@ -118,6 +118,28 @@ def test_train_no_test_never_reads_the_test_split(synthetic, tmp_path, capsys, m
               "--set", "train.epochs=1", *sum((["--set", s] for s in TINY), [])])
 
 
+def test_validate_start_lets_the_starting_weights_compete_as_epoch_minus_one(synthetic, tmp_path, monkeypatch):
+    cfg = tiny_cfg("sasrec", synthetic, "train.epochs=10", "train.patience=2", "train.max_steps_per_epoch=2")
+    trainer = Trainer(cfg, dataset_for(cfg), tmp_path / "run", log_to_console=False)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    # Scripted validation: the start scores best, every epoch after it less.
+    scores = iter([0.30, 0.20, 0.25, 0.10])
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"ndcg@10": next(scores), "recall@10": 0.5})
+    metrics = trainer.fit(test=False, validate_start=True)
+    assert metrics["best_epoch"] == -1 and metrics["valid"]["ndcg@10"] == 0.30
+    assert metrics["start_valid"]["ndcg@10"] == 0.30
+    assert metrics["epochs"] == 2  # patience 2 counted from the start: epochs 0 and 1, no third
+    assert [h["valid_ndcg@10"] for h in metrics["history"]] == [0.20, 0.25]
+    best = SequentialRecommender.load(str(tmp_path / "run" / "best.pt")).state_dict()
+    assert all(torch.equal(best[k], start[k]) for k in start)  # best.pt: the starting weights
+    assert not all(torch.equal(trainer.model.state_dict()[k], start[k]) for k in start)  # it did train
+    assert "epoch -1 (the starting weights" in (tmp_path / "run" / "train.log").read_text()
+    # Without the option the start does not compete: the best epoch is a trained one.
+    scores = iter([0.20, 0.25, 0.10, 0.05])
+    plain = Trainer(cfg, dataset_for(cfg), tmp_path / "plain", log_to_console=False).fit(test=False)
+    assert plain["best_epoch"] == 1 and "start_valid" not in plain
+
+
 def test_compare_prints_a_paired_t_test(synthetic, tmp_path, capsys):
     ds = dataset_for(tiny_cfg("sasrec", synthetic))
     for name in ("sasrec", "plr"):
