@@ -60,9 +60,9 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # (one worker at a time, ~11 worker-hours, then LARES's Video Games final, ~8 hours), and every
 # other open task fits beside it on the other worker. Then PLR without RCL (plr-norcl, both
 # protocols: it led PLR with RCL and SASRec on Steam-100k's validation split with the history
-# excluded, and PLR with RCL on Beauty's at M=1, T=4; since 2026-12-07 ahead of ERL's and PRL's
-# exclude runs, a supplement: plr-norcl decides the headline), then the required final runs of
-# ERL, PRL and LARES, then LARES with the history excluded.
+# excluded, and PLR with RCL on Beauty's at M=1, T=4; it decides the headline), then the final
+# runs the issue requires (ERL, PRL, LARES), then the supplement: PRL and LARES with the history
+# excluded (since 2026-12-07 last: ~8 worker-hours the required runs come first).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -74,11 +74,11 @@ TASKS=(
   "tune lares"
   "exclude plr-norcl (needs plr)"
   "final plr-norcl (needs plr)"
-  "exclude erl prl (needs erl prl)"
   "final erl (needs erl)"
   "final prl (needs prl)"
   "final lares (needs lares)"
   "final sasrec-prefix (needs sasrec)"
+  "exclude erl prl (needs erl prl)"
   "exclude lares (needs lares)"
 )
 key() { echo "$1" | sed 's/ (needs.*//; s/ --set .*//; s/ /-/g'; }
