@@ -62,7 +62,7 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # protocols: it led PLR with RCL and SASRec on Steam-100k's validation split with the history
 # excluded, and PLR with RCL on Beauty's at M=1, T=4; it decides the headline), then the final
 # runs the issue requires (ERL, PRL, LARES), then the supplement: PRL and LARES with the history
-# excluded (since 2026-12-07 last: ~8 worker-hours the required runs come first).
+# excluded (~8 worker-hours; last since 2026-12-07, so that the required runs come first).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
