@@ -25,21 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 from plr import config as config_mod
 from plr.data.loading import load_dataset
 from plr.evaluation import evaluate
+from plr.lares_training import both_metrics
 from plr.models import SequentialRecommender
-from plr.training import write_json_atomic
-
-
-def replace_file(source: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+from plr.training import copy_file_atomic, write_json_atomic
 
 
 def reselect(run: Path) -> str:
@@ -68,12 +61,8 @@ def reselect(run: Path) -> str:
                           "(benchmarks/lares_spt_competes.py)")
     write_json_atomic(rpt, run / "rpt" / "metrics.json")
     for dest in (run / "rpt" / "best.pt", run / "best.pt"):
-        replace_file(run / "spt" / "best.pt", dest)
-    both = json.loads((run / "metrics.json").read_text())
-    both.update({k: rpt[k] for k in ("valid", "best_epoch", "start_valid", "epochs_with_start", "reselected")})
-    both["train_seconds"] = round(spt["train_seconds"] + rpt["train_seconds"], 2)
-    both["spt"]["train_seconds"] = spt["train_seconds"]
-    write_json_atomic(both, run / "metrics.json")
+        copy_file_atomic(run / "spt" / "best.pt", dest)
+    write_json_atomic(both_metrics(spt, rpt), run / "metrics.json")
     best_rpt = max(h[f"valid_{metric}"] for h in rpt["history"])
     for log in (run / "train.log", run / "rpt" / "train.log"):
         with open(log, "a") as f:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import config as config_mod
 from .models.base import SequentialRecommender
 from .models.lares import LARESModel
-from .training import BEST, Trainer, check_run_dir, write_json_atomic
+from .training import BEST, Trainer, check_run_dir, copy_file_atomic, write_json_atomic
 
 RUN_PHASES = ("both", "spt", "rpt")
 PHASE_KEYS = LARESModel.run_keys
@@ -75,6 +74,13 @@ def run_phase(cfg: Dict[str, Any], dataset, run_dir: Path, *, init_from: Optiona
     return trainer.fit(resume=resume, test=test, validate_start=cfg["model"]["phase"] == "rpt")
 
 
+def both_metrics(spt: Dict[str, Any], rpt: Dict[str, Any]) -> Dict[str, Any]:
+    """``RUN/metrics.json`` of a ``both`` run from its phases' metrics: RPT's (its best
+    epoch, possibly the SPT model as epoch -1), the training time of both, SPT's summary."""
+    return {**rpt, "phase": "both", "train_seconds": round(spt["train_seconds"] + rpt["train_seconds"], 2),
+            "spt": {k: spt[k] for k in ("valid", "test", "best_epoch", "epochs", "train_seconds")}}
+
+
 def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
                 log_to_console: bool = True, test: bool = True) -> Dict[str, Any]:
     """Run ``cfg["model"]["phase"]`` (``both`` | ``spt`` | ``rpt``) into ``run_dir``."""
@@ -105,11 +111,8 @@ def train_lares(cfg: Dict[str, Any], dataset, run_dir, *, resume: bool = False,
     rpt = run_phase(phase_config(cfg, "rpt"), dataset, run_dir / "rpt", init_from=str(run_dir / "spt" / BEST),
                     resume=resume, log_to_console=log_to_console, test=test)
     for name in (BEST, "test_ranks.csv") if test else (BEST,):
-        tmp = run_dir / f".tmp-{name}"
-        shutil.copyfile(run_dir / "rpt" / name, tmp)
-        os.replace(tmp, run_dir / name)
-    metrics = {**rpt, "phase": "both", "train_seconds": round(spt["train_seconds"] + rpt["train_seconds"], 2),
-               "spt": {k: spt[k] for k in ("valid", "test", "best_epoch", "epochs", "train_seconds")}}
+        copy_file_atomic(run_dir / "rpt" / name, run_dir / name)
+    metrics = both_metrics(spt, rpt)
     write_json_atomic(metrics, run_dir / "metrics.json")
     with open(run_dir / "train.log", "a") as f:
         f.write(f"spt: test {spt['test']} (log in spt/train.log)\nrpt: test {rpt['test']} (log in rpt/train.log)\n")

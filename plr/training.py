@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -51,6 +52,13 @@ def write_json_atomic(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def copy_file_atomic(source: Path, dest: Path) -> None:
+    """Copy ``source`` to ``dest`` whole or not at all (a temporary file, renamed)."""
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
 
 
 def dataset_extra(dataset, cfg: Dict[str, Any]) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from plr.benchmark import SuiteError, find_reusable, load_suite, run_status, run
 from plr.cli import main
 from plr.tuning import SpaceError, load_space, tune
 
-from conftest import cli_error
+from conftest import benchmark_script, cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "suites" / "ci-tiny.yaml"
@@ -630,13 +630,7 @@ def test_shipped_suites_are_valid(suite, tmp_path):
 
 
 def _tuning_table():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tuning_table", Path(__file__).parents[1] / "benchmarks" /
-                                                  "tuning_table.py")
-    tuning_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tuning_table)
-    return tuning_table
+    return benchmark_script("tuning_table")
 
 
 def test_tuning_table_names_what_each_family_searched(tmp_path):
@@ -750,11 +744,7 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     and, with --checkpoints, its best.pt only; an unfinished one with its checkpoints;
     the runs of OUT/exclude likewise; restore puts them back on a new machine and
     overwrites nothing."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("converged_records", ROOT / "benchmarks" / "converged_records.py")
-    records = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(records)
+    records = benchmark_script("converged_records")
     out = tmp_path / "runs"
     done, running = out / "final" / "beauty" / "sasrec", out / "final" / "steam" / "plr"
     for run_dir in (done, running):
@@ -819,7 +809,6 @@ def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, cap
     """benchmarks/ab_builds.py: the same steps with checkout A and B (here both
     the tree of the loaded build), one line per model with the two medians and A/B; a checkout
     whose plr_kernels does not come from its own tree is refused."""
-    import importlib.util
     import re
 
     from plr_kernels import _extension
@@ -828,9 +817,7 @@ def test_ab_builds_times_both_checkouts_and_names_a_foreign_import(tmp_path, cap
         pytest.skip(f"no compiled plr_kernels._C: {_extension.extension_error()}")
     # The tree that holds the loaded build: this checkout (an in-place build) or site-packages (pip install .).
     tree = Path(_extension.extension().__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ab_builds", ROOT / "benchmarks" / "ab_builds.py")
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = benchmark_script("ab_builds")
     tiny = ["--set", "model.hidden_size=16", "--set", "model.inner_size=32", "--set", "data.max_len=10",
             "--set", "train.batch_size=64", "--set", "train.progress=false"]
     assert ab.main(["--a", str(tree), "--b", str(tree), "--data", str(DATA), "--model", "sasrec",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import plr_kernels
-from conftest import cli_error
+from conftest import benchmark_script, cli_error
 from plr import config
 from plr.cli import build_parser, main
 from plr.data import build_dataset, read_interactions
@@ -534,12 +534,7 @@ def test_a_run_of_the_old_rule_is_reselected_with_its_spt_model(synthetic, tmp_p
     """benchmarks/lares_spt_competes.py: a run finished before the SPT model competed as
     RPT's epoch -1 (simulated: its start_valid removed, its RPT epochs scored below the
     SPT model) gets the SPT checkpoint and metrics; a run that read its test split is refused."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lares_spt_competes", Path(__file__).parents[1] / "benchmarks" /
-                                                  "lares_spt_competes.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("lares_spt_competes")
     out = tmp_path / "run"
     assert main(cli_args(synthetic, out, "--no-test", "--set", "model.rpt_epochs=2")) == 0
     spt = json.loads((out / "spt" / "metrics.json").read_text())
