@@ -1,6 +1,6 @@
 """The ``plr`` command line (the commands: README.md).
 
-    plr demo
+    plr demo [--seed N] [--set key=value ...]        (--set: PLR's config only)
     plr train --model plr --data PATH [--config CFG.yaml] [--set key=value ...] [--out RUN_DIR] [--resume]
     plr train --model lares --data PATH [--phase both|spt|rpt] [--init SPT_RUN/best.pt] ...
     plr evaluate --checkpoint RUN_DIR/best.pt --data PATH [--split test|valid] [--exclude-history]
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hidden", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", help="keep the two run directories here")
+    demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                      help="override a value of PLR's config (SASRec runs as shipped), e.g. model.rcl_weight=1")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train a model on an interaction log")

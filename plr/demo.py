@@ -70,8 +70,13 @@ def run_demo(args, out_dir: Path) -> int:
     print(f"plr demo: {dataset.num_users} synthetic users, {dataset.num_items} items, "
           f"{len(dataset.train)} training samples (leave-one-out, full ranking)")
     rows, runs = [], {}
-    for name, label in (("sasrec", "SASRec"), ("plr", "PLR (M=2, T=2)")):
-        cfg = config_mod.resolve(name, None, overrides, str(data_path))
+    plr_overrides = list(getattr(args, "set", None) or [])  # --set: PLR's config only
+    for name in ("sasrec", "plr"):
+        cfg = config_mod.resolve(name, None, overrides + (plr_overrides if name == "plr" else []), str(data_path))
+        label = "SASRec"
+        if name == "plr":
+            label = f"PLR (M={cfg['model']['num_streams']}, T={cfg['model']['num_steps']})"
+            label += " with " + ", ".join(plr_overrides) if plr_overrides else ""
         start = time.perf_counter()
         metrics = train_run(cfg, dataset, out_dir / name, log_to_console=False)
         runs[label] = out_dir / name

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 
 from plr.cli import main
 from plr.demo import synthetic_histories
@@ -19,6 +20,24 @@ def test_demo_trains_both_models_and_prints_a_table(capsys, tmp_path):
         assert 0.0 <= float(ndcg10) <= float(recall10) <= float(recall20) <= 1.0
     assert re.search(r"paired t-test over \d+ users", out)
     assert (tmp_path / "plr" / "metrics.json").is_file() and (tmp_path / "sasrec" / "best.pt").is_file()
+
+
+def test_demo_set_changes_plr_only_and_labels_the_row(capsys, tmp_path):
+    code = main(["demo", "--users", "120", "--items", "40", "--epochs", "1", "--hidden", "8", "--out", str(tmp_path),
+                 "--set", "model.rcl_weight=0", "--set", "model.num_streams=3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "PLR (M=3, T=2) with model.rcl_weight=0, model.num_streams=3" in out
+    plr_cfg = yaml.safe_load((tmp_path / "plr" / "config.yaml").read_text())
+    assert plr_cfg["model"]["rcl_weight"] == 0 and plr_cfg["model"]["num_streams"] == 3
+    sasrec_cfg = yaml.safe_load((tmp_path / "sasrec" / "config.yaml").read_text())
+    assert "rcl_weight" not in sasrec_cfg["model"]
+
+
+def test_demo_set_refuses_an_unknown_key(capsys, tmp_path):
+    assert main(["demo", "--users", "60", "--items", "40", "--epochs", "1", "--hidden", "8", "--out", str(tmp_path),
+                 "--set", "model.no_such_key=1"]) != 0
+    assert "no_such_key" in capsys.readouterr().err
 
 
 def test_synthetic_histories_are_seeded_and_follow_the_cluster_order():
