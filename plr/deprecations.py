@@ -21,7 +21,8 @@ RENAMED_MODEL_KEYS = {"kernels": "backend"}  # models say ``backend`` as the plr
 # Model keys added after run configs were written without them, with the value
 # that reproduces what such a run did (the behaviour before the key existed)
 # where today's default differs: a saved config that lacks the key meant this.
-LEGACY_MODEL_VALUES = {"plr": {"rcl_view": "full", "reg_rows": "all", "readout": "final"}}
+LEGACY_MODEL_VALUES = {"plr": {"rcl_view": "full", "reg_rows": "all", "readout": "final"},
+                       "lares": {"kl_reference": "eval"}}
 
 
 def upgrade_model_args(args: Dict[str, Any], where: str = "model") -> Dict[str, Any]:

@@ -293,6 +293,44 @@ def test_rpt_loss_wiring(kl_kind):
         model.start_rpt(torch.nn.Linear(2, 2))
 
 
+def test_rpt_kl_reference_replays_the_rollouts_noise():
+    """kl_reference=same_noise runs the frozen SPT model on the rollouts' own s_0 draws and
+    dropout masks: at RPT's start (same weights) the KL is 0 although the rollouts are noisy;
+    eval mode (fixed s_0, no dropout) is not. Neither moves the global RNG past the rollouts."""
+    seq, target = random_batch()
+    parts, rng_after = {}, {}
+    for reference in ("same_noise", "eval"):
+        torch.manual_seed(3)  # the same SPT weights
+        spt = tiny_model(dropout=0.3, init_std=1.0).double()
+        model = tiny_model(dropout=0.3, init_std=1.0, phase="rpt", group_size=3, kl_reference=reference).double()
+        model.start_rpt(spt)
+        torch.manual_seed(11)
+        parts[reference] = model.compute_loss(seq, target)[1]
+        rng_after[reference] = torch.get_rng_state()
+    assert abs(parts["same_noise"]["kl"].item()) < 1e-12
+    assert parts["eval"]["kl"].item() > 1e-3
+    assert torch.equal(rng_after["same_noise"], rng_after["eval"])
+    for key in ("policy", "reward", "logp"):  # the same rollouts either way
+        assert parts["same_noise"][key].item() == parts["eval"][key].item()
+    # The replay is of the noise, not of the weights: once the policy moves, the KL does too.
+    with torch.no_grad():
+        model.item_emb.mul_(1.5)
+    model.kl_reference = "same_noise"
+    assert model.compute_loss(seq, target)[1]["kl"].item() > 1e-6
+    with pytest.raises(ValueError, match="kl_reference"):
+        tiny_model(kl_reference="train")
+
+
+def test_a_lares_run_config_without_kl_reference_resumes_as_it_ran():
+    """Runs written before kl_reference existed took the KL in eval mode."""
+    from plr.training import same_config
+
+    saved = config.resolve("lares", None, [], str(ML100K))
+    del saved["model"]["kl_reference"]
+    assert same_config(saved)["model"]["kl_reference"] == "eval"
+    assert config.resolve("lares", None, [], str(ML100K))["model"]["kl_reference"] == "same_noise"
+
+
 # -- short trainings on real data -----------------------------------------------------
 
 

@@ -36,7 +36,10 @@ recurrent core), trained in two phases:
   reward r = Recall@10 or NDCG@10 of the target under z_k (full ranking),
   A_i = (r_i - mean_G r) / (std_G r + eps), population std  (``group_advantages``)
   L = -mean_i A_i sum_t log p(target | z_t) + beta KL(p_theta || p_SPT)   (``grpo_policy_loss``).
-  The KL is to the frozen SPT model (eval mode, same depth) at the final step:
+  The KL is to the frozen SPT model (same depth) at the final step, run on the
+  rollouts' own s_0 draws and dropout masks (``kl_reference: same_noise``; so
+  KL(p_theta || p_SPT) = 0 while the weights are the SPT model's) or in eval
+  mode (``eval``: fixed s_0, no dropout; then it is not 0 at RPT's start):
   ``k3`` (default) is Schulman's k3 estimator at the target item, as GRPO does
   at the sampled token (cheap: no [rows x items] matrix); ``exact`` is the full
   KL of the next-item distributions (materialises [G*B, items] logits).
@@ -69,6 +72,7 @@ from .lares_objectives import REWARDS
 ADAPTERS = ("add", "concat", "gate")
 PHASES = ("spt", "rpt")
 KL_KINDS = ("k3", "exact")
+KL_REFERENCES = ("same_noise", "eval")
 
 
 # -- the recurrence's random quantities (tests compare them with hand computations) ----
@@ -118,6 +122,10 @@ class LARESModel(SequentialRecommender):
         group_size, reward, kl_weight, kl_kind, advantage_eps, rpt_depth: GRPO (G, reward metric,
             beta, ``k3`` (at the target, final step) | ``exact`` (full next-item distributions,
             materialises [G*B, V] logits), eps, rollout depth).
+        kl_reference: how the frozen SPT model is run for the KL: ``same_noise`` (the
+            default) on the rollouts' own s_0 draws and dropout masks, so the KL is 0 at
+            RPT's start; ``eval`` in eval mode (fixed s_0, no dropout; this package's rule
+            until 2026-12-07: a KL of 6-13 nats from the first step on Beauty).
     """
 
     def __init__(self, num_items: int, max_len: int = 50, hidden_size: int = 256, num_pre_layers: int = 1,
@@ -128,8 +136,8 @@ class LARESModel(SequentialRecommender):
                  backprop_steps: Optional[int] = None, final_norm: bool = True, phase: str = "spt",
                  tla_weight: float = 0.1, sla_weight: float = 0.1, cl_temperature: float = 1.0,
                  tla_positives: str = "sampled", group_size: int = 4, reward: str = "ndcg@10",
-                 kl_weight: float = 0.1, kl_kind: str = "k3", advantage_eps: float = 1e-6,
-                 rpt_depth: Optional[int] = None, backend: str = "auto", backbone: str = "sasrec",
+                 kl_weight: float = 0.1, kl_kind: str = "k3", kl_reference: str = "same_noise",
+                 advantage_eps: float = 1e-6, rpt_depth: Optional[int] = None, backend: str = "auto", backbone: str = "sasrec",
                  backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_pre_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
@@ -141,7 +149,7 @@ class LARESModel(SequentialRecommender):
             depth_std=depth_std, max_depth=max_depth, eval_depth=eval_depth, backprop_steps=backprop_steps,
             final_norm=final_norm, phase=phase, tla_weight=tla_weight, sla_weight=sla_weight,
             cl_temperature=cl_temperature, tla_positives=tla_positives, group_size=group_size, reward=reward,
-            kl_weight=kl_weight, kl_kind=kl_kind, advantage_eps=advantage_eps, rpt_depth=rpt_depth,
+            kl_weight=kl_weight, kl_kind=kl_kind, kl_reference=kl_reference, advantage_eps=advantage_eps, rpt_depth=rpt_depth,
             backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         check_positive_int("num_core_layers", num_core_layers)
@@ -160,10 +168,12 @@ class LARESModel(SequentialRecommender):
             raise ValueError(f"mean_depth: expected a number in (1, max_depth={max_depth}], got {mean_depth!r}")
         for name, value, allowed in (("adapter", adapter, ADAPTERS), ("phase", phase, PHASES),
                                      ("reward", reward, REWARDS), ("kl_kind", kl_kind, KL_KINDS),
+                                     ("kl_reference", kl_reference, KL_REFERENCES),
                                      ("tla_positives", tla_positives, ("sampled", "batch"))):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
         self.adapter_kind, self.phase, self.reward, self.kl_kind = adapter, phase, reward, kl_kind
+        self.kl_reference = kl_reference
         self.tla_positives = tla_positives
         self.init_std, self.init_truncation = float(init_std), float(init_truncation)
         self.mean_depth, self.depth_std = float(mean_depth), float(depth_std)

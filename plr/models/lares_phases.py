@@ -69,15 +69,47 @@ def frozen_spt_model(model, spt_model):
     return frozen
 
 
+def rng_state(device: torch.device):
+    """The global RNG state that the next random draws on ``device`` come from."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def reference_final_state(spt, seq: torch.Tensor, depth: int, noise=None) -> torch.Tensor:
+    """z_k ``[rows, d]`` of the frozen SPT model on the rollouts ``seq``.
+
+    ``noise=None`` (``kl_reference: eval``): in eval mode, the fixed s_0 and no
+    dropout -- a deterministic model that the stochastic policy never equals, so
+    the KL is far from 0 even where the weights are the SPT model's.
+    ``noise = rng_state(...)`` taken before the policy's rollouts
+    (``kl_reference: same_noise``): in train mode, replaying the rollouts' own
+    s_0 draws and dropout masks, so the KL compares the two models on the same
+    rollouts and is 0 where their weights agree (at RPT's start). The global RNG
+    is left where the policy's rollouts left it."""
+    if noise is None:
+        return spt.recur(seq, depth)[1][:, -1]
+    cpu, cuda = noise
+    with torch.random.fork_rng(devices=[seq.device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, seq.device)
+        spt.train()
+        try:
+            return spt.recur(seq, depth)[1][:, -1]
+        finally:
+            spt.eval()
+
+
 def rpt_loss(model, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """GRPO: G rollouts of depth ``rpt_depth`` (stochastic through s_0 and dropout),
     reward of the final step, group-normalised advantages, policy term over all
-    steps' target log-probs, beta * KL to the frozen SPT model at the final step."""
+    steps' target log-probs, beta * KL to the frozen SPT model at the final step
+    (``reference_final_state``: on the rollouts' own noise, or in eval mode)."""
     spt = model.spt_reference
     if model.kl_weight > 0 and spt is None:
         raise RuntimeError("phase=rpt: no reference model; call start_rpt(spt_model) (plr.lares_training does)")
     g, b, depth = model.group_size, item_seq.shape[0], model.rpt_depth
     seq, tgt = item_seq.repeat(g, 1), target.repeat(g)
+    noise = rng_state(seq.device)  # the rollouts' s_0 draws and dropout masks start here
     reps = model.recur(seq, depth)[1]  # [G*B, T, d]
     step_logp = -model.cross_entropy(reps.flatten(0, 1), tgt.repeat_interleave(depth),
                                      reduction="none").view(g, b, depth)
@@ -91,7 +123,7 @@ def rpt_loss(model, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch
     kl = z.new_zeros(())
     if model.kl_weight > 0:
         with torch.no_grad():
-            z_ref = spt.recur(seq, depth)[1][:, -1]
+            z_ref = reference_final_state(spt, seq, depth, noise if model.kl_reference == "same_noise" else None)
         if model.kl_kind == "k3":
             with torch.no_grad():
                 logp_ref = -spt.cross_entropy(z_ref, tgt, reduction="none")
