@@ -63,6 +63,8 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # excluded, and PLR with RCL on Beauty's at M=1, T=4; it decides the headline), then the final
 # runs the issue requires (ERL, PRL, LARES), then the supplement: PRL and LARES with the history
 # excluded (~8 worker-hours; last since 2026-12-07, so that the required runs come first).
+# LARES's search pins kl_reference=eval, the rule its first trials ran with (RPT's KL to the SPT
+# model in eval mode; the default since 2026-12-07 replays the rollouts' noise instead).
 TASKS=(
   "tune sasrec"
   "tune plr --set model.readout=rea"
@@ -71,7 +73,7 @@ TASKS=(
   "tune erl"
   "tune prl"
   "exclude sasrec plr (needs sasrec plr)"
-  "tune lares"
+  "tune lares --set model.kl_reference=eval"
   "exclude plr-norcl (needs plr)"
   "final plr-norcl (needs plr)"
   "final erl (needs erl)"
