@@ -137,8 +137,8 @@ class LARESModel(SequentialRecommender):
                  tla_weight: float = 0.1, sla_weight: float = 0.1, cl_temperature: float = 1.0,
                  tla_positives: str = "sampled", group_size: int = 4, reward: str = "ndcg@10",
                  kl_weight: float = 0.1, kl_kind: str = "k3", kl_reference: str = "same_noise",
-                 advantage_eps: float = 1e-6, rpt_depth: Optional[int] = None, backend: str = "auto", backbone: str = "sasrec",
-                 backbone_args: Optional[dict] = None):
+                 advantage_eps: float = 1e-6, rpt_depth: Optional[int] = None, backend: str = "auto",
+                 backbone: str = "sasrec", backbone_args: Optional[dict] = None):
         super().__init__(num_items, max_len, hidden_size, num_pre_layers, num_heads, inner_size, dropout,
                          attn_dropout, layer_norm_eps, temperature, backend, backbone, backbone_args)
         self._config = dict(
@@ -149,8 +149,8 @@ class LARESModel(SequentialRecommender):
             depth_std=depth_std, max_depth=max_depth, eval_depth=eval_depth, backprop_steps=backprop_steps,
             final_norm=final_norm, phase=phase, tla_weight=tla_weight, sla_weight=sla_weight,
             cl_temperature=cl_temperature, tla_positives=tla_positives, group_size=group_size, reward=reward,
-            kl_weight=kl_weight, kl_kind=kl_kind, kl_reference=kl_reference, advantage_eps=advantage_eps, rpt_depth=rpt_depth,
-            backend=backend, backbone=backbone, backbone_args=backbone_args,
+            kl_weight=kl_weight, kl_kind=kl_kind, kl_reference=kl_reference, advantage_eps=advantage_eps,
+            rpt_depth=rpt_depth, backend=backend, backbone=backbone, backbone_args=backbone_args,
         )
         check_positive_int("num_core_layers", num_core_layers)
         self.max_depth = check_positive_int("max_depth", max_depth)
