@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from plr.benchmark import epochs_cell
 from plr.deprecations import LEGACY_MODEL_VALUES
 from plr.tuning import load_space
 
@@ -61,17 +62,20 @@ def trial_row(model: str, trial: Path) -> dict:
                        if key in config.get("model", {}))
     if family == "plr":  # a config without the key predates it and ran as plr.deprecations says
         params += f", readout {config['model'].get('readout', LEGACY_MODEL_VALUES['plr']['readout'])}"
-    log = (trial / "train.log").read_text().splitlines() if (trial / "train.log").exists() else []
+    # The trial's log, else (a LARES trial in training) its latest phase's: rpt/ once it exists, else spt/.
+    logs = [p for p in (trial / "train.log", trial / "rpt" / "train.log", trial / "spt" / "train.log") if p.exists()]
+    log = logs[0].read_text().splitlines() if logs else []
+    phase = f"{logs[0].parent.name} " if logs and logs[0].parent != trial else ""
     epochs = [(int(m.group(1)), float(m.group(2))) for m in map(EPOCH.search, log) if m]
     row = dict(model=model, trial=trial.name, params=params, epochs_seen=len(epochs))
     if (trial / "metrics.json").exists():
         metrics = json.loads((trial / "metrics.json").read_text())
-        row.update(state="finished", best_epoch=metrics["best_epoch"], epochs=metrics["epochs"],
+        row.update(state="finished", epochs=epochs_cell(metrics),  # a LARES trial: both phases
                    valid=metrics["valid"]["ndcg@10"], seconds=metrics["train_seconds"])
     else:
         last = epochs[-1] if epochs else None
         best = max((v for _, v in epochs), default=None)
-        row.update(state=f"training (epoch {last[0]}, best so far {best:.4f})" if last else "started")
+        row.update(state=f"training ({phase}epoch {last[0]}, best so far {best:.4f})" if last else "started")
         if (trial / "STATE").exists():  # a note on an unfinished trial's record: abandoned, lost with its machine
             row["state"] = (trial / "STATE").read_text().strip().format(state=row["state"])
     return row
@@ -120,12 +124,12 @@ def best_trial(trials) -> Path | None:
 
 
 def table(rows) -> str:
-    out = ["| model | trial | parameters | state | best epoch / epochs | valid N@10 | train s |",
+    out = ["| model | trial | parameters | state | epochs (best) | valid N@10 | train s |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         done = r["state"] == "finished"
         out.append(f"| {r['model']} | {r['trial']} | {r['params']} | {r['state']} | "
-                   f"{str(r['best_epoch']) + ' / ' + str(r['epochs']) if done else ''} | "
+                   f"{r['epochs'] if done else ''} | "
                    f"{format(r['valid'], '.4f') if done else ''} | {round(r['seconds']) if done else ''} |")
     return "\n".join(out)
 

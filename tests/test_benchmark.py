@@ -694,10 +694,20 @@ def test_tuning_table_reports_finished_and_running_trials_and_copies_their_recor
     out = tmp_path / "record"
     tuning_table.main([str(tmp_path / "tune"), "--copy-to", str(out)])
     table = (out / "trials.md").read_text().splitlines()
-    assert table[2] == ("| plr | aaa | lambda 0.01, M 1, T 2, dropout 0.3, readout rea | finished | 1 / 2 | 0.0250 "
+    assert table[2] == ("| plr | aaa | lambda 0.01, M 1, T 2, dropout 0.3, readout rea | finished | 2 (1) | 0.0250 "
                         "| 12 |")
     assert table[3].startswith("| plr-eq10 | bbb | lambda 0.01, M 4, T 2, dropout 0.3, readout final | training "
                                "(epoch 1, best so far 0.0250) |")
+    # A trial in phases (LARES) has no log of its own until it ends: its latest phase's is read.
+    phased = tmp_path / "tune" / "lares" / "trials" / "ccc"
+    (phased / "spt").mkdir(parents=True)
+    (phased / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "lares", "tla_weight": 0.1}}))
+    (phased / "spt" / "train.log").write_text("epoch 0: loss=9.1 | valid ndcg@10=0.0300 *\n")
+    assert tuning_table.trial_row("lares", phased)["state"] == "training (spt epoch 0, best so far 0.0300)"
+    (phased / "rpt").mkdir()
+    (phased / "rpt" / "train.log").write_text("epoch 0: loss=-0.2 | valid ndcg@10=0.0280\n")
+    assert tuning_table.trial_row("lares", phased)["state"] == "training (rpt epoch 0, best so far 0.0280)"
+    shutil.rmtree(phased.parent.parent)
     assert sorted(p.name for p in (out / "plr" / "aaa").iterdir()) == ["config.yaml", "metrics.json", "train.log"]
     assert not (out / "plr-eq10" / "bbb" / "metrics.json").exists()
     # --checkpoints: a training trial's checkpoints are recorded, and dropped once it has finished; the
