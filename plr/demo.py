@@ -76,7 +76,8 @@ def run_demo(args, out_dir: Path) -> int:
         label = "SASRec"
         if name == "plr":
             label = f"PLR (M={cfg['model']['num_streams']}, T={cfg['model']['num_steps']})"
-            label += " with " + ", ".join(plr_overrides) if plr_overrides else ""
+            if plr_overrides:
+                label += " with " + ", ".join(plr_overrides)
         start = time.perf_counter()
         metrics = train_run(cfg, dataset, out_dir / name, log_to_console=False)
         runs[label] = out_dir / name

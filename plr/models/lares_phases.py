@@ -109,7 +109,9 @@ def rpt_loss(model, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch
         raise RuntimeError("phase=rpt: no reference model; call start_rpt(spt_model) (plr.lares_training does)")
     g, b, depth = model.group_size, item_seq.shape[0], model.rpt_depth
     seq, tgt = item_seq.repeat(g, 1), target.repeat(g)
-    noise = rng_state(seq.device)  # the rollouts' s_0 draws and dropout masks start here
+    # kl_reference=same_noise: the rollouts' s_0 draws and dropout masks start here.
+    replay = model.kl_weight > 0 and model.kl_reference == "same_noise"
+    noise = rng_state(seq.device) if replay else None
     reps = model.recur(seq, depth)[1]  # [G*B, T, d]
     step_logp = -model.cross_entropy(reps.flatten(0, 1), tgt.repeat_interleave(depth),
                                      reduction="none").view(g, b, depth)
@@ -123,7 +125,7 @@ def rpt_loss(model, item_seq: torch.Tensor, target: torch.Tensor) -> Tuple[torch
     kl = z.new_zeros(())
     if model.kl_weight > 0:
         with torch.no_grad():
-            z_ref = reference_final_state(spt, seq, depth, noise if model.kl_reference == "same_noise" else None)
+            z_ref = reference_final_state(spt, seq, depth, noise)
         if model.kl_kind == "k3":
             with torch.no_grad():
                 logp_ref = -spt.cross_entropy(z_ref, tgt, reduction="none")
