@@ -42,8 +42,9 @@ once (``metrics.json`` names the source under ``"adopted_from"``); a relative
 wrote it. ``--only`` checks only the named runs' config files, so one part of
 a suite can run while another part's ``config_file`` (from a search still
 running) is not written yet. Results: ``OUT/RESULTS.md``, ``OUT/results.json``
-and one figure of validation curves per dataset, ``OUT/curves-<dataset>.png``
-(the numbers are in ``results.json``).
+one figure of validation curves per dataset, ``OUT/curves-<dataset>.png``, and
+one of every run's test gain over the baseline with its 95% interval,
+``OUT/gains.png`` (the numbers are in ``results.json``).
 """
 
 from __future__ import annotations
@@ -481,12 +482,29 @@ def _significance_cell(test) -> str:
     return f"{test.relative:+.1f}% (p={test.p:.2g})"
 
 
-def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Rows of one dataset's table, with the t-tests against the baseline and,
-    for proposed runs, against the best other trained run of each metric (a
-    control, an ablation of another model, is never that run)."""
+def baseline_tests(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """``{run: {metric: PairedTest}}``: every finished run but the baseline
+    against it, per significance metric (empty without a finished baseline)."""
     from .significance import compare_runs
 
+    if suite.baseline not in finished:
+        return {}
+    folder = suite.out / ds_name
+    return {name: {metric: compare_runs(folder / suite.baseline, folder / name, metric)
+                   for metric in suite.significance}
+            for name in finished if name != suite.baseline}
+
+
+def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]],
+                  tests: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Rows of one dataset's table, with the t-tests against the baseline
+    (``tests``, from :func:`baseline_tests` when not given) and, for proposed
+    runs, against the best other trained run of each metric (a control, an
+    ablation of another model, is never that run)."""
+    from .significance import compare_runs
+
+    if tests is None:
+        tests = baseline_tests(suite, ds_name, finished)
     folder = suite.out / ds_name
     sources = {r.name: r.source for r in suite.runs}
     rows = []
@@ -498,9 +516,8 @@ def dataset_table(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]
         row["train min"] = (f"{minutes:.1f}" + (f" (of {sources[name]})" if sources.get(name) else "")
                             + (" (adopted)" if m.get("adopted_from") else ""))
         for metric in suite.significance:
-            if suite.baseline in finished and name != suite.baseline:
-                row[f"vs {suite.baseline} {metric}"] = _significance_cell(
-                    compare_runs(folder / suite.baseline, folder / name, metric))
+            if name in tests:
+                row[f"vs {suite.baseline} {metric}"] = _significance_cell(tests[name][metric])
             if name in suite.proposed:
                 others = {o: om["test"][metric] for o, om in finished.items()
                           if o not in suite.proposed and o not in suite.controls and not sources.get(o)}
@@ -549,12 +566,64 @@ def plot_curves(suite: Suite, ds_name: str, finished: Dict[str, Dict[str, Any]],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = suite.out / f"curves-{ds_name}.png"
+    return _save_figure(fig, suite.out / f"curves-{ds_name}.png")
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """``fig`` to ``path`` atomically (two processes may write the report), then closed."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     fig.savefig(tmp, format="png")
     tmp.replace(path)
     plt.close(fig)
     return path
+
+
+def plot_gains(suite: Suite, tests: Dict[str, Dict[str, Dict[str, Any]]]) -> Optional[Path]:
+    """``OUT/gains.png``: every run against the baseline on every dataset, one
+    panel per significance metric: the relative difference of the test means
+    with its 95% interval (paired over users; filled where p < 0.05).
+    ``tests``: ``{dataset: {run: {metric: PairedTest}}}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(ds, run) for ds, by_run in tests.items() for run in by_run]
+    if not rows:
+        return None
+    runs = list(dict.fromkeys(run for _, run in rows))
+    colours = {run: f"C{i % 10}" for i, run in enumerate(runs)}
+    metrics = suite.significance
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 1.0 + 0.32 * len(rows)),
+                             dpi=100, sharey=True, squeeze=False)
+    y = list(range(len(rows)))[::-1]  # the first dataset's first run on top
+    for ax, metric in zip(axes[0], metrics):
+        for yi, (ds, run) in zip(y, rows):
+            test = tests[ds][run][metric]
+            low, high = test.relative_ci
+            filled = test.p < 0.05
+            ax.errorbar([test.relative], [yi], xerr=[[test.relative - low], [high - test.relative]],
+                        fmt="o", color=colours[run], mfc=colours[run] if filled else "white", capsize=3)
+        for yi, (prev, cur) in zip(y[1:], zip(rows, rows[1:])):
+            if prev[0] != cur[0]:  # a line between two datasets
+                ax.axhline(yi + 0.5, color="grey", linewidth=0.6)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"test {metric} vs {suite.baseline} (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, [f"{ds}: {run}" for ds, run in rows])
+    fig.suptitle(f"{suite.name}: against {suite.baseline}, 95% interval (filled: p < 0.05)", fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, suite.out / "gains.png")
+
+
+def _gains_json(tests: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """One dataset's ``{run: {metric: PairedTest}}`` as results.json holds it."""
+    return {run: {metric: {"relative_pct": t.relative, "ci95_pct": list(t.relative_ci), "p": t.p,
+                           "users": t.users}
+                  for metric, t in by_metric.items()}
+            for run, by_metric in tests.items()}
 
 
 def write_report(suite: Suite) -> Path:
@@ -576,15 +645,19 @@ def write_report(suite: Suite) -> Path:
         lines += [f"- {r.name} on {r.dataset}: {(r.run_dir / DIVERGED).read_text().strip()}" for r in diverged]
         lines.append("")
     report: Dict[str, Any] = {"suite": str(suite.path), "datasets": {}}
+    tests = {ds_name: baseline_tests(suite, ds_name, runs) for ds_name, runs in finished.items()}
+    gains = plot_gains(suite, tests)
+    if gains is not None:
+        lines += [f"![test gains over {suite.baseline}]({gains.name})", ""]
     for ds_name, runs in finished.items():
-        rows = dataset_table(suite, ds_name, runs)
+        rows = dataset_table(suite, ds_name, runs, tests[ds_name])
         columns = report_columns(suite, rows)
         lines += [f"## {ds_name}", "", markdown_table(rows, columns), ""]
         metric = next(r.cfg["eval"]["metric"] for r in suite.runs if r.dataset == ds_name)
         figure = plot_curves(suite, ds_name, runs, metric)
         if figure is not None:
             lines += [f"![validation curves]({figure.name})", ""]
-        report["datasets"][ds_name] = {"rows": rows, "runs": runs}
+        report["datasets"][ds_name] = {"rows": rows, "vs_baseline": _gains_json(tests[ds_name]), "runs": runs}
     path = suite.out / "RESULTS.md"
     tmp = path.with_name(f".tmp-{os.getpid()}-RESULTS.md")  # two processes may write the report
     tmp.write_text("\n".join(lines))

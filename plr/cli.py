@@ -167,7 +167,7 @@ def cmd_compare(args) -> int:
     print(format_table([{"run": args.run_a, args.metric: res.mean_a},
                         {"run": args.run_b, args.metric: res.mean_b}], ["run", args.metric]))
     print(f"paired t-test over {res.users} users: B - A = {res.diff:+.4f} ({res.relative:+.1f}%), "
-          f"t = {res.t:.3f}, p = {res.p:.3g}")
+          f"95% interval [{res.ci_low:+.4f}, {res.ci_high:+.4f}], t = {res.t:.3f}, p = {res.p:.3g}")
     return 0
 
 

@@ -52,6 +52,39 @@ def test_the_ci_suite_runs_end_to_end_and_writes_the_table(finished):
     results = json.loads((finished / "results.json").read_text())
     history = results["datasets"]["ml100k"]["runs"]["plr"]["history"]
     assert [h["epoch"] for h in history] == [0, 1] and all("valid_ndcg@10" in h for h in history)
+    # the gains figure and its numbers: every run but the baseline, per significance metric
+    assert "![test gains over sasrec](gains.png)" in report
+    assert (finished / "gains.png").read_bytes().startswith(PNG)
+    gains = results["datasets"]["ml100k"]["vs_baseline"]
+    assert set(gains) == {"plr", "plr-h0"} and all(set(g) == {"ndcg@10", "recall@20"} for g in gains.values())
+    for g in (v for by_metric in gains.values() for v in by_metric.values()):
+        low, high = g["ci95_pct"]
+        assert low <= g["relative_pct"] <= high and g["users"] > 0
+        assert (g["p"] < 0.05) == (low > 0 or high < 0)  # the interval excludes 0 exactly when p < 0.05
+        row = f"{g['relative_pct']:+.1f}% (p={g['p']:.2g})"
+        assert row in report
+
+
+def test_the_paired_test_gives_the_95_percent_interval_of_the_mean_difference():
+    from scipy import stats
+
+    from plr.evaluation import per_user_metric
+    from plr.significance import paired_test
+
+    rng = np.random.default_rng(3)
+    a = {u: int(rng.integers(1, 40)) for u in range(1, 400)}
+    b = {u: max(1, r - int(rng.integers(-3, 8))) for u, r in a.items()}
+    b[1000] = 1  # a user only one run ranks: left out
+    res = paired_test(a, b, "ndcg@10")
+    ma, mb = (per_user_metric(np.array([x[u] for u in sorted(a)]), "ndcg@10") for x in (a, b))
+    d = mb - ma
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert res.users == len(a) and res.diff > 0
+    assert res.ci_low == pytest.approx(d.mean() - half) and res.ci_high == pytest.approx(d.mean() + half)
+    low, high = res.relative_ci
+    assert low == pytest.approx((d.mean() - half) / ma.mean() * 100) and low < res.relative < high
+    same = paired_test(a, a, "ndcg@10")
+    assert (same.p, same.ci_low, same.ci_high, same.relative_ci) == (1.0, 0.0, 0.0, (0.0, 0.0))
 
 
 def test_every_dataset_table_has_its_columns_in_one_order(tmp_path):

@@ -1,6 +1,7 @@
 """Trainer, run directory, resumption after a kill, and the command line on top."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,9 @@ def test_compare_prints_a_paired_t_test(synthetic, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "sasrec"), str(tmp_path / "plr")]) == 0
     out = capsys.readouterr().out
     assert "paired t-test over" in out and "p = " in out
+    low, high = (float(x) for x in re.search(r"95% interval \[(\S+), (\S+)\]", out).groups())
+    diff = float(re.search(r"B - A = (\S+) ", out).group(1))
+    assert low <= diff <= high
 
 
 def _kill_when_checkpointed(cmd, state_path, min_step, timeout=300):
