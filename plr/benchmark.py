@@ -627,7 +627,7 @@ def _gains_json(tests: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[st
 
 
 def write_report(suite: Suite) -> Path:
-    """``OUT/RESULTS.md``, ``OUT/results.json`` and the curve figures from the finished runs."""
+    """``OUT/RESULTS.md``, ``OUT/results.json`` and the figures (curves, gains) from the finished runs."""
     from .reporting import markdown_table
     from .training import write_json_atomic
 
