@@ -917,3 +917,45 @@ def test_converged_stop_ends_the_driver_with_every_training_state_saved(tmp_path
     assert "stopped by --stop" in (out / "driver.log").read_text()
     again = stop()
     assert again.returncode == 0 and "no driver running" in again.stdout
+
+
+def test_seed_table_pairs_each_run_with_the_baseline_of_its_own_seed(tmp_path, capsys):
+    """benchmarks/seed_table.py: per seed the t-test is against that seed's baseline,
+    and the summary row is the mean and sample standard deviation over seeds."""
+    from plr.evaluation import per_user_metric
+    from plr.training import save_ranks
+
+    seed_table = benchmark_script("seed_table")
+    rng = np.random.default_rng(5)
+    users = np.arange(1, 301)
+    folders, ranks = [], {}
+    for seed in (7, 8):
+        folder = tmp_path / f"s{seed}" / "ml100k"
+        for run in ("sasrec", "plr"):
+            r = rng.integers(1, 30, size=users.size)
+            ranks[seed, run] = r
+            run_dir = folder / run
+            run_dir.mkdir(parents=True)
+            save_ranks(run_dir / "test_ranks.csv", users, r)
+            test = {m: float(per_user_metric(r, m).mean()) for m in ("ndcg@10", "recall@20")}
+            (run_dir / "metrics.json").write_text(json.dumps({"test": test}))
+            (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}}))
+        folders.append(folder)
+    (tmp_path / "s8" / "ml100k" / "erl").mkdir()  # unfinished: left out
+    rows = seed_table.seed_rows(folders, ["sasrec", "plr", "erl"], "sasrec", ["ndcg@10"])
+    assert [(r["run"], r["seed"]) for r in rows] == [
+        ("sasrec", "7"), ("sasrec", "8"), ("**sasrec**", "mean of 2"),
+        ("plr", "7"), ("plr", "8"), ("**plr**", "mean of 2")]
+    rel = []
+    for row, seed in zip(rows[3:5], (7, 8)):
+        a, b = (per_user_metric(ranks[seed, run], "ndcg@10").mean() for run in ("sasrec", "plr"))
+        rel.append((b - a) / a * 100)
+        assert row["vs sasrec ndcg@10"].startswith(f"{rel[-1]:+.1f}% (p=")
+    nd = [per_user_metric(ranks[s, "plr"], "ndcg@10").mean() for s in (7, 8)]
+    assert rows[5]["ndcg@10"] == f"{np.mean(nd):.4f} ± {np.std(nd, ddof=1):.4f}"
+    assert rows[5]["vs sasrec ndcg@10"] == f"{np.mean(rel):+.1f}% (mean)"
+    seed_table.main([str(f) for f in folders] + ["--runs", "sasrec", "plr"])
+    assert "| **plr** | mean of 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        seed_table.main([str(tmp_path / "nope"), "--runs", "sasrec"])
+    assert "expected a suite's dataset folder" in capsys.readouterr().err
