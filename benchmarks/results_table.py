@@ -3,7 +3,7 @@
     python benchmarks/results_table.py RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR]
 
 Each RUN_DIR holds metrics.json and test_ranks.csv. Rows are grouped by
-dataset; the t-test (scipy.stats.ttest_rel on per-user NDCG@10) compares each
+dataset; the t-test (plr.significance, on per-user NDCG@10) compares each
 run with the first run of its dataset (or --baseline).
 """
 
@@ -13,20 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
-
-from plr.evaluation import per_user_metric
-from plr.training import load_ranks
+from plr.significance import compare_runs
 
 
 def paired(base: Path, run: Path, metric: str = "ndcg@10"):
-    a, b = load_ranks(base / "test_ranks.csv"), load_ranks(run / "test_ranks.csv")
-    users = sorted(set(a) & set(b))
-    ma = per_user_metric(np.array([a[u] for u in users]), metric)
-    mb = per_user_metric(np.array([b[u] for u in users]), metric)
-    t, p = stats.ttest_rel(mb, ma)
-    return (mb.mean() - ma.mean()) / ma.mean() * 100, t, p
+    res = compare_runs(base, run, metric)
+    return res.relative, res.t, res.p
 
 
 def main() -> None:
