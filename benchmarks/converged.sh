@@ -14,6 +14,8 @@
 #   3. `plr benchmark benchmarks/suites/converged-exclude.yaml` ("exclude" tasks):
 #      the same configs with the history excluded from the candidates (valid and
 #      test), on Beauty and Steam-100k, in OUT/exclude.
+#   4. `plr benchmark benchmarks/suites/converged-seed<SEED>.yaml` ("seeds" tasks):
+#      chosen configs trained again with another seed, in OUT/seeds/<SEED>.
 #
 # WORKERS processes (default 2, one thread each: the 2-core CPU of this project)
 # take the tasks below in order of priority. A search runs in one worker at a time
@@ -63,6 +65,9 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # excluded, and PLR with RCL on Beauty's at M=1, T=4; it decides the headline), then the final
 # runs the issue requires (ERL, PRL, LARES), then the supplement: PRL and LARES with the history
 # excluded (~8 worker-hours; last since 2026-12-07, so that the required runs come first).
+# The "seeds" tasks (added 2026-12-07, after plr-norcl): SASRec, ERL and PLR without RCL on
+# Steam-100k with seeds 2025 and 2026 (~1.5 worker-hours): is plr-norcl's lead there larger than
+# a change of training seed?
 # LARES's search pins kl_reference=eval, the rule its first trials ran with (RPT's KL to the SPT
 # model in eval mode; the default since 2026-12-07 replays the rollouts' noise instead).
 TASKS=(
@@ -76,6 +81,8 @@ TASKS=(
   "tune lares --set model.kl_reference=eval"
   "exclude plr-norcl (needs plr)"
   "final plr-norcl (needs plr)"
+  "seeds 2025 sasrec plr-norcl erl (needs sasrec erl plr)"
+  "seeds 2026 sasrec plr-norcl erl (needs sasrec erl plr)"
   "final erl (needs erl)"
   "final prl (needs prl)"
   "final lares (needs lares)"
@@ -103,6 +110,9 @@ run_task() {
       --out "$OUT/tune/$model" "${BASE[@]}" "$@" "${records[@]}"
   elif [[ $kind == exclude ]]; then
     plr benchmark "$SUITE_EXCLUDE" --out "$OUT/exclude" --only "$@" --skip-busy
+  elif [[ $kind == seeds ]]; then
+    local seed=$1; shift
+    plr benchmark "benchmarks/suites/converged-seed$seed.yaml" --out "$OUT/seeds/$seed" --only "$@" --skip-busy
   else
     plr benchmark "$SUITE" --out "$OUT/final" --only "$@" --skip-busy
   fi
@@ -115,7 +125,7 @@ worker() {
       [[ -e $OUT/queue/$k.done || -e $OUT/queue/$k.failed ]] && continue
       left=1
       ready "$task" || continue
-      if [[ $task == final* || $task == exclude* ]]; then
+      if [[ $task == final* || $task == exclude* || $task == seeds* ]]; then
         # Shared: every worker takes the next run of it that no other is training (the run
         # directory's lock); exit 3 = the rest is being trained elsewhere: go on to the next task.
         run_task "$task" "$1" >> "$OUT/queue/$k.log" 2>&1
@@ -159,6 +169,7 @@ busy_runs() {  # the runs of a final task being trained now (their directory's l
   busy=""
   local names=${1% (needs*} dir=final
   [[ $names == exclude* ]] && dir=exclude
+  if [[ $names == seeds* ]]; then names=${names#* }; dir=seeds/${names%% *}; fi
   for r in ${names#* }; do
     for d in "$OUT"/$dir/*/"$r"; do
       held "$d" && busy+="${busy:+, }$r on $(basename "$(dirname "$d")")$(progress "$d")"
@@ -185,7 +196,7 @@ if [[ ${1:-} == --status ]]; then
       for d in "$OUT/tune/$(awk '{print $2}' <<< "$task")"/trials/*/; do
         held "${d%/}" && state+=" (trial $(basename "$d")$(progress "${d%/}"))"
       done
-    elif [[ $task == final* || $task == exclude* ]] && busy_runs "$task"; then state="running ($busy)"
+    elif [[ $task == final* || $task == exclude* || $task == seeds* ]] && busy_runs "$task"; then state="running ($busy)"
     elif ready "$task"; then state="queued (for a free worker)"
     else state="waiting for its search"; fi
     printf '%-36s %s\n' "${task% (needs*}" "$state"

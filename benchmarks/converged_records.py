@@ -16,6 +16,8 @@ worth keeping into the repository, ``restore`` puts the final runs back:
   diverged (config, log, ``DIVERGED``) or unfinished (config, log), and the report;
 - ``converged-exclude/``: the same for ``OUT/exclude`` (the suite evaluated with the
   history excluded);
+- ``converged-seeds/<seed>/``: the same for each ``OUT/seeds/<seed>`` (the suites
+  ``converged-seed<seed>.yaml``: chosen configurations trained with another seed);
 - ``converged-tuning/ablation/<run>/``: each single-change run trained by hand in
   ``OUT/ablation`` (``plr train --no-test``; config, log, metrics, no checkpoints).
 
@@ -26,7 +28,7 @@ run on Beauty adopts it on a new machine rather than training it again; and each
 finished final run keeps its ``best.pt``, for analyses of the chosen models
 (``plr analyze history``, ``ceiling``) without training them again.
 
-``restore`` copies each recorded final run that ``OUT/final`` lacks back into it:
+``restore`` copies each recorded run that ``OUT/final`` (``exclude``, ``seeds/<seed>``) lacks back into it:
 a finished one is then skipped by ``plr benchmark`` (and counted in the report),
 an unfinished one resumed from its checkpoint. Nothing already in ``OUT`` is
 overwritten.
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tuning_table  # noqa: E402  (benchmarks/ is not a package)
 
 KEPT = ("config.yaml", "train.log", "metrics.json", "test_ranks.csv", "DIVERGED")
-REPORT = ("RESULTS.md", "results.json", "curves-*.png")  # plr.benchmark.write_report
+REPORT = ("RESULTS.md", "results.json", "curves-*.png", "gains.png")  # plr.benchmark.write_report
 
 
 def finished(run_dir: Path) -> bool:
@@ -71,6 +73,18 @@ def append_log(source: Path, dest: Path) -> None:
 
 
 SUITES = {"final": "converged-final", "exclude": "converged-exclude"}  # OUT/<key> -> RESULTS/<value>
+SEEDS = ("seeds", "converged-seeds")  # OUT/seeds/<seed> -> RESULTS/converged-seeds/<seed>: one suite per seed
+
+
+def suite_folders(out: Path, results: Path, listed: Path) -> list:
+    """``(OUT folder, records folder)`` of every suite: final, exclude, and one per
+    seed folder found under ``listed`` (``out`` to save, ``results`` to restore)."""
+    pairs = [(out / k, results / v) for k, v in SUITES.items()]
+    seeds = listed / (SEEDS[0] if listed == out else SEEDS[1])
+    if seeds.is_dir():
+        pairs += [(out / SEEDS[0] / d.name, results / SEEDS[1] / d.name) for d in sorted(seeds.iterdir())
+                  if d.is_dir()]
+    return pairs
 
 
 def save_final(final: Path, dest: Path, checkpoints: bool) -> int:
@@ -116,9 +130,9 @@ def save(out: Path, results: Path, checkpoints: bool = False) -> None:
     for run_dir in sorted(p.parent for p in (out / "ablation").glob("*/config.yaml")):
         tuning_table.copy_run(run_dir, tuning / "ablation" / run_dir.name, ("config.yaml", "train.log", "metrics.json"),
                               finished=True, checkpoints=False)
-    for folder, records in SUITES.items():
-        if (out / folder).is_dir():
-            print(f"{folder}: {save_final(out / folder, results / records, checkpoints)} runs recorded")
+    for folder, records in suite_folders(out, results, out):
+        if folder.is_dir():
+            print(f"{folder.relative_to(out)}: {save_final(folder, records, checkpoints)} runs recorded")
 
 
 def main(argv=None) -> None:
@@ -131,7 +145,7 @@ def main(argv=None) -> None:
                    help="the unfinished runs' checkpoints and the finished ones' best.pt too (a few times a session, the last one "
                         "near its end: each save of a "
                         "changed checkpoint adds its whole size to the repository's history)")
-    r = sub.add_parser("restore", help="the final (and exclude) runs recorded in RESULTS -> OUT")
+    r = sub.add_parser("restore", help="the final (exclude, seeds) runs recorded in RESULTS -> OUT")
     r.add_argument("results", type=Path)
     r.add_argument("out", type=Path)
     args = p.parse_args(argv)
@@ -140,10 +154,9 @@ def main(argv=None) -> None:
             raise SystemExit(f"out: expected the OUT folder of benchmarks/converged.sh, got {args.out}")
         save(args.out, args.results, args.checkpoints)
     else:
-        for folder, name in SUITES.items():
-            records = args.results / name
-            n = restore_final(records, args.out / folder) if records.is_dir() else 0
-            print(f"restore: {n} recorded {folder} runs copied into {args.out / folder}")
+        for folder, records in suite_folders(args.out, args.results, args.results):
+            n = restore_final(records, folder) if records.is_dir() else 0
+            print(f"restore: {n} recorded {folder.relative_to(args.out)} runs copied into {folder}")
 
 
 if __name__ == "__main__":

@@ -803,6 +803,11 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     (done / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.05}}))
     (done / "test_ranks.csv").write_text("user,rank\n1,3\n")
     (out / "final" / "RESULTS.md").write_text("| table |\n")
+    (out / "final" / "gains.png").write_bytes(PNG)
+    seeded = out / "seeds" / "2025" / "steam" / "sasrec"  # one suite per seed
+    seeded.mkdir(parents=True)
+    (seeded / "config.yaml").write_text("model: {name: sasrec}\ntrain: {seed: 2025}\n")
+    (seeded / "last.pt").write_bytes(b"seed-state")
     (out / "driver.log").write_text("machine 2\n")
     (tmp_path / "results" / "converged-tuning").mkdir(parents=True)
     (tmp_path / "results" / "converged-tuning" / "driver.log").write_text("machine 1\n")
@@ -827,13 +832,16 @@ def test_converged_records_keep_finished_and_unfinished_final_runs_across_machin
     rec_x = tmp_path / "results" / "converged-exclude" / "beauty" / "sasrec"
     assert (rec_x / "last.pt").read_bytes() == b"x-state" and "exclude_history" in (rec_x / "config.yaml").read_text()
     assert (rec / "steam" / "plr" / "last.pt").read_bytes() == b"state"
-    assert (rec / "RESULTS.md").is_file()
+    assert (rec / "RESULTS.md").is_file() and (rec / "gains.png").read_bytes() == PNG
+    rec_s = tmp_path / "results" / "converged-seeds" / "2025" / "steam" / "sasrec"
+    assert (rec_s / "last.pt").read_bytes() == b"seed-state"
     new = tmp_path / "new"
     (new / "final" / "steam" / "plr").mkdir(parents=True)  # already here: kept as it is
     records.main(["restore", str(tmp_path / "results"), str(new)])
     assert (new / "final" / "beauty" / "sasrec" / "test_ranks.csv").read_text() == "user,rank\n1,3\n"
     assert (new / "final" / "beauty" / "sasrec" / "best.pt").read_bytes() == b"best"
     assert (new / "exclude" / "beauty" / "sasrec" / "last.pt").read_bytes() == b"x-state"
+    assert (new / "seeds" / "2025" / "steam" / "sasrec" / "last.pt").read_bytes() == b"seed-state"
     assert not any((new / "final" / "steam" / "plr").iterdir())
     # Once it has finished, the unfinished run's recorded checkpoint goes.
     (running / "metrics.json").write_text(json.dumps({"test": {"ndcg@10": 0.04}}))
