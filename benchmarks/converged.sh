@@ -65,9 +65,9 @@ BASE=(--set model.hidden_size=64 --set model.inner_size=128 --set data.max_len=2
 # excluded, and PLR with RCL on Beauty's at M=1, T=4; it decides the headline), then the final
 # runs the issue requires (ERL, PRL, LARES), then the supplement: PRL and LARES with the history
 # excluded (~8 worker-hours; last since 2026-12-07, so that the required runs come first).
-# The "seeds" tasks (added 2026-12-07, after plr-norcl): SASRec, ERL and PLR without RCL on
-# Steam-100k with seeds 2025 and 2026 (~1.5 worker-hours): is plr-norcl's lead there larger than
-# a change of training seed?
+# The "seeds" tasks (added 2026-12-07, after plr-norcl): SASRec, ERL, PLR without and with RCL
+# on Steam-100k with seeds 2025 and 2026 (~3 worker-hours): are PLR's leads there larger than a
+# change of training seed?
 # LARES's search pins kl_reference=eval, the rule its first trials ran with (RPT's KL to the SPT
 # model in eval mode; the default since 2026-12-07 replays the rollouts' noise instead).
 TASKS=(
@@ -81,8 +81,8 @@ TASKS=(
   "tune lares --set model.kl_reference=eval"
   "exclude plr-norcl (needs plr)"
   "final plr-norcl (needs plr)"
-  "seeds 2025 sasrec plr-norcl erl (needs sasrec erl plr)"
-  "seeds 2026 sasrec plr-norcl erl (needs sasrec erl plr)"
+  "seeds 2025 sasrec plr-norcl erl plr (needs sasrec erl plr)"
+  "seeds 2026 sasrec plr-norcl erl plr (needs sasrec erl plr)"
   "final erl (needs erl)"
   "final prl (needs prl)"
   "final lares (needs lares)"
