@@ -8,8 +8,10 @@ with one seed (the seed is read from each run's ``config.yaml``), e.g. the
 folders of ``benchmarks/suites/converged.yaml`` and
 ``converged-seed2025.yaml``. Per run and seed: the test metrics and the paired
 t-test against the baseline run of the same folder (``plr.significance``);
-then per run the mean and sample standard deviation over the seeds, and the
-mean of the per-seed relative differences. A run missing from a folder (not
+then per run the mean and sample standard deviation over the seeds, the
+mean of the per-seed relative differences, and Welch's t-test of the per-seed
+means against the baseline's (the variation a training seed brings, which the
+per-user test of one seed does not see). A run missing from a folder (not
 finished) is left out of that seed.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import yaml
+from scipy import stats
 
 from plr.reporting import markdown_table
 from plr.significance import compare_runs
@@ -32,9 +35,17 @@ def _finished(run_dir: Path) -> bool:
     return path.is_file() and "test" in json.loads(path.read_text())
 
 
+def _test_metrics(folders: List[Path], run: str) -> List[Dict[str, float]]:
+    """The test metrics of ``run`` in each folder where it has finished."""
+    return [json.loads((f / run / "metrics.json").read_text())["test"] for f in folders if _finished(f / run)]
+
+
 def seed_rows(folders: List[Path], runs: List[str], baseline: str, metrics: List[str]) -> List[Dict[str, str]]:
-    """Rows of the table: per run, one per seed, then the run's summary row."""
+    """Rows of the table: per run, one per seed, then the run's summary row, whose
+    test across seeds is Welch's t-test of the per-seed means against the
+    baseline's (``scipy.stats.ttest_ind``, ``equal_var=False``; 2 seeds each at least)."""
     rows: List[Dict[str, str]] = []
+    base_seeds = _test_metrics(folders, baseline)
     for run in runs:
         seeds: List[Dict[str, float]] = []
         for folder in folders:
@@ -64,6 +75,10 @@ def seed_rows(folders: List[Path], runs: List[str], baseline: str, metrics: List
             rels = [s[f"rel {metric}"] for s in seeds if f"rel {metric}" in s]
             if rels:
                 row[f"vs {baseline} {metric}"] = f"{statistics.fmean(rels):+.1f}% (mean)"
+            base = [b[metric] for b in base_seeds]
+            if run != baseline and len(xs) > 1 and len(base) > 1:
+                welch = stats.ttest_ind(xs, base, equal_var=False)
+                row[f"vs {baseline} {metric}"] += f"; across seeds p={welch.pvalue:.2g}"
         rows.append(row)
     return rows
 
