@@ -32,7 +32,7 @@ from plr.significance import compare_runs
 
 def _finished(run_dir: Path) -> bool:
     path = run_dir / "metrics.json"
-    return path.is_file() and "test" in json.loads(path.read_text())
+    return path.is_file() and bool(json.loads(path.read_text()).get("test"))  # "test": null = not read
 
 
 def _test_metrics(folders: List[Path], run: str) -> List[Dict[str, float]]:
@@ -73,12 +73,12 @@ def seed_rows(folders: List[Path], runs: List[str], baseline: str, metrics: List
             sd = f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
             row[metric] = f"{statistics.fmean(xs):.4f}{sd}"
             rels = [s[f"rel {metric}"] for s in seeds if f"rel {metric}" in s]
-            if rels:
-                row[f"vs {baseline} {metric}"] = f"{statistics.fmean(rels):+.1f}% (mean)"
+            cell = [f"{statistics.fmean(rels):+.1f}% (mean)"] if rels else []
             base = [b[metric] for b in base_seeds]
             if run != baseline and len(xs) > 1 and len(base) > 1:
-                welch = stats.ttest_ind(xs, base, equal_var=False)
-                row[f"vs {baseline} {metric}"] += f"; across seeds p={welch.pvalue:.2g}"
+                cell.append(f"across seeds p={stats.ttest_ind(xs, base, equal_var=False).pvalue:.2g}")
+            if cell:
+                row[f"vs {baseline} {metric}"] = "; ".join(cell)
         rows.append(row)
     return rows
 
