@@ -974,3 +974,38 @@ def test_seed_table_pairs_each_run_with_the_baseline_of_its_own_seed(tmp_path, c
     with pytest.raises(SystemExit):
         seed_table.main([str(tmp_path / "nope"), "--runs", "sasrec"])
     assert "expected a suite's dataset folder" in capsys.readouterr().err
+
+
+def test_bar_table_counts_a_dataset_only_when_every_metric_wins(tmp_path, capsys):
+    """benchmarks/bar_table.py: a dataset is won when every metric is higher than the
+    baseline's with p < alpha; a lower metric with a small p, or a higher one with a
+    large p, does not win it; a dataset without the run's result counts neither way."""
+    bar_table = benchmark_script("bar_table")
+
+    def t(rel, p):
+        return {"relative_pct": rel, "p": p, "ci95_pct": [rel - 1, rel + 1], "users": 100}
+
+    report = {"suite": "s.yaml", "datasets": {
+        "a": {"vs_baseline": {"plr": {"ndcg@10": t(5.0, 0.01), "recall@20": t(2.0, 0.049)},
+                              "erl": {"ndcg@10": t(4.0, 0.001), "recall@20": t(1.0, 0.2)}}},
+        "b": {"vs_baseline": {"plr": {"ndcg@10": t(9.0, 1e-5), "recall@20": t(-3.0, 1e-4)},
+                              "erl": {"ndcg@10": t(3.0, 0.04), "recall@20": t(3.0, 0.03)}}},
+        "c": {"vs_baseline": {"plr": {"ndcg@10": t(1.0, 0.001), "recall@20": t(1.0, 0.002)}}},
+    }}
+    rows = {r["run"]: r for r in bar_table.bar_rows(report, ["ndcg@10", "recall@20"], 0.05, 2)}
+    assert list(rows) == ["plr", "erl"]
+    assert rows["plr"]["a"].startswith("**won**: ndcg@10 +5.0% (p=0.01); recall@20 +2.0% (p=0.049)")
+    assert not rows["plr"]["b"].startswith("**won**")  # recall@20 significantly lower
+    assert rows["plr"]["datasets won"] == "2 of 3 with a result: meets the bar"
+    assert not rows["erl"]["a"].startswith("**won**")  # recall@20 higher but p = 0.2
+    assert rows["erl"]["c"] == "no result"
+    assert rows["erl"]["datasets won"] == "1 of 2 with a result: below the bar"
+    strict = bar_table.bar_rows(report, ["ndcg@10", "recall@20"], 0.01, 2, runs=["plr"])
+    assert [r["datasets won"] for r in strict] == ["1 of 3 with a result: below the bar"]
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    bar_table.main([str(tmp_path), "--need", "1"])
+    out = capsys.readouterr().out
+    assert "| run | a | b | c | datasets won |" in out and "1 of 2 with a result: meets the bar" in out
+    with pytest.raises(SystemExit):
+        bar_table.main([str(tmp_path / "nope")])
+    assert "expected a folder holding results.json" in capsys.readouterr().err
