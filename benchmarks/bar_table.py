@@ -12,7 +12,7 @@ datasets; a cell gives each metric's relative difference and p, marked **won**
 when every metric is higher than the baseline's with p < alpha. The last
 column counts the datasets won, against the number with the run's test result,
 and says whether that meets ``--need``, cannot, or is open (the datasets without
-a result could still decide it). Issue 11's bar is the default: PLR
+a result could still decide it, if the run is trained there). Issue 11's bar is the default: PLR
 above SASRec with p < 0.05 in NDCG@10 and Recall@20 on two datasets of three.
 """
 
@@ -80,6 +80,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not path.is_file():
         parser.error(f"report: expected a folder holding results.json (plr benchmark SUITE --report), got {args.report}")
     report = json.loads(path.read_text())
+    tested = {m for by_run in _tests(report).values() for t in by_run.values() for m in t}
+    if tested and set(args.metrics) - tested:
+        parser.error(f"--metrics: expected metrics the report tested ({', '.join(sorted(tested))}), "
+                     f"got {', '.join(sorted(set(args.metrics) - tested))}")
     rows = bar_rows(report, args.metrics, args.alpha, args.need, args.runs)
     datasets = list(report["datasets"])
     print(f"Against the baseline of `{report['suite']}`: won = every one of {', '.join(args.metrics)} "

@@ -1012,3 +1012,6 @@ def test_bar_table_counts_a_dataset_only_when_every_metric_wins(tmp_path, capsys
     with pytest.raises(SystemExit):
         bar_table.main([str(tmp_path / "nope")])
     assert "expected a folder holding results.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bar_table.main([str(tmp_path), "--metrics", "ndcg@20"])
+    assert "--metrics: expected metrics the report tested (ndcg@10, recall@20), got ndcg@20" in capsys.readouterr().err
